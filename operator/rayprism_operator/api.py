@@ -1,0 +1,351 @@
+"""The InferenceDeployment API: pydantic models that are the single source of truth for the CRD.
+
+Every field carries its description (it becomes `kubectl explain` text), its default and bounds. Rules
+that span several fields are written once, in `CROSS_FIELD_RULES`, as a CEL expression for the API
+server and a Python predicate for everything that validates without one (the CLI, the operator).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "rayprism.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "InferenceDeployment"
+PLURAL = "inferencedeployments"
+SINGULAR = "inferencedeployment"
+SHORT_NAMES = ["infd"]
+
+# Replica RayClusters are named <name>-<10-char hash>-<5-char suffix>; KubeRay derives pod and
+# service names from them, and those must stay within 63 characters.
+MAX_NAME_LENGTH = 40
+SUPPORTED_URI_SCHEMES = ("hf", "s3", "pvc", "file", "builtin")
+URI_PATTERN = r"^(hf|s3|pvc|file|builtin)://.+$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class SpecError(ValueError):
+    """A manifest that is not a valid InferenceDeployment; the message names the field path."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, validate_default=True
+    )
+
+
+@dataclass(frozen=True)
+class CrossFieldRule:
+    """One rule over several fields: CEL for the API server, the same predicate in Python."""
+
+    cel: str
+    message: str
+    check: Callable[[Any], bool]
+
+
+def _fits_nodes(spec: "InferenceDeploymentSpec") -> bool:
+    tensor, pipeline = spec.parallelism.tensor, spec.parallelism.pipeline
+    gpus = spec.resources.gpus_per_node
+    if gpus == 0:  # CPU-only replicas: every rank is a process in one worker pod
+        return True
+    total = tensor * pipeline
+    return tensor <= gpus and (total <= gpus or (gpus % tensor == 0 and total % gpus == 0))
+
+
+CROSS_FIELD_RULES: dict[str, list[CrossFieldRule]] = {
+    "spec": [
+        CrossFieldRule(
+            cel=(
+                "self.resources.gpusPerNode == 0 || "
+                "(self.parallelism.tensor <= self.resources.gpusPerNode && "
+                "(self.parallelism.tensor * self.parallelism.pipeline <= self.resources.gpusPerNode || "
+                "(self.resources.gpusPerNode % self.parallelism.tensor == 0 && "
+                "(self.parallelism.tensor * self.parallelism.pipeline) % self.resources.gpusPerNode == 0)))"
+            ),
+            message=(
+                "parallelism must fit resources.gpusPerNode: a tensor-parallel group never spans nodes "
+                "(tensor <= gpusPerNode), and a replica larger than one node needs gpusPerNode to be a "
+                "multiple of tensor and tensor x pipeline a multiple of gpusPerNode"
+            ),
+            check=_fits_nodes,
+        ),
+    ],
+    "rollout": [
+        CrossFieldRule(
+            cel="self.maxSurge > 0 || self.maxUnavailable > 0",
+            message="rollout.maxSurge and rollout.maxUnavailable must not both be 0",
+            check=lambda r: r.max_surge > 0 or r.max_unavailable > 0,
+        ),
+    ],
+    "model": [
+        CrossFieldRule(
+            cel="self.uri.matches('" + URI_PATTERN + "')",
+            message="model.uri must use a supported scheme: hf://, s3://, pvc://, file:/// or builtin://",
+            check=lambda m: re.match(URI_PATTERN, m.uri) is not None,
+        ),
+    ],
+}
+
+
+def _rules_schema(section: str) -> dict:
+    return {
+        "x-kubernetes-validations": [
+            {"rule": r.cel, "message": r.message} for r in CROSS_FIELD_RULES[section]
+        ]
+    }
+
+
+def _check_rules(section: str, obj: Any) -> Any:
+    for rule in CROSS_FIELD_RULES[section]:
+        if not rule.check(obj):
+            raise ValueError(rule.message)
+    return obj
+
+
+class SecretReference(_Model):
+    name: str = Field(
+        description="Name of a Secret in the same namespace. Every key becomes an environment variable "
+        "of the head and worker containers (for example HF_TOKEN, AWS_ACCESS_KEY_ID).",
+        min_length=1,
+        max_length=253,
+    )
+
+
+class ModelSpec(_Model):
+    model_config = ConfigDict(json_schema_extra=_rules_schema("model"))
+
+    name: str = Field(
+        description="Served model id: the `model` field clients send to the OpenAI API.",
+        min_length=1,
+        max_length=256,
+    )
+    uri: str = Field(
+        description="Where the weights are: hf://org/name, s3://bucket/path, pvc://claim/path, "
+        "file:///path or builtin://smollm2-135m-instruct. May contain {revision}, replaced by "
+        "model.revision.",
+        min_length=1,
+        max_length=2048,
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Version of the weights. With rollout.weightUpdate InPlace, changing it alone "
+        "loads the new weights into the running replicas; otherwise it rolls new replicas.",
+        max_length=256,
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Weight and activation dtype; auto is bfloat16 on GPUs, float32 on CPUs."
+    )
+    credentials_secret_ref: SecretReference | None = Field(
+        default=None, description="Secret with credentials for the model store (for example an HF token)."
+    )
+    tokenizer: str | None = Field(
+        default=None,
+        description="Tokenizer location (same URI schemes as uri); defaults to the model's own.",
+        max_length=2048,
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> "ModelSpec":
+        return _check_rules("model", self)
+
+
+class Parallelism(_Model):
+    tensor: int = Field(default=1, ge=1, le=64, description="Tensor-parallel size: GPUs that split each layer.")
+    pipeline: int = Field(default=1, ge=1, le=64, description="Pipeline-parallel size: stages of layers.")
+
+
+class Toleration(_Model):
+    key: str | None = Field(default=None, description="Taint key the toleration applies to.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, description="Taint value the toleration matches.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated, in seconds."
+    )
+
+
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+
+
+class Resources(_Model):
+    gpus_per_node: int = Field(
+        default=8,
+        ge=0,
+        le=16,
+        description="GPUs on each node of the worker pool; a worker pod takes min(tensor x pipeline, "
+        "gpusPerNode). 0 runs every rank on CPUs in one worker pod.",
+    )
+    gpu_resource_name: str = Field(
+        default="nvidia.com/gpu", description="Extended resource name of the GPUs.", min_length=1
+    )
+    cpu: str = Field(default="8", pattern=QUANTITY, description="CPU request and limit of each worker pod.")
+    memory: str = Field(default="64Gi", pattern=QUANTITY, description="Memory request and limit of each worker pod.")
+    head_cpu: str = Field(default="2", pattern=QUANTITY, description="CPU of the head pod (Ray head and API server).")
+    head_memory: str = Field(default="8Gi", pattern=QUANTITY, description="Memory of the head pod.")
+    shared_memory: str = Field(
+        default="16Gi", pattern=QUANTITY, description="Size of /dev/shm in worker pods (NCCL and Ray's object store use it)."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the pods.")
+
+
+class Engine(_Model):
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="Longest prompt plus output in tokens; default: the model's context length."
+    )
+    max_num_seqs: int = Field(default=256, ge=1, le=4096, description="Most sequences in one batch.")
+    max_num_batched_tokens: int = Field(
+        default=8192, ge=16, description="Token budget of one engine step (prefill plus decode)."
+    )
+    kv_cache_memory_fraction: float = Field(
+        default=0.9, gt=0, le=0.99, description="Fraction of free GPU memory given to the paged KV cache."
+    )
+    enforce_eager: bool = Field(default=False, description="Disable CUDA graphs (slower decode, faster start).")
+    max_queue_size: int = Field(
+        default=1024, ge=1, description="Requests waiting beyond this get 429 instead of queueing without bound."
+    )
+
+
+class Rollout(_Model):
+    model_config = ConfigDict(json_schema_extra=_rules_schema("rollout"))
+
+    strategy: Literal["RollingUpdate", "Recreate"] = Field(
+        default="RollingUpdate", description="How replicas of a new revision replace the old ones."
+    )
+    max_surge: int = Field(default=0, ge=0, description="Replicas allowed above spec.replicas during a rollout.")
+    max_unavailable: int = Field(
+        default=1, ge=0, description="Ready replicas that may be missing below spec.replicas during a rollout."
+    )
+    progress_deadline_seconds: int = Field(
+        default=1800, ge=1, description="Seconds without progress before Progressing turns False."
+    )
+    weight_update: Literal["InPlace", "Rolling"] = Field(
+        default="InPlace",
+        description="InPlace loads a new model.revision into running replicas through their admin API; "
+        "Rolling replaces replicas.",
+    )
+    weight_update_timeout_seconds: int = Field(
+        default=900, ge=10, description="How long one replica may take to load new weights before it is replaced."
+    )
+
+
+class ServiceSpec(_Model):
+    port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible Service.")
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(default="ClusterIP", description="Service type.")
+
+
+class InferenceDeploymentSpec(_Model):
+    model_config = ConfigDict(json_schema_extra=_rules_schema("spec"))
+
+    model: ModelSpec = Field(description="The model to serve.")
+    replicas: int = Field(default=1, ge=0, le=1000, description="Number of model replicas (one RayCluster each).")
+    parallelism: Parallelism = Field(default_factory=Parallelism, description="How one replica is split over GPUs.")
+    resources: Resources = Field(default_factory=Resources, description="Node shape and pod resources.")
+    engine: Engine = Field(default_factory=Engine, description="Inference engine settings.")
+    rollout: Rollout = Field(default_factory=Rollout, description="How changes reach running replicas.")
+    image: str | None = Field(
+        default=None, description="Worker image override; default: the operator's configured worker image.", max_length=512
+    )
+    service: ServiceSpec = Field(default_factory=ServiceSpec, description="The Service in front of all replicas.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> "InferenceDeploymentSpec":
+        return _check_rules("spec", self)
+
+
+class Condition(_Model):
+    type: str = Field(description="Available, Progressing or Degraded.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="One CamelCase word saying why.")
+    message: str = Field(default="", description="What happened, for people.")
+    last_transition_time: str | None = Field(default=None, description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(default=None, description="The spec generation this was computed from.")
+
+
+class InferenceDeploymentStatus(_Model):
+    observed_generation: int | None = Field(default=None, description="Last spec generation the operator acted on.")
+    replicas: int = Field(default=0, description="RayClusters that exist, of every revision.")
+    ready_replicas: int = Field(default=0, description="Replicas whose head and workers are ready.")
+    updated_replicas: int = Field(default=0, description="Replicas of the update revision.")
+    available_replicas: int = Field(default=0, description="Ready replicas of the update revision serving its weights.")
+    current_revision: str | None = Field(default=None, description="Revision hash the serving replicas mostly run.")
+    update_revision: str | None = Field(default=None, description="Revision hash of the current spec.")
+    weights_revision: str | None = Field(default=None, description="model.revision every ready replica has loaded.")
+    selector: str | None = Field(default=None, description="Label selector of the head pods (for the scale subresource).")
+    endpoint: str | None = Field(default=None, description="URL of the OpenAI-compatible endpoint.")
+    conditions: list[Condition] = Field(default_factory=list, description="Available, Progressing and Degraded.")
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata the operator reads; everything else passes through."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DNS_LABEL)
+    namespace: str = "default"
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class InferenceDeployment(_Model):
+    api_version: Literal["rayprism.dev/v1alpha1"] = Field(alias="apiVersion", description="rayprism.dev/v1alpha1")
+    kind: Literal["InferenceDeployment"] = Field(description="InferenceDeployment")
+    metadata: ObjectMeta
+    spec: InferenceDeploymentSpec
+    status: InferenceDeploymentStatus | None = None
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem: the field path as written in YAML, then what is expected."""
+    lines = []
+    for item in error.errors():
+        path = ".".join(str(p) for p in (*([prefix] if prefix else []), *item["loc"]))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        lines.append(f"{path or '<root>'}: {message}")
+    return "\n".join(lines)
+
+
+def parse_inference_deployment(obj: Any) -> InferenceDeployment:
+    """Validate a decoded manifest; raises SpecError naming every bad field."""
+    if not isinstance(obj, dict):
+        raise SpecError(f"<root>: expected a mapping (an InferenceDeployment manifest), got {type(obj).__name__}")
+    try:
+        return InferenceDeployment.model_validate(obj)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e)) from None
+
+
+def parse_spec(spec: Any) -> InferenceDeploymentSpec:
+    """Validate a bare spec (what the operator receives from kopf)."""
+    try:
+        return InferenceDeploymentSpec.model_validate(spec)
+    except ValidationError as e:
+        raise SpecError(format_validation_error(e, prefix="spec")) from None
+
+
+def load_inference_deployment(path: str | Path) -> InferenceDeployment:
+    """Read a YAML file holding one InferenceDeployment; raises SpecError with a clear message."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if len(docs) != 1:
+        raise SpecError(f"{path}: expected exactly one YAML document, found {len(docs)}")
+    return parse_inference_deployment(docs[0])

@@ -1,0 +1,386 @@
+"""Pure functions from an InferenceDeployment to the Kubernetes objects that serve it.
+
+One function per object, in the manner of KubeRay's builders: no I/O, no clock, no randomness, so the
+operator, `rayprism render` and the tests all see the same objects for the same input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shlex
+from dataclasses import dataclass
+
+from . import api
+from .api import InferenceDeployment, InferenceDeploymentSpec
+
+DEFAULT_WORKER_IMAGE = "ghcr.io/rayprism/worker:0.1.0"
+RAY_VERSION = "2.60.0"
+SERVER_PORT = 8000
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_DEPLOYMENT = f"{api.GROUP}/deployment"
+LABEL_REVISION = f"{api.GROUP}/revision"
+ANNOTATION_WEIGHTS_REVISION = f"{api.GROUP}/weights-revision"
+KUBERAY_NODE_TYPE = "ray.io/node-type"
+KUBERAY_OVERWRITE_CMD = "ray.io/overwrite-container-cmd"
+
+ADMIN_TOKEN_DIR = "/etc/rayprism/admin"
+ADMIN_TOKEN_KEY = "token"
+CACHE_DIR = "/var/cache/rayprism"
+MODELS_DIR = "/models"
+WORKER_GROUP = "workers"
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Operator-wide settings (Helm values) that shape what is rendered."""
+
+    default_image: str = DEFAULT_WORKER_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    s3_sync_image: str = "amazon/aws-cli:2.22.35"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How one replica's ranks map to worker pods."""
+
+    ranks: int
+    pods: int
+    gpus_per_pod: int  # 0 on CPU-only replicas
+    ranks_per_pod: int
+
+
+def topology(spec: InferenceDeploymentSpec) -> Topology:
+    ranks = spec.parallelism.tensor * spec.parallelism.pipeline
+    gpus = spec.resources.gpus_per_node
+    if gpus == 0:
+        return Topology(ranks=ranks, pods=1, gpus_per_pod=0, ranks_per_pod=ranks)
+    per_pod = min(ranks, gpus)
+    return Topology(ranks=ranks, pods=math.ceil(ranks / per_pod), gpus_per_pod=per_pod, ranks_per_pod=per_pod)
+
+
+def image(spec: InferenceDeploymentSpec, options: RenderOptions) -> str:
+    return spec.image or options.default_image
+
+
+def revision_hash(spec: InferenceDeploymentSpec, options: RenderOptions) -> str:
+    """Stable hash of everything that needs new pods.
+
+    Left out: replicas, rollout settings, the Service, and model.revision when weights update in place.
+    Fields equal to their defaults are left out too, so a new optional field does not roll every replica.
+    """
+    fields = spec.model_dump(mode="json", by_alias=True, exclude_defaults=True,
+                             exclude={"replicas", "rollout", "service", "image"})
+    if spec.rollout.weight_update == "InPlace":
+        fields.get("model", {}).pop("revision", None)
+    fields["image"] = image(spec, options)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return digest[:10]
+
+
+def replica_name(deployment: str, revision: str, suffix: str) -> str:
+    return f"{deployment}-{revision}-{suffix}"
+
+
+def selector_labels(deployment: str) -> dict[str, str]:
+    return {LABEL_NAME: "rayprism", LABEL_DEPLOYMENT: deployment}
+
+
+def labels(deployment: str, revision: str) -> dict[str, str]:
+    return {**selector_labels(deployment), LABEL_REVISION: revision}
+
+
+def head_pod_selector(deployment: str) -> str:
+    """status.selector: the head pods of every replica (one per replica, for the HPA)."""
+    return ",".join(f"{k}={v}" for k, v in {**selector_labels(deployment), KUBERAY_NODE_TYPE: "head"}.items())
+
+
+def owner_reference(infd: InferenceDeployment) -> dict:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": infd.metadata.name,
+        "uid": infd.metadata.uid or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def admin_secret_name(deployment: str) -> str:
+    return f"{deployment}-admin"
+
+
+def service_name(deployment: str) -> str:
+    return deployment
+
+
+def head_service_url(replica: str, namespace: str) -> str:
+    """KubeRay's per-replica head Service, where the operator reaches the admin API."""
+    return f"http://{replica}-head-svc.{namespace}.svc:{SERVER_PORT}"
+
+
+def endpoint_url(infd: InferenceDeployment) -> str:
+    spec = infd.spec
+    return f"http://{service_name(infd.metadata.name)}.{infd.metadata.namespace}.svc:{spec.service.port}/v1"
+
+
+def served_model_uri(uri: str) -> str:
+    """The URI as the pods see it: claims are mounted, S3 objects synced, the rest passed through."""
+    scheme, _, rest = uri.partition("://")
+    if scheme == "pvc":
+        return f"file://{MODELS_DIR}/{rest}"
+    if scheme == "s3":
+        return f"file://{MODELS_DIR}/s3/{rest}"
+    return uri
+
+
+def serve_args(spec: InferenceDeploymentSpec) -> list[str]:
+    """The `rayprism serve` flags for a spec: what the head pod runs and what `rayprism run` runs."""
+    model, engine = spec.model, spec.engine
+    args = [
+        "--model", served_model_uri(model.uri),
+        "--served-model-name", model.name,
+        "--dtype", model.dtype,
+        "--device", "cpu" if spec.resources.gpus_per_node == 0 else "cuda",
+        "--tensor-parallel-size", str(spec.parallelism.tensor),
+        "--pipeline-parallel-size", str(spec.parallelism.pipeline),
+        "--max-num-seqs", str(engine.max_num_seqs),
+        "--max-num-batched-tokens", str(engine.max_num_batched_tokens),
+        "--kv-cache-memory-fraction", str(engine.kv_cache_memory_fraction),
+        "--max-queue-size", str(engine.max_queue_size),
+        "--port", str(SERVER_PORT),
+    ]
+    if model.revision:
+        args += ["--model-revision", model.revision]
+    if model.tokenizer:
+        args += ["--tokenizer", served_model_uri(model.tokenizer)]
+    if engine.max_model_len:
+        args += ["--max-model-len", str(engine.max_model_len)]
+    if engine.enforce_eager:
+        args.append("--enforce-eager")
+    return args
+
+
+def _volumes_and_mounts(spec: InferenceDeploymentSpec, admin_secret: str | None) -> tuple[list[dict], list[dict]]:
+    """Volumes of a head pod (admin_secret given) or of a worker pod (None)."""
+    volumes = [{"name": "cache", "emptyDir": {}}]
+    mounts = [{"name": "cache", "mountPath": CACHE_DIR}]
+    if admin_secret:
+        volumes.append({"name": "admin-token", "secret": {"secretName": admin_secret, "defaultMode": 0o440}})
+        mounts.append({"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": True})
+    else:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.resources.shared_memory}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    for uri in filter(None, (spec.model.uri, spec.model.tokenizer)):
+        scheme, _, rest = uri.partition("://")
+        if scheme == "pvc":
+            claim = rest.split("/", 1)[0]
+            if not any(v["name"] == f"pvc-{claim}" for v in volumes):
+                volumes.append({"name": f"pvc-{claim}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+                mounts.append({"name": f"pvc-{claim}", "mountPath": f"{MODELS_DIR}/{claim}", "readOnly": True})
+        elif scheme == "s3" and not any(v["name"] == "s3-models" for v in volumes):
+            volumes.append({"name": "s3-models", "emptyDir": {}})
+            mounts.append({"name": "s3-models", "mountPath": f"{MODELS_DIR}/s3"})
+    return volumes, mounts
+
+
+def _s3_init_containers(spec: InferenceDeploymentSpec, options: RenderOptions) -> list[dict]:
+    containers = []
+    for i, uri in enumerate(u for u in (spec.model.uri, spec.model.tokenizer) if u and u.startswith("s3://")):
+        resolved = uri.replace("{revision}", spec.model.revision or "")
+        containers.append({
+            "name": f"sync-model-{i}",
+            "image": options.s3_sync_image,
+            "command": ["aws", "s3", "sync", resolved, resolved.replace("s3://", f"{MODELS_DIR}/s3/", 1)],
+            "envFrom": _env_from(spec),
+            "volumeMounts": [{"name": "s3-models", "mountPath": f"{MODELS_DIR}/s3"}],
+        })
+    return containers
+
+
+def _env_from(spec: InferenceDeploymentSpec) -> list[dict]:
+    ref = spec.model.credentials_secret_ref
+    return [{"secretRef": {"name": ref.name}}] if ref else []
+
+
+def _env() -> list[dict]:
+    return [
+        {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+    ]
+
+
+def _pod_spec_common(spec: InferenceDeploymentSpec) -> dict:
+    out: dict = {"securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000}}
+    if spec.resources.node_selector:
+        out["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.tolerations:
+        out["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.resources.tolerations]
+    return out
+
+
+def head_command(spec: InferenceDeploymentSpec) -> str:
+    # KubeRay puts its generated `ray start` (with --block) in KUBERAY_GEN_RAY_START_CMD when the
+    # overwrite annotation is set; the head starts Ray in the background, then becomes the server.
+    return (
+        "ulimit -n 65536; "
+        'ray_start="${KUBERAY_GEN_RAY_START_CMD//--block/}"; '
+        '/bin/bash -c "$ray_start" || exit 1; '
+        "exec rayprism serve "
+        + shlex.join([*serve_args(spec), "--ray-address", "auto",
+                      "--admin-token-file", f"{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"])
+    )
+
+
+WORKER_COMMAND = 'ulimit -n 65536; exec /bin/bash -c "$KUBERAY_GEN_RAY_START_CMD"'
+
+
+def _head_group(infd: InferenceDeployment, revision: str, options: RenderOptions) -> dict:
+    spec = infd.spec
+    volumes, mounts = _volumes_and_mounts(spec, admin_secret_name(infd.metadata.name))
+    cpu, memory = spec.resources.head_cpu, spec.resources.head_memory
+    container = {
+        "name": "ray-head",
+        "image": image(spec, options),
+        "imagePullPolicy": options.image_pull_policy,
+        "command": ["/bin/bash", "-c", "--"],
+        "args": [head_command(spec)],
+        "env": _env(),
+        "ports": [
+            {"name": "gcs-server", "containerPort": 6379},
+            {"name": "dashboard", "containerPort": 8265},
+            {"name": "client", "containerPort": 10001},
+            {"name": "http", "containerPort": SERVER_PORT},
+        ],
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": "http"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 3,
+        },
+        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    if spec.model.credentials_secret_ref:
+        container["envFrom"] = _env_from(spec)
+    pod_spec = {**_pod_spec_common(spec), "containers": [container], "volumes": volumes}
+    if init := _s3_init_containers(spec, options):
+        pod_spec["initContainers"] = init
+    return {
+        # No GPUs and no CPUs for Ray tasks on the head: every rank lands on a worker pod.
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
+        "template": {"metadata": {"labels": labels(infd.metadata.name, revision)}, "spec": pod_spec},
+    }
+
+
+def _worker_group(infd: InferenceDeployment, revision: str, options: RenderOptions) -> dict:
+    spec = infd.spec
+    topo = topology(spec)
+    volumes, mounts = _volumes_and_mounts(spec, None)
+    limits = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
+    start_params = {}
+    if topo.gpus_per_pod:
+        limits[spec.resources.gpu_resource_name] = str(topo.gpus_per_pod)
+        start_params["num-gpus"] = str(topo.gpus_per_pod)
+    container = {
+        "name": "ray-worker",
+        "image": image(spec, options),
+        "imagePullPolicy": options.image_pull_policy,
+        "command": ["/bin/bash", "-c", "--"],
+        "args": [WORKER_COMMAND],
+        "env": _env(),
+        "resources": {"requests": dict(limits), "limits": limits},
+        "volumeMounts": mounts,
+        "securityContext": {"allowPrivilegeEscalation": False},
+    }
+    if spec.model.credentials_secret_ref:
+        container["envFrom"] = _env_from(spec)
+    pod_spec = {**_pod_spec_common(spec), "containers": [container], "volumes": volumes}
+    if init := _s3_init_containers(spec, options):
+        pod_spec["initContainers"] = init
+    return {
+        "groupName": WORKER_GROUP,
+        "replicas": topo.pods,
+        "minReplicas": topo.pods,
+        "maxReplicas": topo.pods,
+        "rayStartParams": start_params,
+        "template": {"metadata": {"labels": labels(infd.metadata.name, revision)}, "spec": pod_spec},
+    }
+
+
+def render_raycluster(
+    infd: InferenceDeployment, revision: str, suffix: str, options: RenderOptions = RenderOptions()
+) -> dict:
+    """One replica: a KubeRay RayCluster with a GPU-less head (Ray head + server) and a worker group."""
+    name = infd.metadata.name
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {
+            "name": replica_name(name, revision, suffix),
+            "namespace": infd.metadata.namespace,
+            "labels": labels(name, revision),
+            "annotations": {
+                KUBERAY_OVERWRITE_CMD: "true",
+                ANNOTATION_WEIGHTS_REVISION: infd.spec.model.revision or "",
+            },
+            "ownerReferences": [owner_reference(infd)],
+        },
+        "spec": {
+            "rayVersion": RAY_VERSION,
+            "enableInTreeAutoscaling": False,
+            "headGroupSpec": _head_group(infd, revision, options),
+            "workerGroupSpecs": [_worker_group(infd, revision, options)],
+        },
+    }
+
+
+def render_service(infd: InferenceDeployment) -> dict:
+    """The endpoint: every replica's head pod, once its readiness probe (/health) passes."""
+    name = infd.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(name),
+            "namespace": infd.metadata.namespace,
+            "labels": selector_labels(name),
+            "ownerReferences": [owner_reference(infd)],
+        },
+        "spec": {
+            "type": infd.spec.service.type,
+            "selector": {**selector_labels(name), KUBERAY_NODE_TYPE: "head"},
+            "ports": [{"name": "http", "port": infd.spec.service.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def render_admin_secret(infd: InferenceDeployment, token: str) -> dict:
+    """The bearer token the operator uses for the replicas' admin API (mounted into every head)."""
+    name = infd.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": admin_secret_name(name),
+            "namespace": infd.metadata.namespace,
+            "labels": selector_labels(name),
+            "ownerReferences": [owner_reference(infd)],
+        },
+        "stringData": {ADMIN_TOKEN_KEY: token},
+    }
+
+
+def render_all(infd: InferenceDeployment, options: RenderOptions = RenderOptions(),
+               token: str = "<generated by the operator>") -> list[dict]:
+    """Everything the operator creates for a new InferenceDeployment (replica suffixes by index)."""
+    revision = revision_hash(infd.spec, options)
+    return [
+        render_admin_secret(infd, token),
+        render_service(infd),
+        *(render_raycluster(infd, revision, f"r{i}", options) for i in range(infd.spec.replicas)),
+    ]
