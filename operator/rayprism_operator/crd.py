@@ -40,6 +40,12 @@ def _structural(node: dict, defs: dict) -> dict:
             continue
         if key == "properties":
             out["properties"] = {name: _structural(sub, defs) for name, sub in value.items()}
+            for name, sub in out["properties"].items():
+                # An optional, non-nullable block defaults to {} so that the API server fills in each
+                # nested field's own default when the block is left out.
+                if sub.get("type") == "object" and "properties" in sub and not sub.get("nullable") \
+                        and name not in node.get("required", []):
+                    sub["default"] = {}
         elif key == "items":
             out["items"] = _structural(value, defs)
         elif key == "const":
@@ -53,9 +59,6 @@ def _structural(node: dict, defs: dict) -> dict:
         out["additionalProperties"] = _structural(node["additionalProperties"], defs)
     if "enum" in out and "type" not in out:
         out["type"] = "string"
-    if out.get("type") == "object" and "properties" in out and isinstance(out.get("default"), dict):
-        # An object default of {} lets the API server apply each nested field's own default.
-        out["default"] = {}
     return out
 
 

@@ -1,0 +1,130 @@
+"""The generated CRD: in sync with crds/, structural, complete, and its CEL rules agree with Python."""
+
+import celpy
+import kubernetes_validate
+import pytest
+import yaml
+
+from rayprism_operator import api
+from rayprism_operator.crd import build_crd, crd_yaml
+
+from .conftest import REPO, with_changes
+
+CRD_FILE = REPO / "crds" / "rayprism.dev_inferencedeployments.yaml"
+
+
+def _version() -> dict:
+    return build_crd()["spec"]["versions"][0]
+
+
+def _walk(node: dict, path: str = ""):
+    yield path, node
+    for name, sub in node.get("properties", {}).items():
+        yield from _walk(sub, f"{path}.{name}")
+    if "items" in node:
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_crds_folder_is_the_generated_output():
+    assert CRD_FILE.read_text() == crd_yaml(), "crds/ drifted from api.py: run `make crd`"
+
+
+def test_schema_is_structural_and_described():
+    root = _version()["schema"]["openAPIV3Schema"]
+    for path, node in _walk(root):
+        assert "type" in node, f"{path or '<root>'} has no type"
+        for banned in ("$ref", "anyOf", "oneOf", "allOf", "$defs", "title", "const"):
+            assert banned not in node, f"{path} carries {banned}"
+        if path.count(".") >= 2 and path[-1] not in "]}":  # every field is explained for `kubectl explain`
+            assert node.get("description"), f"{path} has no description"
+        if "exclusiveMinimum" in node:
+            assert node["exclusiveMinimum"] is True and "minimum" in node
+
+
+def test_defaults_enums_and_bounds_carried_over():
+    spec = _version()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert spec["replicas"]["default"] == 1 and spec["replicas"]["minimum"] == 0
+    assert spec["rollout"]["properties"]["maxSurge"]["default"] == 0
+    assert spec["rollout"]["properties"]["maxUnavailable"]["default"] == 1
+    assert spec["rollout"]["properties"]["strategy"]["enum"] == ["RollingUpdate", "Recreate"]
+    assert spec["rollout"]["properties"]["weightUpdate"]["enum"] == ["InPlace", "Rolling"]
+    assert spec["resources"]["properties"]["gpuResourceName"]["default"] == "nvidia.com/gpu"
+    assert spec["parallelism"]["default"] == {}  # nested defaults apply when the block is omitted
+    assert spec["engine"]["properties"]["kvCacheMemoryFraction"]["maximum"] == 0.99
+
+
+def test_subresources_and_printer_columns():
+    version = _version()
+    assert version["subresources"]["scale"] == {
+        "specReplicasPath": ".spec.replicas",
+        "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector",
+    }
+    assert version["subresources"]["status"] == {}
+    names = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert names == ["Ready", "Desired", "Up-to-date", "TP", "PP", "Revision", "Age"]
+    crd = build_crd()
+    assert crd["spec"]["names"]["shortNames"] == ["infd"]
+    assert crd["metadata"]["name"] == "inferencedeployments.rayprism.dev"
+
+
+def test_crd_object_validates_against_kubernetes():
+    # Raises ValidationError on any problem against the apiextensions.k8s.io/v1 schema.
+    kubernetes_validate.validate(yaml.safe_load(crd_yaml()), "1.33", strict=True)
+
+
+def _cel(rule: str, value) -> bool:
+    env = celpy.Environment()
+    return bool(env.program(env.compile(rule)).evaluate({"self": celpy.json_to_cel(value)}))
+
+
+def _rules_at(node: dict) -> list[dict]:
+    return node.get("x-kubernetes-validations", [])
+
+
+CASES = [
+    {},
+    {"spec.parallelism.tensor": 16},
+    {"spec.parallelism.tensor": 3, "spec.parallelism.pipeline": 3},
+    {"spec.parallelism.tensor": 4, "spec.parallelism.pipeline": 4},
+    {"spec.parallelism.tensor": 2, "spec.parallelism.pipeline": 5},
+    {"spec.resources.gpusPerNode": 0, "spec.parallelism.tensor": 3},
+    {"spec.rollout.maxSurge": 0, "spec.rollout.maxUnavailable": 0},
+    {"spec.rollout.maxSurge": 1, "spec.rollout.maxUnavailable": 0},
+    {"spec.model.uri": "gs://bucket/m"},
+    {"spec.model.uri": "pvc://models/llama"},
+    {"spec.model.uri": "s3://bucket/llama/{revision}"},
+]
+
+
+@pytest.mark.parametrize("changes", CASES, ids=[str(c) for c in CASES])
+def test_cel_rules_agree_with_python(llama, changes):
+    """The API server's verdict (CEL, on the defaulted object) equals the CLI's (pydantic)."""
+    manifest = with_changes(llama, **changes)
+    schema = _version()["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    try:
+        api.parse_inference_deployment(manifest)
+        python_ok = True
+    except api.SpecError:
+        python_ok = False
+    # Apply defaults as the API server would, without running the Python rules.
+    spec = manifest["spec"]
+    defaulted = {
+        **spec,
+        "parallelism": {"tensor": 1, "pipeline": 1, **spec.get("parallelism", {})},
+        "resources": {"gpusPerNode": 8, **spec.get("resources", {})},
+        "rollout": {"maxSurge": 0, "maxUnavailable": 1, **spec.get("rollout", {})},
+    }
+    cel_ok = all(_cel(r["rule"], defaulted) for r in _rules_at(schema))
+    cel_ok &= all(_cel(r["rule"], defaulted["model"]) for r in _rules_at(schema["properties"]["model"]))
+    cel_ok &= all(_cel(r["rule"], defaulted["rollout"]) for r in _rules_at(schema["properties"]["rollout"]))
+    assert cel_ok == python_ok
+
+
+def test_name_length_rule():
+    root = _version()["schema"]["openAPIV3Schema"]
+    [rule] = _rules_at(root)
+    assert _cel(rule["rule"], {"metadata": {"name": "a" * 40}})
+    assert not _cel(rule["rule"], {"metadata": {"name": "a" * 41}})

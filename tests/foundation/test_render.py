@@ -1,0 +1,187 @@
+"""Rendering: topology, labels, ownership, the revision hash, and KubeRay's own schema."""
+
+import functools
+
+import jsonschema
+import pytest
+import yaml
+
+from rayprism_operator import render
+from rayprism_operator.api import parse_inference_deployment
+
+from .conftest import REPO, with_changes
+
+KUBERAY_CRD = REPO.parent / "shared" / "kuberay" / "ray.io_rayclusters.yaml"
+OPTIONS = render.RenderOptions()
+
+
+def _infd(manifest):
+    infd = parse_inference_deployment(manifest)
+    infd.metadata.uid = "0b9d-uid"
+    return infd
+
+
+def _hash(manifest) -> str:
+    return render.revision_hash(_infd(manifest).spec, OPTIONS)
+
+
+@pytest.mark.parametrize("tensor,pipeline,gpus,pods,gpus_per_pod", [
+    (1, 1, 8, 1, 1),
+    (2, 1, 8, 1, 2),
+    (8, 1, 8, 1, 8),
+    (2, 4, 8, 1, 8),
+    (4, 4, 8, 2, 8),   # two nodes, each with two whole tensor groups
+    (8, 2, 8, 2, 8),   # pipeline stages across nodes
+    (2, 8, 4, 4, 4),
+    (3, 1, 8, 1, 3),
+    (2, 3, 8, 1, 6),
+    (3, 2, 0, 1, 0),   # CPU: every rank in one worker pod
+])
+def test_topology(llama, tensor, pipeline, gpus, pods, gpus_per_pod):
+    manifest = with_changes(llama, **{"spec.parallelism.tensor": tensor, "spec.parallelism.pipeline": pipeline,
+                                      "spec.resources.gpusPerNode": gpus})
+    infd = _infd(manifest)
+    topo = render.topology(infd.spec)
+    assert (topo.pods, topo.gpus_per_pod) == (pods, gpus_per_pod)
+    assert topo.ranks == tensor * pipeline
+    [group] = render.render_raycluster(infd, "abc", "x")["spec"]["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == pods
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits.get("nvidia.com/gpu") == (str(gpus_per_pod) if gpus_per_pod else None)
+
+
+def test_gpu_resource_name_is_used(llama):
+    infd = _infd(with_changes(llama, **{"spec.resources.gpuResourceName": "amd.com/gpu"}))
+    [group] = render.render_raycluster(infd, "abc", "x")["spec"]["workerGroupSpecs"]
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["amd.com/gpu"] == "2"
+
+
+def test_every_object_is_labelled_and_owned(llama):
+    infd = _infd(llama)
+    objects = render.render_all(infd, OPTIONS)
+    assert [o["kind"] for o in objects] == ["Secret", "Service", "RayCluster", "RayCluster"]
+    for obj in objects:
+        meta = obj["metadata"]
+        assert meta["labels"]["app.kubernetes.io/name"] == "rayprism"
+        assert meta["labels"]["rayprism.dev/deployment"] == "llama-3-1-8b"
+        assert meta["ownerReferences"] == [{
+            "apiVersion": "rayprism.dev/v1alpha1", "kind": "InferenceDeployment", "name": "llama-3-1-8b",
+            "uid": "0b9d-uid", "controller": True, "blockOwnerDeletion": True,
+        }]
+    revision = render.revision_hash(infd.spec, OPTIONS)
+    for cluster in objects[2:]:
+        assert cluster["metadata"]["labels"]["rayprism.dev/revision"] == revision
+        assert cluster["metadata"]["name"].startswith(f"llama-3-1-8b-{revision}-")
+        head = cluster["spec"]["headGroupSpec"]["template"]
+        assert head["metadata"]["labels"]["rayprism.dev/revision"] == revision
+
+
+def test_head_runs_ray_then_the_server_without_gpus(llama):
+    cluster = render.render_raycluster(_infd(llama), "abc", "x")
+    assert cluster["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    head = cluster["spec"]["headGroupSpec"]
+    container = head["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    script = container["args"][0]
+    assert script.index("KUBERAY_GEN_RAY_START_CMD") < script.index("exec rayprism serve")
+    assert "--tensor-parallel-size 2" in script and "--served-model-name meta-llama/Llama-3.1-8B-Instruct" in script
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert {"name": "http", "containerPort": 8000} in container["ports"]
+
+
+def test_service_selects_ready_heads_of_every_replica(llama):
+    service = render.render_service(_infd(llama))
+    assert service["spec"]["selector"] == {
+        "app.kubernetes.io/name": "rayprism", "rayprism.dev/deployment": "llama-3-1-8b", "ray.io/node-type": "head"}
+    assert "rayprism.dev/revision" not in service["spec"]["selector"]
+    assert render.head_pod_selector("llama-3-1-8b") == \
+        "app.kubernetes.io/name=rayprism,rayprism.dev/deployment=llama-3-1-8b,ray.io/node-type=head"
+
+
+@pytest.mark.parametrize("uri,mounted,served", [
+    ("pvc://models/llama/v1", "/models/models", "file:///models/models/llama/v1"),
+    ("s3://bucket/llama", "/models/s3", "file:///models/s3/bucket/llama"),
+])
+def test_model_stores_are_mounted(llama, uri, mounted, served):
+    cluster = render.render_raycluster(_infd(with_changes(llama, **{"spec.model.uri": uri})), "abc", "x")
+    for group in (cluster["spec"]["headGroupSpec"], cluster["spec"]["workerGroupSpecs"][0]):
+        pod = group["template"]["spec"]
+        assert mounted in [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
+    assert f"--model {served}" in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["args"][0]
+
+
+HASH_KEEPING = [
+    {"spec.replicas": 7},
+    {"spec.rollout.maxSurge": 3},
+    {"spec.rollout.strategy": "Recreate"},
+    {"spec.service.port": 9000},
+    {"spec.model.revision": "new-weights"},          # InPlace: weights load into running replicas
+    {"spec.engine.maxNumSeqs": 256},                  # written out, equal to the default
+]
+HASH_CHANGING = [
+    {"spec.parallelism.tensor": 4},
+    {"spec.parallelism.pipeline": 2},
+    {"spec.image": "example.com/worker:2"},
+    {"spec.engine.maxNumSeqs": 128},
+    {"spec.resources.memory": "256Gi"},
+    {"spec.model.uri": "hf://meta-llama/Llama-3.1-70B-Instruct"},
+    {"spec.rollout.weightUpdate": "Rolling", "spec.model.revision": "new-weights"},
+]
+
+
+@pytest.mark.parametrize("changes", HASH_KEEPING, ids=[str(c) for c in HASH_KEEPING])
+def test_changes_that_keep_the_revision(llama, changes):
+    assert _hash(with_changes(llama, **changes)) == _hash(llama)
+
+
+@pytest.mark.parametrize("changes", HASH_CHANGING, ids=[str(c) for c in HASH_CHANGING])
+def test_changes_that_need_new_pods(llama, changes):
+    assert _hash(with_changes(llama, **changes)) != _hash(llama)
+
+
+def test_hash_is_stable_and_label_safe(llama):
+    assert _hash(llama) == _hash(llama)
+    assert len(_hash(llama)) == 10 and _hash(llama).isalnum()
+    assert render.revision_hash(_infd(llama).spec, render.RenderOptions(default_image="other:1")) != _hash(llama)
+
+
+@functools.cache
+def _kuberay_schema() -> dict:
+    crd = yaml.load(KUBERAY_CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def _unknown_fields(obj, schema, path=""):
+    """Structural schemas prune unknown fields silently: find them instead."""
+    if isinstance(obj, dict) and "properties" in schema:
+        for key, value in obj.items():
+            if key not in schema["properties"]:
+                if not schema.get("x-kubernetes-preserve-unknown-fields"):
+                    yield f"{path}.{key}"
+            else:
+                yield from _unknown_fields(value, schema["properties"][key], f"{path}.{key}")
+    elif isinstance(obj, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, value in obj.items():
+            yield from _unknown_fields(value, schema["additionalProperties"], f"{path}.{key}")
+    elif isinstance(obj, list) and "items" in schema:
+        for i, value in enumerate(obj):
+            yield from _unknown_fields(value, schema["items"], f"{path}[{i}]")
+
+
+@pytest.mark.skipif(not KUBERAY_CRD.exists(), reason="KubeRay's RayCluster CRD is not beside the repo")
+@pytest.mark.parametrize("example,changes", [
+    ("llama", {}),
+    ("smollm2", {}),
+    ("llama", {"spec.model.uri": "pvc://models/llama", "spec.parallelism.tensor": 8, "spec.parallelism.pipeline": 2,
+               "spec.resources.tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+               "spec.resources.nodeSelector": {"pool": "h100"}}),
+    ("llama", {"spec.model.uri": "s3://bucket/llama/{revision}"}),
+])
+def test_rayclusters_validate_against_kuberay_crd(request, example, changes):
+    infd = _infd(with_changes(request.getfixturevalue(example), **changes))
+    schema = _kuberay_schema()
+    for cluster in render.render_all(infd, OPTIONS)[2:]:
+        jsonschema.validate(cluster, schema)
+        assert list(_unknown_fields(cluster, schema)) == []
