@@ -1,0 +1,72 @@
+{{/* Full name of the release's objects: the release name, suffixed with the chart's unless it has it. */}}
+{{- define "rayprism.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "rayprism.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "rayprism.labels" -}}
+{{ include "rayprism.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "rayprism.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "rayprism.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "rayprism.operatorImage" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "rayprism.workerImage" -}}
+{{- printf "%s:%s" .Values.defaultWorkerImage.repository (default .Chart.AppVersion .Values.defaultWorkerImage.tag) -}}
+{{- end -}}
+
+{{/* Peering is on exactly when more than one operator pod runs. */}}
+{{- define "rayprism.peering" -}}
+{{- if gt (int .Values.replicas) 1 }}true{{ end -}}
+{{- end -}}
+
+{{- define "rayprism.peeringName" -}}
+{{- default (include "rayprism.fullname" .) .Values.peering.name -}}
+{{- end -}}
+
+{{/*
+RBAC rules for what the operator touches in the namespaces it serves: a ClusterRole's rules for a
+cluster-wide install, each namespace's Role's rules otherwise.
+*/}}
+{{- define "rayprism.operatorRules" -}}
+# The API it serves. Subresources: status is written by the operator, scale is what `kubectl scale` uses.
+- apiGroups: [rayprism.dev]
+  resources: [inferencedeployments]
+  verbs: [get, list, watch, patch]
+- apiGroups: [rayprism.dev]
+  resources: [inferencedeployments/status, inferencedeployments/scale]
+  verbs: [get, patch]
+# The replicas it creates: one KubeRay RayCluster each.
+- apiGroups: [ray.io]
+  resources: [rayclusters]
+  verbs: [get, list, watch, create, patch, delete]
+# The endpoint Service and the admin-token Secret of every InferenceDeployment.
+- apiGroups: [""]
+  resources: [services, secrets]
+  verbs: [get, list, watch, create, patch, delete]
+# Events about scaling and rollouts (kopf posts core/v1 events).
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}
