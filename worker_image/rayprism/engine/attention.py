@@ -1,0 +1,46 @@
+"""Paged attention: the plain, correct path (SDPA) used on CPU and, for now, on CUDA.
+
+The KV pool of a layer is [num_blocks, block_size, num_kv_heads, head_dim]; token t of a sequence lives
+in slot block_table[t // block_size] * block_size + t % block_size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
+    cu_seqlens: list[int]  # prefill: token offsets of each sequence in the batch, [0, n0, n0+n1, ...]
+    block_tables: torch.Tensor | None = None  # decode: [batch, max_blocks], padded with -1
+    context_lens: torch.Tensor | None = None  # decode: [batch] tokens in the cache, the new one included
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    k_cache.view(-1, *k.shape[1:])[slot_mapping] = k
+    v_cache.view(-1, *v.shape[1:])[slot_mapping] = v
+
+
+def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [tokens, heads, dim]; k, v: this step's [tokens, kv_heads, dim]. Returns [tokens, heads, dim]."""
+    if meta.is_prefill:
+        # Prefill always starts at position 0 (no prefix caching; preempted sequences are recomputed),
+        # so the fresh k/v are each sequence's whole context.
+        outs = []
+        for start, end in zip(meta.cu_seqlens[:-1], meta.cu_seqlens[1:]):
+            qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True))
+        return torch.cat([o.squeeze(0).transpose(0, 1) for o in outs])
+    batch, max_blocks = meta.block_tables.shape
+    block_size = k_cache.shape[1]
+    blocks = meta.block_tables.clamp(min=0)
+    keys = k_cache[blocks].view(batch, max_blocks * block_size, *k_cache.shape[2:]).transpose(1, 2)
+    values = v_cache[blocks].view(batch, max_blocks * block_size, *v_cache.shape[2:]).transpose(1, 2)
+    positions = torch.arange(max_blocks * block_size, device=q.device)
+    mask = (positions[None, :] < meta.context_lens[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.squeeze(2)

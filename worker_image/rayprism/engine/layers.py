@@ -1,0 +1,233 @@
+"""Tensor-parallel building blocks (Megatron-style) for Llama-family models.
+
+Every parameter has `weight_loader(param, loaded, shard_id=None)`; `loaded` is a full tensor or a
+memory-mapped safetensors slice, and the loader reads only this rank's part of it.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMetadata, paged_attention, store_kv
+
+
+def tp_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def tp_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def shape_of(loaded) -> list[int]:
+    return list(loaded.shape) if isinstance(loaded, torch.Tensor) else loaded.get_shape()
+
+
+def read_part(loaded, dim: int, start: int, length: int) -> torch.Tensor:
+    """Read loaded[start:start+length] along `dim` (only that part is read from a safetensors slice)."""
+    index = [slice(None)] * len(shape_of(loaded))
+    index[dim] = slice(start, start + length)
+    return loaded[tuple(index)]
+
+
+def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
+    param.data.copy_(loaded[:])
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Vocabulary rows split across ranks (padded to a multiple of the world size)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.rows_per_rank = math.ceil(num_embeddings / tp_size())
+        self.vocab_start = tp_rank() * self.rows_per_rank
+        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, embedding_dim), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        length = max(0, min(self.rows_per_rank, self.num_embeddings - self.vocab_start))
+        param.data.zero_()
+        param.data[:length].copy_(read_part(loaded, 0, self.vocab_start, length))
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if tp_size() == 1:
+            return F.embedding(token_ids, self.weight)
+        local = token_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.rows_per_rank)
+        out = F.embedding(local * mine, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
+        dist.all_reduce(out)
+        return out
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Vocab-parallel output projection; rank 0 receives the full logits, other ranks get None."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = F.linear(hidden, self.weight)
+        if tp_size() == 1:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(tp_size())] if tp_rank() == 0 else None
+        dist.gather(logits, parts, dst=0)
+        return torch.cat(parts, dim=-1)[:, : self.num_embeddings] if tp_rank() == 0 else None
+
+
+class ColumnParallelLinear(nn.Module):
+    """Output features split across ranks; no communication."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        super().__init__()
+        assert output_size % tp_size() == 0, f"output size {output_size} not divisible by tp {tp_size()}"
+        self.output_size_per_rank = output_size // tp_size()
+        self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.output_size_per_rank), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        size = param.shape[0]
+        param.data.copy_(read_part(loaded, 0, tp_rank() * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs (e.g. gate and up) in one matmul; shard_id indexes them."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+        self.output_sizes = output_sizes
+        super().__init__(input_size, sum(output_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id: int) -> None:
+        size = self.output_sizes[shard_id] // tp_size()
+        offset = sum(self.output_sizes[:shard_id]) // tp_size()
+        param.data[offset: offset + size].copy_(read_part(loaded, 0, tp_rank() * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection. Heads split across ranks; KV heads replicated when tp > num_kv_heads."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+        tp = tp_size()
+        assert num_heads % tp == 0, f"num_attention_heads {num_heads} not divisible by tp {tp}"
+        assert num_kv_heads % tp == 0 or tp % num_kv_heads == 0, (
+            f"num_key_value_heads {num_kv_heads} and tp {tp}: one must divide the other"
+        )
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        # With replication, rank r holds KV head r * num_kv_heads // tp.
+        self.kv_head_start = tp_rank() * num_kv_heads // tp if tp > num_kv_heads else tp_rank() * self.num_kv_heads
+        super().__init__(hidden_size, (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id: str) -> None:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if shard_id == "q":
+            offset, size, start = 0, q_size, tp_rank() * q_size
+        else:
+            offset = q_size if shard_id == "k" else q_size + kv_size
+            size, start = kv_size, self.kv_head_start * self.head_dim
+        param.data[offset: offset + size].copy_(read_part(loaded, 0, start, size))
+
+
+class RowParallelLinear(nn.Module):
+    """Input features split across ranks; one all-reduce sums the partial outputs."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+        super().__init__()
+        assert input_size % tp_size() == 0, f"input size {input_size} not divisible by tp {tp_size()}"
+        self.input_size_per_rank = input_size // tp_size()
+        self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = default_weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
+        size = self.input_size_per_rank
+        param.data.copy_(read_part(loaded, 1, tp_rank() * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias if tp_rank() == 0 else None)
+        if tp_size() > 1:
+            dist.all_reduce(out)
+        return out
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same arithmetic as transformers' LlamaRMSNorm: normalise in float32, scale in the model dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class RotaryEmbedding(nn.Module):
+    """Neox-style rotary embedding with a cos/sin table for every position up to max_positions."""
+
+    def __init__(self, hf_config, head_dim: int, max_positions: int):
+        super().__init__()
+        rope = getattr(hf_config, "rope_parameters", None) or {"rope_type": "default"}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type == "default":
+            base = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            scaling = 1.0
+        elif rope_type in STATIC_ROPE_TYPES:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, device="cpu")
+        else:
+            raise ValueError(f"rope_type {rope_type!r} is not supported (supported: {STATIC_ROPE_TYPES})")
+        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
+        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
+        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """Writes this step's K/V into the paged cache, then attends over each sequence's cached context."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        # Views into the runner's KV pool: [num_blocks, block_size, num_kv_heads, head_dim]; set by ModelRunner.
+        self.k_cache = self.v_cache = torch.empty(0)
+
+    def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.k_cache.numel():
+            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return out.reshape(-1, self.num_heads * self.head_dim)

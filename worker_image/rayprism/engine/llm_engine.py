@@ -1,0 +1,196 @@
+"""LLMEngine: request bookkeeping, scheduling, sampling and detokenisation on tensor-parallel rank 0.
+
+Single-threaded: callers serialise add_request/step/abort (the server drives it from one loop).
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoTokenizer, GenerationConfig
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .loader import resolve_model_path
+from .model_runner import Batch, ModelRunner
+from .sampler import Sampler
+from .sampling import InvalidRequestError, SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+# Prompt tokens decoded together with the first output tokens, so that tokenizers which drop a leading
+# space when decoding a lone token (sentencepiece) still produce the right text.
+DETOKENIZE_CONTEXT = 5
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    logprobs: list[dict] | None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model_runner: ModelRunner | None = None):
+        self.config = config
+        self.runner = model_runner or ModelRunner(config)
+        self.hf_config = self.runner.hf_config
+        self.max_model_len = self.runner.max_model_len
+        tokenizer_path = (
+            resolve_model_path(config.tokenizer, config.revision) if config.tokenizer else self.runner.model_path
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.eos_token_ids = self._eos_token_ids()
+        self.scheduler = Scheduler(
+            config.max_num_seqs, config.max_num_batched_tokens, BlockManager(self.runner.num_kv_blocks, config.block_size)
+        )
+        self.sampler = Sampler(self.runner.device, config.seed)
+        self.requests: dict[str, Sequence] = {}
+        self.aborted: list[Sequence] = []
+        self._arrivals = itertools.count()
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        try:  # Llama 3 and others list several end tokens in generation_config.json
+            eos = GenerationConfig.from_pretrained(self.runner.model_path).eos_token_id
+        except OSError:
+            eos = None
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids
+
+    # --- requests -----------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
+        params.validate()
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt) if prompt else []
+        else:
+            token_ids = list(prompt)
+            vocab_size = self.hf_config.vocab_size
+            if not all(isinstance(t, int) and 0 <= t < vocab_size for t in token_ids):
+                raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab_size})")
+        if not token_ids:
+            raise InvalidRequestError("prompt", "must not be empty")
+        if len(token_ids) > self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}"
+            )
+        seq = Sequence(request_id, token_ids, params, next(self._arrivals))
+        seq.prefix_offset = max(0, len(token_ids) - DETOKENIZE_CONTEXT)
+        seq.read_offset = len(token_ids)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return  # unknown or already finished
+        self.scheduler.finish(seq, "abort")
+        self.aborted.append(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests or self.aborted)
+
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": self.scheduler.block_manager.usage,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+    # --- stepping -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs = [self._output(seq, [], "", None) for seq in self.aborted]
+        self.aborted = []
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return outputs
+        logits = self.runner.call("execute_model", Batch.from_sequences(seqs, is_prefill, self.config.block_size))
+        token_ids, logprobs = self.sampler(logits, seqs)
+        for row, (seq, token_id) in enumerate(zip(seqs, token_ids)):
+            seq.token_ids.append(token_id)
+            new_text = self._process_token(seq, token_id)
+            if seq.finish_reason:
+                self.scheduler.finish(seq, seq.finish_reason)
+                del self.requests[seq.request_id]
+            outputs.append(self._output(seq, [token_id], new_text, [logprobs[row]] if logprobs else None))
+        return outputs
+
+    def _process_token(self, seq: Sequence, token_id: int) -> str:
+        """Detokenise, apply the stop conditions (sets seq.finish_reason) and return the text to emit."""
+        params = seq.params
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+            seq.finish_reason = "stop"  # the stop token's own text is not part of the output
+        else:
+            delta = self._detokenize(seq)
+            seq.output_text += delta
+            if params.stop and delta:
+                start = max(0, len(seq.output_text) - len(delta) - max(map(len, params.stop)) + 1)
+                hits = [i for i in (seq.output_text.find(s, start) for s in params.stop) if i >= 0]
+                if hits:
+                    seq.output_text = seq.output_text[: min(hits)]
+                    seq.finish_reason = "stop"
+        if not seq.finish_reason and (
+            seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len
+        ):
+            seq.finish_reason = "length"
+        # While running, hold back text that could be the start of a stop string.
+        hold = 0 if seq.finish_reason or not params.stop else max(map(len, params.stop)) - 1
+        end = max(seq.num_emitted_chars, len(seq.output_text) - hold)
+        new_text = seq.output_text[seq.num_emitted_chars: end]
+        seq.num_emitted_chars = end
+        return new_text
+
+    def _detokenize(self, seq: Sequence) -> str:
+        """Text added by the newest token; waits while the bytes decode to an incomplete character."""
+        ids = seq.token_ids
+        before = self.tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            return after[len(before):]
+        return ""
+
+    @staticmethod
+    def _output(seq: Sequence, token_ids: list[int], text: str, logprobs) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=token_ids,
+            new_text=text,
+            finished=seq.finish_reason is not None,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            logprobs=logprobs,
+        )
+
+    # --- weights and memory -------------------------------------------------------------------------
+    def load_weights(self, model: str, revision: str | None = None) -> None:
+        """All ranks reload from disk; running requests are recomputed with the new weights."""
+        self.runner.call("load_weights", model, revision)
+        self.scheduler.preempt_all()
+
+    def update_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Full HF-named tensors; every rank keeps its slice (the same loaders as disk loading)."""
+        self.runner.call("load_named_tensors", [(name, t.detach().cpu()) for name, t in named_tensors])
+        self.scheduler.preempt_all()
+
+    def sleep(self) -> None:
+        """Free the KV cache and offload weights; running requests resume (recomputed) after wake_up."""
+        self.scheduler.preempt_all()
+        self.runner.call("sleep")
+
+    def wake_up(self) -> None:
+        self.runner.call("wake_up")
+
+    def shutdown(self) -> None:
+        self.runner.call("shutdown")

@@ -1,0 +1,140 @@
+"""One implementation of LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (GQA, tied embeddings)."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMetadata
+from .layers import (
+    Attention,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+# Hugging Face checkpoint name -> (our fused parameter, shard id)
+PACKED_WEIGHTS = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def head_dim_of(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, cfg, rotary: RotaryEmbedding):
+        super().__init__()
+        head_dim = head_dim_of(cfg)
+        qwen2 = cfg.model_type == "qwen2"  # Qwen2: bias on q/k/v only; Llama: attention_bias on all four
+        attention_bias = bool(getattr(cfg, "attention_bias", False))
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, bias=qwen2 or attention_bias
+        )
+        self.q_size = self.qkv_proj.num_heads * head_dim
+        self.kv_size = self.qkv_proj.num_kv_heads * head_dim
+        self.o_proj = RowParallelLinear(
+            cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=attention_bias and not qwen2
+        )
+        self.rotary = rotary
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim)
+
+    def forward(self, positions, hidden, meta: AttentionMetadata):
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary(positions, q.view(len(q), -1, self.attn.head_dim), k.view(len(k), -1, self.attn.head_dim))
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only silu)")
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, rotary: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = DecoderAttention(cfg, rotary)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, positions, hidden, meta):
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg, max_positions: int):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+        rotary = RotaryEmbedding(cfg, head_dim_of(cfg), max_positions)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, positions, meta):
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden, meta)
+        return self.norm(hidden)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg, max_positions: int):
+        super().__init__()
+        architecture = (getattr(cfg, "architectures", None) or ["LlamaForCausalLM"])[0]
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"architecture {architecture!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.model = DecoderModel(cfg, max_positions)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Full-vocabulary logits on rank 0, None on other ranks."""
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        """Load HF-named full tensors or safetensors slices; returns the names of the parameters written."""
+        params = dict(self.named_parameters())
+        loaded_params = set()
+        for name, loaded in weights:
+            if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            shard_id = None
+            for hf_part, (our_part, shard) in PACKED_WEIGHTS.items():
+                if f".{hf_part}." in name:
+                    name, shard_id = name.replace(hf_part, our_part), shard
+                    break
+            if name not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no matching parameter in the model")
+            param = params[name]
+            param.weight_loader(param, loaded, shard_id)
+            loaded_params.add(name)
+        return loaded_params

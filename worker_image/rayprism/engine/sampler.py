@@ -1,0 +1,75 @@
+"""Sampling on the device: greedy, temperature, top-k, top-p, per-request seeded generators, logprobs."""
+from __future__ import annotations
+
+import torch
+
+from .sequence import Sequence
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int):
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # for requests without a seed
+
+    def generator_for(self, seq: Sequence) -> torch.Generator:
+        if seq.params.seed is None:
+            return self.generator
+        if seq.generator is None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+        return seq.generator
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict] | None]:
+        """logits: [batch, vocab] for the last token of each sequence. Returns (token ids, logprobs or None)."""
+        logits = logits.float()
+        params = [s.params for s in seqs]
+        greedy = logits.argmax(dim=-1)
+        sampled = greedy
+        if any(p.temperature > 0 for p in params):
+            temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
+            probs = self._filter(logits / temps[:, None], params).softmax(dim=-1)
+            # Exponential race (argmax of p / Exp(1)) draws from probs; each row uses its own generator
+            # so a seeded request gets the same tokens whatever else is in the batch.
+            noise = torch.empty_like(probs)
+            for row, seq in enumerate(seqs):
+                noise[row].exponential_(generator=self.generator_for(seq))
+            is_greedy = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
+            sampled = torch.where(is_greedy, greedy, (probs / noise).argmax(dim=-1))
+        token_ids = sampled.tolist()
+        if all(p.logprobs is None for p in params):
+            return token_ids, None
+        return token_ids, self._logprobs(logits, token_ids, params)
+
+    @staticmethod
+    def _filter(logits: torch.Tensor, params) -> torch.Tensor:
+        """Mask logits outside each row's top-k and top-p nucleus."""
+        top_ks = [p.top_k for p in params]
+        top_ps = [p.top_p for p in params]
+        if not any(top_ks) and all(p == 1.0 for p in top_ps):
+            return logits
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+        k = torch.tensor([k or logits.shape[-1] for k in top_ks], device=logits.device)[:, None]
+        drop = ranks >= k
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always survives
+        drop |= mass_before >= torch.tensor(top_ps, device=logits.device)[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, token_ids: list[int], params) -> list[dict | None]:
+        logprobs = logits.log_softmax(dim=-1)
+        max_k = max(p.logprobs or 0 for p in params)
+        top_values, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (None, None)
+        chosen = logprobs.gather(-1, torch.tensor(token_ids, device=logits.device)[:, None]).squeeze(-1).tolist()
+        out = []
+        for row, p in enumerate(params):
+            if p.logprobs is None:
+                out.append(None)
+                continue
+            top = {}
+            if p.logprobs:
+                top = dict(zip(top_ids[row, : p.logprobs].tolist(), top_values[row, : p.logprobs].tolist()))
+            out.append({"token_id": token_ids[row], "logprob": chosen[row], "top": top})
+        return out

@@ -1,0 +1,77 @@
+"""Continuous batching: prefill waiting sequences when they fit, otherwise decode every running one.
+
+When the KV pool runs out during decode, the newest running sequences are preempted: their blocks are
+freed and they go back to the front of the queue, to be recomputed (prompt + tokens so far) later.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+class Scheduler:
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager):
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Return (sequences to run, is_prefill)."""
+        prefill, num_tokens = [], 0
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if num_tokens + len(seq) > self.max_num_batched_tokens or not self.block_manager.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            prefill.append(seq)
+            num_tokens += len(seq)
+        if prefill:
+            return prefill, True
+        decode = []
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted below to make room for an older sequence
+            while not self.block_manager.can_allocate(seq) and self.running[-1] is not seq:
+                self._preempt(self.running[-1])
+                self.num_preemptions += 1
+            if not self.block_manager.can_allocate(seq):
+                self._preempt(seq)  # the newest left: wait until older sequences finish
+                self.num_preemptions += 1
+                continue
+            self.block_manager.allocate(seq)
+            decode.append(seq)
+        return decode, False
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def preempt_all(self) -> None:
+        """Send every running sequence back to be recomputed (after new weights, or to free the KV cache)."""
+        for seq in reversed(list(self.running)):
+            self._preempt(seq)
