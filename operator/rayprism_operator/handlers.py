@@ -1,0 +1,48 @@
+"""kopf handlers: they only wake the reconcile of the InferenceDeployment concerned.
+
+No finalizer is added (no daemons, timers or deletion handlers): the RayClusters, the Service and the
+admin Secret carry ownerReferences, so Kubernetes' garbage collector removes them.
+
+Two operator replicas: kopf's peering (`--peering NAME`, the default unless `--standalone`) pauses the
+watches of every replica but the one with the highest priority, so only it receives events.
+"""
+
+from __future__ import annotations
+
+import kopf
+
+from . import api, render
+from .kube import KubeClient
+from .reconciler import Reconciler, Settings
+from .weights import WeightsClient
+from .workqueue import WorkQueue
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **_) -> None:
+    settings.posting.level = 20  # INFO: Normal events (every scale and rollout step) are posted too
+    info = kopf.login_via_client(logger=logger, settings=settings)
+    if info is None:
+        raise kopf.PermanentError("no Kubernetes credentials: set KUBECONFIG or run in a cluster")
+    memo.kube = KubeClient(info)
+    memo.weights = WeightsClient()
+    memo.queue = WorkQueue(Reconciler(memo.kube, memo.weights, Settings.from_env()).reconcile)
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_) -> None:
+    await memo.queue.close()
+    await memo.kube.close()
+    await memo.weights.close()
+
+
+@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+async def deployment_changed(namespace: str, name: str, memo: kopf.Memo, **_) -> None:
+    memo.queue.wake((namespace, name))
+
+
+@kopf.on.event("ray.io", "v1", "rayclusters", labels={render.LABEL_NAME: "rayprism"})
+async def replica_changed(namespace: str, labels: dict, memo: kopf.Memo, **_) -> None:
+    """A replica's status (readiness) or existence changed: its InferenceDeployment decides what next."""
+    if deployment := labels.get(render.LABEL_DEPLOYMENT):
+        memo.queue.wake((namespace, deployment))

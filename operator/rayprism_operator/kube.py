@@ -1,0 +1,117 @@
+"""A small async Kubernetes REST client for the reconciler, on the credentials kopf logs in with.
+
+kopf's own client is private API, and the `kubernetes` package is synchronous; the reconciler needs
+only get, list, create, merge-patch and delete, with retries on transient errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any
+
+import aiohttp
+import kopf
+
+from . import api
+
+logger = logging.getLogger(__name__)
+
+# (group/version prefix, plural) of everything the operator touches.
+INFERENCE_DEPLOYMENTS = (f"/apis/{api.GROUP}/{api.VERSION}", api.PLURAL)
+RAYCLUSTERS = ("/apis/ray.io/v1", "rayclusters")
+SERVICES = ("/api/v1", "services")
+SECRETS = ("/api/v1", "secrets")
+
+TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
+RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class NotFound(ApiError):
+    pass
+
+
+class Conflict(ApiError):
+    pass
+
+
+def _path(resource: tuple[str, str], namespace: str, name: str | None = None, sub: str | None = None) -> str:
+    prefix, plural = resource
+    return "/".join(p for p in (f"{prefix}/namespaces/{namespace}/{plural}", name, sub) if p)
+
+
+def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
+    if info.insecure:
+        return False
+    context = ssl.create_default_context(
+        cafile=info.ca_path, cadata=info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data)
+    if info.certificate_path and info.private_key_path:
+        context.load_cert_chain(info.certificate_path, info.private_key_path)
+    return context
+
+
+class KubeClient:
+    def __init__(self, info: kopf.ConnectionInfo):
+        headers = {}
+        if info.token:
+            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
+        auth = aiohttp.BasicAuth(info.username, info.password or "") if info.username else None
+        self._session = aiohttp.ClientSession(
+            base_url=info.server.rstrip("/") + "/", headers=headers, auth=auth,
+            connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=64),
+            timeout=aiohttp.ClientTimeout(total=30))
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def request(self, method: str, path: str, body: Any = None, params: dict | None = None) -> Any:
+        headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else None
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                async with self._session.request(method, path.lstrip("/"), json=body, params=params,
+                                                 headers=headers) as response:
+                    if response.status < 300:
+                        return await response.json()
+                    text = await response.text()
+                    if response.status == 404:
+                        raise NotFound(404, text)
+                    if response.status == 409:
+                        raise Conflict(409, text)
+                    if response.status not in TRANSIENT_STATUSES or delay is None:
+                        raise ApiError(response.status, text)
+                    logger.info("%s %s: HTTP %s, retrying in %ss", method, path, response.status, delay)
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                if delay is None:
+                    raise
+                logger.info("%s %s: %r, retrying in %ss", method, path, e, delay)
+            await asyncio.sleep(delay)
+
+    async def get(self, resource: tuple[str, str], namespace: str, name: str) -> dict:
+        return await self.request("GET", _path(resource, namespace, name))
+
+    async def list(self, resource: tuple[str, str], namespace: str, labels: dict[str, str]) -> list[dict]:
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        items = (await self.request("GET", _path(resource, namespace), params={"labelSelector": selector}))["items"]
+        # Filtered here too: a selector is only a hint to servers that may ignore it (emulators do).
+        return [i for i in items if labels.items() <= (i.get("metadata", {}).get("labels") or {}).items()]
+
+    async def create(self, resource: tuple[str, str], namespace: str, body: dict) -> dict:
+        return await self.request("POST", _path(resource, namespace), body)
+
+    async def patch(self, resource: tuple[str, str], namespace: str, name: str, body: dict,
+                    subresource: str | None = None) -> dict:
+        return await self.request("PATCH", _path(resource, namespace, name, subresource), body)
+
+    async def delete(self, resource: tuple[str, str], namespace: str, name: str) -> None:
+        try:
+            # Background: the API server's garbage collector removes the RayCluster's pods.
+            await self.request("DELETE", _path(resource, namespace, name), {"propagationPolicy": "Background"})
+        except NotFound:
+            pass  # already gone: what we wanted

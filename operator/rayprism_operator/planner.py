@@ -1,0 +1,291 @@
+"""The rollout planner: from what exists to what should change. Pure: no I/O, no clock, no randomness.
+
+It plays the Deployment controller for replicas that are whole RayClusters. Every call looks at the
+observed state only (the InferenceDeployment, its RayClusters with their labels, annotations and
+status, and what the replicas' admin API said), so an operator that restarts resumes where it was.
+
+One pass, in this order, keeps both rollout bounds at every moment (deletions are applied before
+creations): never more than `replicas + maxSurge` RayClusters, never fewer than
+`replicas - maxUnavailable` available ones (except where a not-ready replica is removed: it serves
+nothing).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from .api import InferenceDeploymentSpec
+
+# How often in-flight weight loads are polled when nothing else wakes the reconcile.
+DEFAULT_WEIGHTS_POLL_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class WeightsReport:
+    """What a replica's GET /admin/v1/weights answered."""
+
+    revision: str | None
+    state: str  # ready | loading | failed
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One RayCluster as the planner sees it."""
+
+    name: str
+    revision: str  # the rayprism.dev/revision label
+    created: datetime
+    ready: bool  # HeadPodReady and every worker ready
+    ready_since: datetime | None = None
+    terminating: bool = False  # deletionTimestamp set: still counts toward the surge bound
+    weights_revision: str | None = None  # model.revision the replica has loaded (annotation)
+    weights_target: str | None = None  # revision of an in-flight in-place load (annotation)
+    weights_started: datetime | None = None  # when that load was asked for (annotation)
+    weights_failed: str | None = None  # revision whose in-place load failed (annotation)
+    admin: WeightsReport | None = None  # polled only while a load is in flight; None: no answer
+
+
+@dataclass(frozen=True)
+class Observed:
+    spec: InferenceDeploymentSpec
+    update_revision: str  # revision_hash of the spec
+    generation: int | None
+    replicas: list[Replica]
+    conditions: list[dict]  # the current status.conditions (to keep transition times)
+    endpoint: str
+    selector: str
+    now: datetime
+    weights_poll_seconds: float = DEFAULT_WEIGHTS_POLL_SECONDS
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    create: int = 0  # new replicas of the update revision
+    delete: list[str] = field(default_factory=list)
+    start_weight_updates: list[str] = field(default_factory=list)
+    finish_weight_updates: list[str] = field(default_factory=list)  # loaded: record the revision
+    fail_weight_updates: list[str] = field(default_factory=list)  # failed or timed out: replace
+    status: dict = field(default_factory=dict)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None  # seconds until something time-based may change
+
+
+def _by_created(replicas: list[Replica], newest_first: bool = False) -> list[Replica]:
+    return sorted(replicas, key=lambda r: (r.created, r.name), reverse=newest_first)
+
+
+def _removal_order(replicas: list[Replica]) -> list[Replica]:
+    """Scale-down order: not-ready replicas first, then the newest."""
+    return sorted(_by_created(replicas, newest_first=True), key=lambda r: r.ready)
+
+
+def plan(obs: Observed) -> Plan:
+    spec, rollout = obs.spec, obs.spec.rollout
+    want, target_weights = spec.replicas, spec.model.revision
+    in_place = rollout.weight_update == "InPlace"
+    out = Plan()
+
+    live = [r for r in obs.replicas if not r.terminating]
+    terminating = [r for r in obs.replicas if r.terminating]
+    current = [r for r in live if r.revision == obs.update_revision]
+    outdated = [r for r in live if r.revision != obs.update_revision]
+
+    # Weights of current-revision replicas (only InPlace leaves them behind the spec).
+    failed: set[str] = set()
+    loading: set[str] = set()
+    stale: list[Replica] = []
+    if in_place:
+        for r in current:
+            if r.weights_revision == target_weights:
+                continue
+            if r.weights_failed is not None and r.weights_failed == target_weights:
+                failed.add(r.name)
+            elif r.weights_target == target_weights:
+                report = r.admin
+                started = r.weights_started or obs.now
+                if report and report.state == "ready" and report.revision == target_weights:
+                    out.finish_weight_updates.append(r.name)
+                    out.events.append(Event("Normal", "WeightsUpdated",
+                                            f"Replica {r.name} loaded weights revision {target_weights}"))
+                elif report and report.state == "failed":
+                    failed.add(r.name)
+                    out.fail_weight_updates.append(r.name)
+                    out.events.append(Event("Warning", "WeightUpdateFailed",
+                                            f"Replica {r.name} failed to load weights revision "
+                                            f"{target_weights}: {report.error}; replacing it"))
+                elif (obs.now - started).total_seconds() >= rollout.weight_update_timeout_seconds:
+                    failed.add(r.name)
+                    out.fail_weight_updates.append(r.name)
+                    out.events.append(Event("Warning", "WeightUpdateFailed",
+                                            f"Replica {r.name} did not load weights revision {target_weights} "
+                                            f"within {rollout.weight_update_timeout_seconds}s; replacing it"))
+                else:
+                    loading.add(r.name)
+            elif rollout.max_unavailable == 0:
+                # No replica may go unavailable, so an in-place load is never allowed: replace instead.
+                failed.add(r.name)
+            else:
+                stale.append(r)
+    finished = set(out.finish_weight_updates)
+    # Replicas that will be replaced: another revision, or weights that cannot be loaded in place.
+    outdated += [r for r in current if r.name in failed]
+    current = [r for r in current if r.name not in failed]
+
+    def available(r: Replica) -> bool:
+        return r.ready and r.name not in loading
+
+    # 1. Scale the current revision down to spec.replicas: not-ready first, then the newest.
+    excess = max(0, len(current) - want)
+    if excess:
+        for r in _removal_order(current)[:excess]:
+            out.delete.append(r.name)
+        current = [r for r in current if r.name not in out.delete]
+        stale = [r for r in stale if r.name not in out.delete]
+
+    # 2. Replace outdated replicas.
+    min_available = want - rollout.max_unavailable
+    recreating = rollout.strategy == "Recreate" and bool(outdated)
+    if recreating:
+        out.delete += [r.name for r in outdated]
+        outdated = []
+    else:
+        # Not-ready outdated replicas serve nothing: remove them at once (this also supersedes a
+        # rollout that an edit interrupted: its starting replicas go first).
+        out.delete += [r.name for r in outdated if not r.ready]
+        outdated = [r for r in outdated if r.ready]
+        spare = sum(available(r) for r in current + outdated) - min_available
+        for r in _by_created(outdated)[: max(0, spare)]:
+            out.delete.append(r.name)
+        outdated = [r for r in outdated if r.name not in out.delete]
+
+    # 3. Start in-place weight loads, at most maxUnavailable at a time and within the availability bound.
+    if stale:
+        spare = sum(available(r) for r in current + outdated) - min_available
+        budget = min(rollout.max_unavailable - len(loading), spare)
+        for r in _by_created([r for r in stale if r.ready])[: max(0, budget)]:
+            out.start_weight_updates.append(r.name)
+            loading.add(r.name)
+            out.events.append(Event("Normal", "WeightUpdateStarted",
+                                    f"Asked replica {r.name} to load weights revision {target_weights}"))
+
+    # 4. Create replicas of the update revision, within replicas + maxSurge RayClusters.
+    # Recreate: nothing new until every old replica is gone (the deletions' watch events wake us).
+    blocked_by_recreate = recreating or (rollout.strategy == "Recreate" and any(
+        r.revision != obs.update_revision for r in terminating))
+    total = len(current) + len(outdated) + len(terminating)
+    if not blocked_by_recreate:
+        out.create = max(0, min(want - len(current), want + rollout.max_surge - total))
+
+    deleted = set(out.delete)
+    for name in out.delete:
+        out.events.append(Event("Normal", "ReplicaDeleted", f"Deleted replica {name}"))
+    if out.create:
+        out.events.append(Event("Normal", "ReplicasCreated",
+                                f"Creating {out.create} replica(s) of revision {obs.update_revision}"))
+
+    # Status, from what exists after this pass's deletions (creations show up on the next pass).
+    remaining = [r for r in live if r.name not in deleted]
+
+    def weights_current(r: Replica) -> bool:
+        return not in_place or r.weights_revision == target_weights or r.name in finished
+
+    updated = [r for r in current if r.name not in deleted and weights_current(r)]
+    ready = [r for r in remaining if r.ready]
+    available_now = [r for r in updated if r.ready and r.name not in loading]
+    serving = Counter(r.revision for r in ready)
+    weights = {r.weights_revision if r.name not in finished else target_weights for r in ready}
+    complete = len(available_now) == want and len(remaining) + len(terminating) == want
+
+    progress = _last_progress(obs, loading)
+    deadline_passed = (not complete and progress is not None
+                       and (obs.now - progress).total_seconds() > rollout.progress_deadline_seconds)
+    if complete:
+        progressing = ("True", "NewRevisionAvailable", f"Revision {obs.update_revision} is available")
+    elif deadline_passed:
+        progressing = ("False", "ProgressDeadlineExceeded",
+                       f"Rollout to revision {obs.update_revision} made no progress for "
+                       f"{rollout.progress_deadline_seconds}s")
+    else:
+        progressing = ("True", "RolloutInProgress",
+                       f"{len(available_now)} of {want} replicas of revision {obs.update_revision} available")
+    ready_enough = sum(available(r) for r in remaining) >= min_available
+    availability = (("True", "MinimumReplicasAvailable", f"{len(ready)} of {want} replicas ready")
+                    if ready_enough else
+                    ("False", "MinimumReplicasUnavailable", f"{len(ready)} of {want} replicas ready"))
+    degraded = (("True", "WeightUpdateFailed", "Some replicas failed to load new weights and are being replaced")
+                if failed and in_place and rollout.max_unavailable > 0 else
+                ("False", "ReconcileSucceeded", ""))
+
+    conditions = set_conditions(obs.conditions, obs.now, obs.generation, {
+        "Available": availability, "Progressing": progressing, "Degraded": degraded})
+    previous = {c["type"]: c for c in obs.conditions}
+    if progressing[1] == "ProgressDeadlineExceeded" and previous.get("Progressing", {}).get("reason") != progressing[1]:
+        out.events.append(Event("Warning", "ProgressDeadlineExceeded", progressing[2]))
+    if complete and previous.get("Progressing", {}).get("reason") != "NewRevisionAvailable":
+        out.events.append(Event("Normal", "RolloutComplete", progressing[2]))
+
+    out.status = {
+        "observedGeneration": obs.generation,
+        "replicas": len(remaining) + len(terminating),
+        "readyReplicas": len(ready),
+        "updatedReplicas": len(updated),
+        "availableReplicas": len(available_now),
+        "currentRevision": serving.most_common(1)[0][0] if serving else obs.update_revision,
+        "updateRevision": obs.update_revision,
+        "weightsRevision": weights.pop() if len(weights) == 1 else None,
+        "selector": obs.selector,
+        "endpoint": obs.endpoint,
+        "conditions": conditions,
+    }
+
+    # Wake up again for what no watch event announces: polling loads, and the progress deadline.
+    waits = []
+    if loading:
+        waits.append(obs.weights_poll_seconds)
+    if not complete and progress is not None and not deadline_passed:
+        waits.append(rollout.progress_deadline_seconds - (obs.now - progress).total_seconds() + 0.1)
+    for name in loading:
+        r = next(r for r in obs.replicas if r.name == name)
+        started = r.weights_started or obs.now
+        waits.append(rollout.weight_update_timeout_seconds - (obs.now - started).total_seconds() + 0.1)
+    out.requeue_after = max(0.1, min(waits)) if waits else None
+    return out
+
+
+def _last_progress(obs: Observed, loading: set[str]) -> datetime | None:
+    """When the rollout last moved: a replica of the update revision was created, became ready, or
+    started loading weights. None when there is nothing of the update revision yet to wait for."""
+    times = []
+    for r in obs.replicas:
+        if r.revision != obs.update_revision or r.terminating:
+            continue
+        times.append(r.created)
+        if r.ready_since is not None:
+            times.append(r.ready_since)
+        if r.weights_started is not None:
+            times.append(r.weights_started)
+    return max(times) if times else None
+
+
+def set_conditions(previous: list[dict], now: datetime, generation: int | None,
+                   wanted: dict[str, tuple[str, str, str]]) -> list[dict]:
+    """Conditions with lastTransitionTime kept where the status did not change."""
+    old = {c.get("type"): c for c in previous}
+    stamp = now.isoformat().replace("+00:00", "Z")
+    out = []
+    for type_, (status, reason, message) in wanted.items():
+        before = old.get(type_)
+        since = before.get("lastTransitionTime") if before and before.get("status") == status else stamp
+        out.append({"type": type_, "status": status, "reason": reason, "message": message,
+                    "lastTransitionTime": since, "observedGeneration": generation})
+    return out

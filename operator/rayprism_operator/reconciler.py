@@ -1,0 +1,225 @@
+"""One reconcile of one InferenceDeployment: read the cluster, ask the planner, apply the difference.
+
+All rollout state lives in the cluster (labels and annotations of the RayClusters, the status of the
+InferenceDeployment), so any reconcile, including the first one after a restart, starts from scratch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import secrets
+import string
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import kopf
+
+from . import api, planner, render
+from .kube import INFERENCE_DEPLOYMENTS, RAYCLUSTERS, SECRETS, SERVICES, Conflict, KubeClient, NotFound
+from .weights import WeightsClient, admin_url
+
+logger = logging.getLogger(__name__)
+
+ANNOTATION_WEIGHTS_TARGET = f"{api.GROUP}/weights-target"  # revision being loaded in place
+ANNOTATION_WEIGHTS_STARTED = f"{api.GROUP}/weights-started"  # when that load was asked for
+ANNOTATION_WEIGHTS_FAILED = f"{api.GROUP}/weights-failed"  # revision whose load failed: replace
+SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
+
+
+class Gone(Exception):
+    """The InferenceDeployment no longer exists: nothing left to reconcile."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Operator-wide settings, from the environment (the Helm chart sets them)."""
+
+    options: render.RenderOptions = render.RenderOptions()
+    weights_poll_seconds: float = planner.DEFAULT_WEIGHTS_POLL_SECONDS
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            options=render.RenderOptions(
+                default_image=os.environ.get("RAYPRISM_DEFAULT_WORKER_IMAGE", render.DEFAULT_WORKER_IMAGE)),
+            weights_poll_seconds=float(os.environ.get("RAYPRISM_WEIGHTS_POLL_SECONDS",
+                                                      planner.DEFAULT_WEIGHTS_POLL_SECONDS)),
+        )
+
+
+def _time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def _stamp(t: datetime) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
+def is_ready(raycluster: dict) -> bool:
+    """KubeRay's view: the head pod is ready (its probe is the server's /health) and every worker is."""
+    status = raycluster.get("status") or {}
+    head = next((c for c in status.get("conditions") or [] if c.get("type") == "HeadPodReady"), {})
+    # KubeRay omits zero counts (omitempty), hence the defaults.
+    return head.get("status") == "True" and status.get("readyWorkerReplicas", 0) == status.get(
+        "desiredWorkerReplicas", 0)
+
+
+def observe(raycluster: dict, now: datetime, report: planner.WeightsReport | None = None) -> planner.Replica:
+    meta = raycluster["metadata"]
+    annotations = meta.get("annotations") or {}
+    status = raycluster.get("status") or {}
+    head = next((c for c in status.get("conditions") or [] if c.get("type") == "HeadPodReady"), {})
+    return planner.Replica(
+        name=meta["name"],
+        revision=(meta.get("labels") or {}).get(render.LABEL_REVISION, ""),
+        created=_time(meta.get("creationTimestamp")) or now,
+        ready=is_ready(raycluster) and not meta.get("deletionTimestamp"),
+        ready_since=_time(head.get("lastTransitionTime")) if head.get("status") == "True" else None,
+        terminating=bool(meta.get("deletionTimestamp")),
+        weights_revision=annotations.get(render.ANNOTATION_WEIGHTS_REVISION) or None,
+        weights_target=annotations.get(ANNOTATION_WEIGHTS_TARGET),
+        weights_started=_time(annotations.get(ANNOTATION_WEIGHTS_STARTED)),
+        weights_failed=annotations.get(ANNOTATION_WEIGHTS_FAILED),
+        admin=report,
+    )
+
+
+class Reconciler:
+    def __init__(self, kube: KubeClient, weights: WeightsClient, settings: Settings):
+        self.kube, self.weights, self.settings = kube, weights, settings
+
+    async def reconcile(self, namespace: str, name: str) -> float | None:
+        """Bring one InferenceDeployment closer to its spec; returns when to look again (seconds)."""
+        try:
+            body = await self.kube.get(INFERENCE_DEPLOYMENTS, namespace, name)
+        except NotFound:
+            raise Gone() from None
+        meta = body["metadata"]
+        if meta.get("deletionTimestamp"):
+            return None  # the garbage collector removes the children through their ownerReferences
+        body = {**body, "metadata": {**meta, "namespace": namespace}}
+        now = datetime.now(timezone.utc)
+        try:
+            infd = api.parse_inference_deployment({
+                "apiVersion": body.get("apiVersion", api.API_VERSION), "kind": body.get("kind", api.KIND),
+                "metadata": {"name": name, "namespace": namespace, "uid": meta.get("uid"),
+                             "generation": meta.get("generation")},
+                "spec": body.get("spec")})
+        except api.SpecError as e:
+            await self._report_invalid(body, str(e), now)
+            return None
+
+        token = await self._admin_token(infd)
+        await self._ensure_service(infd)
+        revision = render.revision_hash(infd.spec, self.settings.options)
+        children = await self.kube.list(RAYCLUSTERS, namespace, render.selector_labels(name))
+        uid = infd.metadata.uid
+        children = [c for c in children if not uid or any(
+            o.get("uid") == uid for o in c["metadata"].get("ownerReferences") or [])]
+
+        # Poll the replicas whose weights are loading (only InPlace rollouts have any).
+        target = infd.spec.model.revision
+        loading = [c for c in children
+                   if (c["metadata"].get("annotations") or {}).get(ANNOTATION_WEIGHTS_TARGET) == target
+                   and target is not None and c["metadata"].get("labels", {}).get(render.LABEL_REVISION) == revision]
+        reports = await asyncio.gather(*(self.weights.poll(admin_url(c), token, target) for c in loading))
+        by_name = {c["metadata"]["name"]: r for c, r in zip(loading, reports)}
+        replicas = [observe(c, now, by_name.get(c["metadata"]["name"])) for c in children]
+
+        plan = planner.plan(planner.Observed(
+            spec=infd.spec, update_revision=revision, generation=infd.metadata.generation,
+            replicas=replicas, conditions=(body.get("status") or {}).get("conditions") or [],
+            endpoint=render.endpoint_url(infd), selector=render.head_pod_selector(name), now=now,
+            weights_poll_seconds=self.settings.weights_poll_seconds))
+        for event in plan.events:
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+        annotate = lambda replica, values: self.kube.patch(  # noqa: E731
+            RAYCLUSTERS, namespace, replica, {"metadata": {"annotations": values}})
+        for replica in plan.finish_weight_updates:
+            await annotate(replica, {render.ANNOTATION_WEIGHTS_REVISION: target,
+                                     ANNOTATION_WEIGHTS_TARGET: None, ANNOTATION_WEIGHTS_STARTED: None})
+        for replica in plan.fail_weight_updates:
+            await annotate(replica, {ANNOTATION_WEIGHTS_FAILED: target})
+        for replica in plan.delete:
+            await self.kube.delete(RAYCLUSTERS, namespace, replica)
+        for replica in plan.start_weight_updates:
+            # Recorded before asking, so that a restart in between polls (and re-asks) the replica.
+            await annotate(replica, {ANNOTATION_WEIGHTS_TARGET: target, ANNOTATION_WEIGHTS_STARTED: _stamp(now)})
+            child = next(c for c in children if c["metadata"]["name"] == replica)
+            if not await self.weights.request_load(admin_url(child), token, target):
+                await annotate(replica, {ANNOTATION_WEIGHTS_FAILED: target})
+                kopf.event(body, type="Warning", reason="WeightUpdateFailed",
+                           message=f"Replica {replica} refused to load weights revision {target}; replacing it")
+        for _ in range(plan.create):
+            await self._create_replica(infd, revision)
+
+        current = body.get("status") or {}
+        changes = {k: v for k, v in plan.status.items() if current.get(k) != v}
+        if changes:
+            await self.kube.patch(INFERENCE_DEPLOYMENTS, namespace, name, {"status": changes}, subresource="status")
+        return plan.requeue_after
+
+    async def _create_replica(self, infd: api.InferenceDeployment, revision: str) -> None:
+        for _ in range(3):  # a suffix already taken is a 409: draw another
+            suffix = "".join(secrets.choice(SUFFIX_ALPHABET) for _ in range(5))
+            try:
+                await self.kube.create(RAYCLUSTERS, infd.metadata.namespace,
+                                       render.render_raycluster(infd, revision, suffix, self.settings.options))
+                return
+            except Conflict:
+                continue
+        raise RuntimeError(f"could not find a free replica name for {infd.metadata.name}")
+
+    async def _admin_token(self, infd: api.InferenceDeployment) -> str:
+        """The replicas' admin token: generated once, then always read back from the Secret."""
+        namespace, name = infd.metadata.namespace, render.admin_secret_name(infd.metadata.name)
+        try:
+            secret = await self.kube.get(SECRETS, namespace, name)
+        except NotFound:
+            try:
+                secret = await self.kube.create(
+                    SECRETS, namespace, render.render_admin_secret(infd, secrets.token_urlsafe(32)))
+            except Conflict:
+                secret = await self.kube.get(SECRETS, namespace, name)
+        return base64.b64decode(secret["data"][render.ADMIN_TOKEN_KEY]).decode()
+
+    async def _ensure_service(self, infd: api.InferenceDeployment) -> None:
+        desired = render.render_service(infd)
+        namespace, name = infd.metadata.namespace, desired["metadata"]["name"]
+        try:
+            existing = await self.kube.get(SERVICES, namespace, name)
+        except NotFound:
+            try:
+                await self.kube.create(SERVICES, namespace, desired)
+            except Conflict:
+                pass  # created meanwhile; the next reconcile compares it
+            return
+        spec, wanted = existing.get("spec") or {}, desired["spec"]
+
+        def ports(s: dict) -> list:  # the API server fills in more (nodePort, ...): compare ours only
+            return [(p.get("name"), p.get("port"), p.get("targetPort")) for p in s.get("ports") or []]
+
+        if (spec.get("type"), spec.get("selector"), ports(spec)) != (wanted["type"], wanted["selector"], ports(wanted)):
+            await self.kube.patch(SERVICES, namespace, name, {"spec": wanted})
+
+    async def _report_invalid(self, body: dict, message: str, now: datetime) -> None:
+        status = body.get("status") or {}
+        conditions = status.get("conditions") or []
+        degraded = next((c for c in conditions if c.get("type") == "Degraded"), {})
+        generation = body["metadata"].get("generation")
+        if degraded.get("reason") == "InvalidSpec" and degraded.get("message") == message \
+                and status.get("observedGeneration") == generation:
+            return  # already reported
+        kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+        others = [c for c in conditions if c.get("type") != "Degraded"]
+        new = planner.set_conditions(conditions, now, generation, {"Degraded": ("True", "InvalidSpec", message)})
+        await self.kube.patch(INFERENCE_DEPLOYMENTS, body["metadata"]["namespace"], body["metadata"]["name"],
+                              {"status": {"observedGeneration": generation, "conditions": others + new}},
+                              subresource="status")

@@ -1,0 +1,65 @@
+"""Client of a replica's admin weights API (contract: GET/POST /admin/v1/weights, bearer token)."""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+
+from . import render
+from .planner import WeightsReport
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+def admin_url(raycluster: dict) -> str:
+    """The head pod's IP when KubeRay reports it, else KubeRay's head Service."""
+    pod_ip = ((raycluster.get("status") or {}).get("head") or {}).get("podIP")
+    if pod_ip:
+        return f"http://{pod_ip}:{render.SERVER_PORT}"
+    meta = raycluster["metadata"]
+    return render.head_service_url(meta["name"], meta["namespace"])
+
+
+class WeightsClient:
+    def __init__(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=TIMEOUT)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def request_load(self, base_url: str, token: str, revision: str) -> bool:
+        """POST the new revision. True when the replica accepted it (or is already busy loading)."""
+        try:
+            async with self._session.post(f"{base_url}/admin/v1/weights", json={"revision": revision},
+                                          headers={"Authorization": f"Bearer {token}"}) as response:
+                if response.status in (200, 202, 409):  # 409: a load is in progress; poll it
+                    return True
+                logger.warning("POST %s/admin/v1/weights: HTTP %s %s", base_url, response.status,
+                               await response.text())
+                return False
+        except (aiohttp.ClientError, TimeoutError) as e:
+            logger.warning("POST %s/admin/v1/weights: %r", base_url, e)
+            return False
+
+    async def poll(self, base_url: str, token: str, revision: str) -> WeightsReport | None:
+        """What the replica has loaded; asks again for `revision` if the replica is not loading it
+        (the first request may have been lost, e.g. when the operator restarted in between).
+        None when the replica does not answer."""
+        try:
+            async with self._session.get(f"{base_url}/admin/v1/weights",
+                                         headers={"Authorization": f"Bearer {token}"}) as response:
+                if response.status != 200:
+                    logger.warning("GET %s/admin/v1/weights: HTTP %s", base_url, response.status)
+                    return None
+                body = await response.json()
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            logger.warning("GET %s/admin/v1/weights: %r", base_url, e)
+            return None
+        report = WeightsReport(revision=body.get("revision"), state=body.get("state", ""), error=body.get("error"))
+        if report.state == "ready" and report.revision != revision:
+            await self.request_load(base_url, token, revision)
+            return WeightsReport(revision=report.revision, state="loading")
+        return report

@@ -1,0 +1,42 @@
+"""Fixtures: the emulated API server, the KubeRay stand-in and the operator (see harness.py)."""
+
+from __future__ import annotations
+
+import kubernetes.config.kube_config
+import pytest
+import yaml
+from kmock import Server
+
+from .harness import ApiServerEmulator, FakeKubeRay, OperatorThread, register
+
+
+@pytest.fixture
+async def k8s(tmp_path, monkeypatch):
+    async with ApiServerEmulator() as emulator, Server(emulator):
+        register(emulator)
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": str(emulator.url).rstrip("/")}}],
+            "users": [{"name": "test", "user": {"token": "test"}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}]}))
+        # The operator finds the cluster the way it does outside tests: through KUBECONFIG.
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+        # The kubernetes package reads $KUBECONFIG once, at import (which happened already).
+        monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+        monkeypatch.setenv("RAYPRISM_WEIGHTS_POLL_SECONDS", "0.2")
+        yield emulator
+
+
+@pytest.fixture
+async def kuberay(k8s):
+    async with FakeKubeRay(k8s) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def operator(k8s, kuberay):
+    op = OperatorThread()
+    await op.start()
+    yield op
+    await op.stop()

@@ -1,0 +1,237 @@
+"""The operator's test bench: the real operator (kopf + rayprism handlers, in a thread) against kmock's
+KubernetesEmulator, with the API-server behaviour the operator relies on added, and a stand-in for KubeRay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import itertools
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+
+import kmock
+import kopf
+from kmock import KubernetesEmulator
+
+import rayprism_operator.handlers  # noqa: F401  (registers the handlers in kopf's default registry)
+from rayprism_operator import render
+
+IDEP = kmock.resource("rayprism.dev/v1alpha1/inferencedeployments")
+RC = kmock.resource("ray.io/v1/rayclusters")
+EVENTS = kmock.resource("v1/events")
+SECRETS = kmock.resource("v1/secrets")
+SERVICES = kmock.resource("v1/services")
+NS = "default"
+IDEP_PATH = f"/apis/rayprism.dev/v1alpha1/namespaces/{NS}/inferencedeployments"
+RC_PATH = f"/apis/ray.io/v1/namespaces/{NS}/rayclusters"
+VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+class ApiServerEmulator(KubernetesEmulator):
+    """kmock's emulator plus what a real API server does and the operator relies on; each addition
+    mutates the request before kmock stores it, so watchers see it in the same event.
+
+    It also records, after every write to a RayCluster, a snapshot of all RayClusters (name ->
+    (revision, ready)): the timeline over which the rollout bounds are asserted.
+    """
+
+    _resource_versions = itertools.count(1)
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.timeline: list[dict[str, tuple[str, bool]]] = []
+
+    async def _handle(self, request):
+        action, data = request.action, request.data
+        meta = data.setdefault("metadata", {}) if isinstance(data, dict) and request.resource else None
+        subresources = self.resources[request.resource].subresources if request.resource in self.resources else set()
+        if action == kmock.action.CREATE and meta is not None:
+            # Names from generateName (kopf's Events use it), namespace from the URL, uid,
+            # creationTimestamp, generation 1; status is not writable on create with a /status.
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+            if request.namespace:
+                meta.setdefault("namespace", request.namespace)
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta["creationTimestamp"] = _now()
+            meta["generation"] = 1
+            meta["resourceVersion"] = str(next(self._resource_versions))
+            if "status" in subresources:
+                data.pop("status", None)
+            # Secrets: stringData is write-only, the API server stores it base64-encoded in data.
+            if request.resource == SECRETS and "stringData" in data:
+                data.setdefault("data", {}).update(
+                    {k: base64.b64encode(v.encode()).decode() for k, v in data.pop("stringData").items()})
+        elif action == kmock.action.UPDATE and meta is not None:
+            key = (request.resource, request.namespace, request.name)
+            if request.subresource == "status":  # /status changes only .status
+                for k in list(data):
+                    if k != "status":
+                        data.pop(k)
+                data["metadata"] = {}
+            elif "status" in subresources:  # the main resource ignores .status
+                data.pop("status", None)
+            # /scale: a Scale's spec.replicas is the CRD's specReplicasPath (.spec.replicas), so
+            # kmock's merge into the whole object is what the API server does.
+            if key in self.objects and not self.objects[key].deleted:
+                old = self.objects[key].raw
+                if "spec" in data and {**old.get("spec", {}), **data["spec"]} != old.get("spec"):
+                    data["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
+            data["metadata"]["resourceVersion"] = str(next(self._resource_versions))
+        response = await super()._handle(request)
+        if action == kmock.action.DELETE and request.resource:
+            await self._collect_garbage()
+        if request.resource == RC and action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
+            self.timeline.append(self.replicas())
+        return response
+
+    async def _collect_garbage(self) -> None:
+        """The garbage collector: delete objects whose owner (by uid) no longer exists."""
+        while True:
+            live = {o.raw["metadata"].get("uid") for o in self.objects.values() if not o.deleted}
+            orphans = [(k, o) for k, o in self.objects.items() if not o.deleted and any(
+                r.get("uid") not in live for r in o.raw["metadata"].get("ownerReferences", []))]
+            if not orphans:
+                return
+            async with self._lock:  # kmock 0.8 private API: the store's lock and watch buses
+                for (resource, _, _), obj in orphans:
+                    raw = obj.raw
+                    obj.delete()
+                    await self._buses[resource].put({"type": "DELETED", "object": raw})
+
+    def replicas(self, deployment: str | None = None) -> dict[str, tuple[str, bool]]:
+        """Live RayClusters: name -> (revision, ready)."""
+        from rayprism_operator.reconciler import is_ready
+        out = {}
+        for (resource, _, name), obj in self.objects.items():
+            if resource == RC and not obj.deleted:
+                labels = obj.raw["metadata"].get("labels", {})
+                if deployment is None or labels.get(render.LABEL_DEPLOYMENT) == deployment:
+                    out[name] = (labels.get(render.LABEL_REVISION), is_ready(obj.raw))
+        return out
+
+    def deployment(self, name: str) -> dict:
+        return self.objects[IDEP, NS, name].raw
+
+    def events(self, reason: str | None = None) -> list[dict]:
+        return [o.raw for (r, _, _), o in self.objects.items()
+                if r == EVENTS and not o.deleted and reason in (None, o.raw.get("reason"))]
+
+
+def register(k: KubernetesEmulator) -> None:
+    k.resources["rayprism.dev/v1alpha1/inferencedeployments"] = kmock.ResourceInfo(
+        kind="InferenceDeployment", singular="inferencedeployment", namespaced=True, verbs=VERBS,
+        subresources={"status", "scale"})
+    k.resources["ray.io/v1/rayclusters"] = kmock.ResourceInfo(
+        kind="RayCluster", singular="raycluster", namespaced=True, verbs=VERBS, subresources={"status"})
+    # kopf waits until CRDs are discoverable (it watches them).
+    k.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
+        kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False, verbs=VERBS)
+    k.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", singular="namespace",
+                                                      namespaced=False, verbs=VERBS)
+    for plural, kind in [("services", "Service"), ("secrets", "Secret"), ("events", "Event")]:
+        k.resources[f"v1/{plural}"] = kmock.ResourceInfo(kind=kind, singular=kind.lower(), namespaced=True,
+                                                         verbs=VERBS)
+
+
+class FakeKubeRay:
+    """Stands in for KubeRay (which would start the head and worker pods): it reports a RayCluster
+    ready (HeadPodReady True, every worker ready, the head's pod IP) once `ready_when(raycluster)`
+    says so, and otherwise leaves it pending. Tests change `ready_when` or call `set_ready`."""
+
+    def __init__(self, k8s: ApiServerEmulator):
+        self.k8s = k8s
+        self.ready_when: Callable[[dict], bool] = lambda rc: True
+        self.pod_ips: dict[str, str] = {}  # name -> head pod IP reported (the admin API's address)
+        self._task: asyncio.Task | None = None
+
+    async def set_ready(self, name: str, ready: bool = True) -> None:
+        workers = self.k8s.objects[RC, NS, name].raw["spec"]["workerGroupSpecs"][0]["replicas"]
+        status = {
+            "state": "ready" if ready else "",
+            "conditions": [{"type": "HeadPodReady", "status": str(ready), "lastTransitionTime": _now(),
+                            "reason": "HeadPodRunningAndReady" if ready else "HeadPodNotReady"}],
+            "desiredWorkerReplicas": workers,
+            "readyWorkerReplicas": workers if ready else 0,
+        }
+        if name in self.pod_ips:
+            status["head"] = {"podIP": self.pod_ips[name]}
+        await self.k8s.patch(f"{RC_PATH}/{name}/status", json={"status": status})
+
+    async def _run(self) -> None:
+        reported: set[tuple[str, str]] = set()
+        while True:
+            for (resource, _, name), obj in list(self.k8s.objects.items()):
+                if resource != RC or obj.deleted:
+                    continue
+                raw = obj.raw
+                key = (name, raw["metadata"]["uid"])
+                if key not in reported and self.ready_when(raw):
+                    reported.add(key)
+                    await self.set_ready(name)
+            await asyncio.sleep(0.05)
+
+    async def __aenter__(self) -> "FakeKubeRay":
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+class OperatorThread:
+    """The rayprism operator (kopf with rayprism_operator.handlers) in its own thread and event loop:
+    kopf cancels every task of its loop when it stops, and the emulator must keep serving meanwhile."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    async def start(self) -> None:
+        settings = kopf.OperatorSettings()
+        settings.peering.standalone = True
+        settings.watching.connect_timeout = 1
+        settings.watching.server_timeout = 10
+        settings.queueing.idle_timeout = 1
+        settings.queueing.exit_timeout = 1
+        settings.networking.request_timeout = 5
+        self._stop, ready = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, daemon=True, args=(kopf.operator(
+            settings=settings, clusterwide=True, stop_flag=self._stop, ready_flag=ready),))
+        self._thread.start()
+        assert await asyncio.to_thread(ready.wait, 10), "the operator did not start"
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join, 10)
+        assert not self._thread.is_alive(), "the operator did not stop"
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what or predicate}") from None
+
+
+def deployment(name: str = "demo", replicas: int = 2, **spec) -> dict:
+    return {
+        "apiVersion": "rayprism.dev/v1alpha1", "kind": "InferenceDeployment",
+        "metadata": {"name": name},
+        "spec": {"model": {"name": "smol", "uri": "builtin://smollm2-135m-instruct", "revision": "v1"},
+                 "replicas": replicas, "resources": {"gpusPerNode": 0, "cpu": "1", "memory": "1Gi"}, **spec},
+    }
+
+
+logging.getLogger("kopf").setLevel(logging.WARNING)
