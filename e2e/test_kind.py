@@ -82,6 +82,32 @@ def chat(openai_client, content: str = "What is the capital of France?", max_tok
         model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0)
 
 
+def _quantity(value: str) -> float:
+    """A Kubernetes CPU or memory quantity as a number (cores, bytes)."""
+    units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix in sorted(units, key=len, reverse=True):
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * units[suffix]
+    return float(value)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster_fits_two_replicas():
+    """Fail at once, with numbers, if the nodes cannot hold the two replicas the scale step asks for."""
+    import yaml
+
+    resources = yaml.safe_load(MANIFEST.read_text())["spec"]["resources"]
+    nodes = json.loads(subprocess.run([KUBECTL, "get", "nodes", "-o", "json"], capture_output=True,
+                                      text=True, check=True).stdout)["items"]
+    for kind, pod_keys in (("cpu", ("cpu", "headCpu")), ("memory", ("memory", "headMemory"))):
+        needed = 2 * sum(_quantity(resources[key]) for key in pod_keys)
+        allocatable = sum(_quantity(node["status"]["allocatable"][kind]) for node in nodes)
+        # The control plane, KubeRay and the rayprism operator take their share too.
+        assert allocatable > needed, (
+            f"the cluster's allocatable {kind} ({allocatable:g}) is not above the {needed:g} that two "
+            f"replicas of {MANIFEST.name} request: give Docker more CPUs and memory")
+
+
 @pytest.fixture(scope="module", autouse=True)
 def namespace():
     subprocess.run([KUBECTL, "create", "namespace", NAMESPACE], capture_output=True)
