@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .harness import IDEP_PATH, NS, RC, deployment, wait_for
+from .harness import IDEP_PATH, NS, RC, SECRETS, SERVICES, deployment, wait_for
 
 
 def status(k8s, name="demo") -> dict:
@@ -37,3 +37,153 @@ async def test_create_makes_replicas_and_becomes_available(k8s, operator):
     for name in replicas:
         assert k8s.objects[RC, NS, name].raw["metadata"]["ownerReferences"][0]["uid"] == uid
     await wait_for(lambda: k8s.events("ReplicasCreated") and k8s.events("RolloutComplete"), what="events")
+
+
+async def edit(k8s, patch: dict, name: str = "demo", path: str = "") -> None:
+    response = await k8s.patch(f"{IDEP_PATH}/{name}{path}", json=patch)
+    assert response.status == 200, await response.text()
+
+
+def replicas_of(k8s, revision: str) -> dict:
+    return {n: r for n, (rev, r) in k8s.replicas("demo").items() if rev == revision}
+
+
+def assert_bounds(k8s, since: int, want: int, surge: int, unavailable: int) -> None:
+    """The rollout bounds over every recorded state of the RayClusters since `since`."""
+    assert len(k8s.timeline) > since
+    for step, snapshot in enumerate(k8s.timeline[since:], since):
+        ready = sum(r for _, r in snapshot.values())
+        assert len(snapshot) <= want + surge, f"step {step}: {len(snapshot)} RayClusters: {snapshot}"
+        assert ready >= want - unavailable, f"step {step}: only {ready} ready: {snapshot}"
+
+
+async def test_scale_up_and_down_through_spec_and_scale_subresource(k8s, kuberay, operator):
+    await k8s.post(IDEP_PATH, json=deployment(replicas=3))
+    await wait_for(lambda: settled(k8s, replicas=3), what="3 ready replicas")
+    first = sorted(k8s.replicas("demo"), key=lambda n: k8s.objects[RC, NS, n].raw["metadata"]["creationTimestamp"])
+
+    kuberay.ready_when = lambda rc: False  # the next replicas stay pending
+    await edit(k8s, {"spec": {"replicas": 5}})
+    await wait_for(lambda: len(k8s.replicas("demo")) == 5 and status(k8s).get("replicas") == 5, what="5 replicas")
+    assert status(k8s)["readyReplicas"] == 3
+
+    # kubectl scale: a Scale patch on the /scale subresource; pending replicas go first, then the newest.
+    await edit(k8s, {"spec": {"replicas": 2}}, path="/scale")
+    await wait_for(lambda: settled(k8s, replicas=2), what="scaled down to 2")
+    assert sorted(k8s.replicas("demo")) == sorted(first[:2])
+    await wait_for(lambda: len(k8s.events("ReplicaDeleted")) == 3, what="3 deletion events")
+
+    kuberay.ready_when = lambda rc: True
+    await edit(k8s, {"spec": {"replicas": 4}})
+    await wait_for(lambda: settled(k8s, replicas=4), what="scaled up to 4")
+
+
+async def test_parallelism_change_rolls_within_surge_and_unavailability(k8s, operator):
+    rollout = {"maxSurge": 1, "maxUnavailable": 1}
+    await k8s.post(IDEP_PATH, json=deployment(replicas=4, rollout=rollout))
+    await wait_for(lambda: settled(k8s, replicas=4), what="4 ready replicas")
+    old = status(k8s)["updateRevision"]
+    since = len(k8s.timeline)
+
+    await edit(k8s, {"spec": {"parallelism": {"tensor": 2}}})
+    await wait_for(lambda: settled(k8s, replicas=4) and status(k8s)["updateRevision"] != old, what="rollout")
+    new = status(k8s)["updateRevision"]
+    assert len(replicas_of(k8s, new)) == 4 and not replicas_of(k8s, old)
+    assert_bounds(k8s, since, want=4, surge=1, unavailable=1)
+    rc = k8s.objects[RC, NS, next(iter(replicas_of(k8s, new)))].raw
+    assert "--tensor-parallel-size 2" in rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["args"][0]
+
+
+async def test_recreate_removes_the_old_revision_first(k8s, operator):
+    await k8s.post(IDEP_PATH, json=deployment(replicas=2, rollout={"strategy": "Recreate"}))
+    await wait_for(lambda: settled(k8s), what="2 ready replicas")
+    old = status(k8s)["updateRevision"]
+    since = len(k8s.timeline)
+    await edit(k8s, {"spec": {"engine": {"maxNumSeqs": 8}}})
+    await wait_for(lambda: settled(k8s) and status(k8s)["updateRevision"] != old, what="recreated")
+    for snapshot in k8s.timeline[since:]:
+        revisions = {rev for rev, _ in snapshot.values()}
+        assert len(revisions) <= 1, f"old and new revisions side by side: {snapshot}"
+
+
+async def test_stuck_rollout_exceeds_its_progress_deadline(k8s, kuberay, operator):
+    rollout = {"maxSurge": 1, "maxUnavailable": 0, "progressDeadlineSeconds": 1}
+    await k8s.post(IDEP_PATH, json=deployment(replicas=2, rollout=rollout))
+    await wait_for(lambda: settled(k8s), what="2 ready replicas")
+    old = status(k8s)["updateRevision"]
+    kuberay.ready_when = lambda rc: rc["metadata"]["labels"]["rayprism.dev/revision"] == old  # new never ready
+
+    await edit(k8s, {"spec": {"image": "example.com/worker:broken"}})
+    await wait_for(lambda: condition(k8s, "Progressing").get("reason") == "ProgressDeadlineExceeded",
+                   timeout=10, what="deadline")
+    assert condition(k8s, "Progressing")["status"] == "False"
+    assert condition(k8s, "Available")["status"] == "True"  # the old replicas keep serving
+    assert len(replicas_of(k8s, old)) == 2 and len(k8s.replicas("demo")) == 3
+    await wait_for(lambda: k8s.events("ProgressDeadlineExceeded"), what="deadline event")
+    assert k8s.events("ProgressDeadlineExceeded")[0]["type"] == "Warning"
+
+
+async def test_edit_mid_rollout_supersedes_it(k8s, kuberay, operator):
+    rollout = {"maxSurge": 1, "maxUnavailable": 0}
+    await k8s.post(IDEP_PATH, json=deployment(replicas=3, rollout=rollout))
+    await wait_for(lambda: settled(k8s, replicas=3), what="3 ready replicas")
+    first = status(k8s)["updateRevision"]
+    since = len(k8s.timeline)
+
+    kuberay.ready_when = lambda rc: rc["metadata"]["labels"]["rayprism.dev/revision"] == first
+    await edit(k8s, {"spec": {"engine": {"maxNumSeqs": 8}}})
+    await wait_for(lambda: status(k8s).get("updateRevision") not in (None, first) and len(k8s.replicas("demo")) == 4,
+                   what="second revision surging")
+    second = status(k8s)["updateRevision"]
+    kuberay.ready_when = lambda rc: rc["metadata"]["labels"]["rayprism.dev/revision"] != second
+    await edit(k8s, {"spec": {"engine": {"maxNumSeqs": 16}}})
+    await wait_for(lambda: settled(k8s, replicas=3) and status(k8s)["updateRevision"] not in (first, second),
+                   what="third revision")
+    third = status(k8s)["updateRevision"]
+    assert set(k8s.replicas("demo")) == set(replicas_of(k8s, third)) and len(replicas_of(k8s, third)) == 3
+    assert_bounds(k8s, since, want=3, surge=1, unavailable=0)
+
+
+async def test_operator_restart_mid_rollout_resumes_it(k8s, kuberay, operator):
+    rollout = {"maxSurge": 1, "maxUnavailable": 0}
+    await k8s.post(IDEP_PATH, json=deployment(replicas=3, rollout=rollout))
+    await wait_for(lambda: settled(k8s, replicas=3), what="3 ready replicas")
+    first = status(k8s)["updateRevision"]
+    since = len(k8s.timeline)
+    kuberay.ready_when = lambda rc: rc["metadata"]["labels"]["rayprism.dev/revision"] == first
+    await edit(k8s, {"spec": {"engine": {"maxNumSeqs": 8}}})
+    await wait_for(lambda: len(k8s.replicas("demo")) == 4, what="a surge replica")
+
+    await operator.stop()
+    kuberay.ready_when = lambda rc: True  # the surge replica becomes ready while no operator runs
+    await wait_for(lambda: sum(r for _, r in k8s.replicas("demo").values()) == 4, what="surge replica ready")
+    await operator.start()
+    await wait_for(lambda: settled(k8s, replicas=3) and status(k8s)["updateRevision"] != first, what="resumed")
+    assert not replicas_of(k8s, first)
+    assert_bounds(k8s, since, want=3, surge=1, unavailable=0)
+
+
+async def test_invalid_spec_is_reported_as_degraded_then_recovers(k8s, operator):
+    bad = deployment(replicas=1, parallelism={"tensor": 3}, resources={"gpusPerNode": 2})
+    await k8s.post(IDEP_PATH, json=bad)
+    await wait_for(lambda: condition(k8s, "Degraded").get("reason") == "InvalidSpec", what="Degraded")
+    assert "gpusPerNode" in condition(k8s, "Degraded")["message"]
+    await wait_for(lambda: k8s.events("InvalidSpec"), what="InvalidSpec event")
+    assert not k8s.replicas("demo")
+
+    await edit(k8s, {"spec": {"resources": {"gpusPerNode": 4}}})
+    await wait_for(lambda: settled(k8s, replicas=1), what="recovered")
+    assert condition(k8s, "Degraded")["status"] == "False"
+    assert len(k8s.events("InvalidSpec")) == 1
+
+
+async def test_delete_removes_every_child(k8s, operator):
+    await k8s.post(IDEP_PATH, json=deployment(replicas=2))
+    await wait_for(lambda: settled(k8s), what="2 ready replicas")
+    assert not k8s.deployment("demo")["metadata"].get("finalizers")
+    names = list(k8s.replicas("demo"))
+    response = await k8s.delete(f"{IDEP_PATH}/demo")
+    assert response.status == 200
+    await wait_for(lambda: not k8s.replicas("demo"), what="replicas gone")
+    assert all(k8s.objects[RC, NS, n].deleted for n in names)
+    assert k8s.objects[SERVICES, NS, "demo"].deleted and k8s.objects[SECRETS, NS, "demo-admin"].deleted
