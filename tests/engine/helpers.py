@@ -1,0 +1,76 @@
+"""Tiny random-weight checkpoints and helpers shared by the engine tests."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def save_random_model(folder: str, tokenizer_dir: str, architecture: str = "llama", **overrides) -> str:
+    """Save a random-weight transformers model (safetensors) plus the SmolLM2 tokenizer into `folder`."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        architecture
+    ]
+    fields = dict(
+        vocab_size=49152,  # the SmolLM2 tokenizer's
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.1,  # sharper distributions than the default: greedy ties are unlikely
+        tie_word_embeddings=False,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    fields.update(overrides)
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**fields)).float()
+    with torch.no_grad():  # init leaves norms at 1 and biases at 0, which would hide loading mistakes
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.3)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(tokenizer_dir, name)):
+            shutil.copy(os.path.join(tokenizer_dir, name), folder)
+    return folder
+
+
+def prefill_logits(engine, token_ids: list[int]) -> torch.Tensor:
+    """Last-token logits of one prefill of `token_ids` through the engine's runner(s)."""
+    from rayprism.engine.model_runner import Batch
+    from rayprism.engine.sampling import SamplingParams
+    from rayprism.engine.sequence import Sequence
+
+    seq = Sequence("logits-probe", token_ids, SamplingParams(), arrival=0)
+    engine.scheduler.block_manager.allocate(seq)
+    try:
+        batch = Batch.from_sequences([seq], True, engine.config.block_size)
+        return engine.runner.call("execute_model", batch).float().cpu()
+    finally:
+        engine.scheduler.block_manager.free(seq)
+
+
+def generate(engine, prompts, params) -> dict[str, dict]:
+    """Run requests to completion; returns {request_id: {"token_ids", "text", "finish_reason"}}."""
+    params_list = params if isinstance(params, list) else [params] * len(prompts)
+    results = {}
+    for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+        engine.add_request(str(i), prompt, p)
+        results[str(i)] = {"token_ids": [], "text": "", "finish_reason": None, "logprobs": []}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            r = results[out.request_id]
+            r["token_ids"] += out.new_token_ids
+            r["text"] += out.new_text
+            r["logprobs"] += out.logprobs or []
+            if out.finished:
+                r["finish_reason"] = out.finish_reason
+    return results

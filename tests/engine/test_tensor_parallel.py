@@ -1,0 +1,83 @@
+"""Tensor parallel 2 over gloo (two spawned processes) against tensor parallel 1 in this process."""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from rayprism.engine import EngineConfig, LLMEngine, ModelRunner, SamplingParams
+
+from .helpers import generate, prefill_logits
+
+PROMPTS = ["The capital of France is", "Hello", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"]
+PROBE_IDS = [1, 504, 3458, 282, 4649, 314, 1345, 30, 216, 17, 28, 34, 28, 35]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def scaled_norms(folder: str) -> list[tuple[str, torch.Tensor]]:
+    """An RLHF-style partial weight update: every norm weight scaled by 1.5."""
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    return [(name, t * 1.5) for name, t in state.items() if name.endswith("norm.weight")]
+
+
+def run_model(engine: LLMEngine, folder: str) -> dict:
+    result = {"logits": prefill_logits(engine, PROBE_IDS), "tokens": generate(engine, PROMPTS, GREEDY)}
+    engine.update_weights_from_tensors(scaled_norms(folder))
+    result["updated_logits"] = prefill_logits(engine, PROBE_IDS)
+    return result
+
+
+def tp_worker(rank: int, port: int, folders: dict, out_dir: str) -> None:
+    torch.set_num_threads(1)  # two processes share the two cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for name, folder in folders.items():
+            config = EngineConfig(model=folder, tensor_parallel_size=2, num_kv_blocks=32)
+            runner = ModelRunner(config, rank=rank, world_size=2)
+            if rank > 0:
+                runner.serve_forever()
+                continue
+            engine = LLMEngine(config, runner)
+            torch.save(run_model(engine, folder), os.path.join(out_dir, f"{name}.pt"))
+            engine.shutdown()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tp2_results(tiny_llama_dir, tiny_qwen2_dir, tmp_path_factory):
+    folders = {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir}
+    out_dir = str(tmp_path_factory.mktemp("tp2"))
+    mp.spawn(tp_worker, args=(free_port(), folders, out_dir), nprocs=2, join=True)
+    return {name: torch.load(os.path.join(out_dir, f"{name}.pt")) for name in folders}
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_tp2_matches_tp1(name, tp2_results, tiny_llama_dir, tiny_qwen2_dir):
+    folder = {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir}[name]
+    tp1 = run_model(LLMEngine(EngineConfig(model=folder, num_kv_blocks=32)), folder)
+    tp2 = tp2_results[name]
+    torch.testing.assert_close(tp2["logits"], tp1["logits"], rtol=1e-4, atol=1e-4)
+    assert tp2["tokens"] == tp1["tokens"]
+    torch.testing.assert_close(tp2["updated_logits"], tp1["updated_logits"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(tp1["updated_logits"], tp1["logits"])  # the update really changed the model
+
+
+def test_tp1_matches_transformers_logits(tiny_llama_dir, tiny_qwen2_dir):
+    """The random models (GQA, untied; Qwen2 bias, tied) against transformers' own forward pass."""
+    from transformers import AutoModelForCausalLM
+
+    for folder in (tiny_llama_dir, tiny_qwen2_dir):
+        engine = LLMEngine(EngineConfig(model=folder, num_kv_blocks=32))
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        expected = reference(torch.tensor([PROBE_IDS])).logits[0, -1]
+        torch.testing.assert_close(prefill_logits(engine, PROBE_IDS)[0], expected, rtol=1e-4, atol=1e-4)
