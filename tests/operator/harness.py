@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import kmock
 import kopf
+from aiohttp import web
 from kmock import KubernetesEmulator
 
 import rayprism_operator.handlers  # noqa: F401  (registers the handlers in kopf's default registry)
@@ -150,7 +151,9 @@ class FakeKubeRay:
     def __init__(self, k8s: ApiServerEmulator):
         self.k8s = k8s
         self.ready_when: Callable[[dict], bool] = lambda rc: True
-        self.pod_ips: dict[str, str] = {}  # name -> head pod IP reported (the admin API's address)
+        # Gives a RayCluster its head pod IP when it becomes ready (tests with an admin API to reach).
+        self.assign_pod_ip: Callable[[dict], str] | None = None
+        self.pod_ips: dict[str, str] = {}  # name -> head pod IP reported
         self._task: asyncio.Task | None = None
 
     async def set_ready(self, name: str, ready: bool = True) -> None:
@@ -176,6 +179,8 @@ class FakeKubeRay:
                 key = (name, raw["metadata"]["uid"])
                 if key not in reported and self.ready_when(raw):
                     reported.add(key)
+                    if self.assign_pod_ip:
+                        self.pod_ips[name] = self.assign_pod_ip(raw)
                     await self.set_ready(name)
             await asyncio.sleep(0.05)
 
@@ -223,6 +228,78 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: s
                 await asyncio.sleep(0.05)
     except TimeoutError:
         raise AssertionError(f"timed out waiting for {what or predicate}") from None
+
+
+class FakeAdminApi:
+    """Stands in for the replicas' rayprism servers (contracts.md section 3, the admin weights API): one
+    aiohttp server on port 8000 of several loopback addresses, one address per replica's head pod IP.
+    A POSTed revision loads for `load_seconds`, then is ready, or failed on the addresses in `failing`."""
+
+    def __init__(self, k8s: ApiServerEmulator, deployment: str, addresses: list[str], load_seconds: float = 0.3):
+        self.k8s, self.secret = k8s, f"{deployment}-admin"
+        self.free = list(addresses)
+        self.load_seconds = load_seconds
+        self.weights: dict[str, dict] = {}  # address -> the GET answer
+        self.failing: set[str] = set()
+        self.loading_peak = 0
+        self._runner: web.AppRunner | None = None
+        self._loads: set[asyncio.Task] = set()
+
+    def start_replica(self, raycluster: dict) -> str:
+        """A head pod starts: it serves the revision it was rendered with."""
+        address = self.free.pop(0)
+        revision = raycluster["metadata"]["annotations"][render.ANNOTATION_WEIGHTS_REVISION]
+        self.weights[address] = {"revision": revision, "uri": "builtin://smollm2-135m-instruct",
+                                 "state": "ready", "error": None}
+        return address
+
+    def _authorized(self, request: web.Request) -> bool:
+        token = base64.b64decode(self.k8s.objects[SECRETS, NS, self.secret].raw["data"]["token"]).decode()
+        return request.headers.get("Authorization") == f"Bearer {token}"
+
+    async def _get(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "forbidden"}, status=403)
+        return web.json_response(self.weights[request.transport.get_extra_info("sockname")[0]])
+
+    async def _post(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "forbidden"}, status=403)
+        address = request.transport.get_extra_info("sockname")[0]
+        revision = (await request.json())["revision"]
+        current = self.weights[address]
+        if current["state"] == "loading":
+            return web.json_response({"error": "a load is in progress"}, status=409)
+        if current["revision"] == revision:
+            return web.json_response({"revision": revision, "state": "ready"})
+        current.update(state="loading", error=None)
+        self.loading_peak = max(self.loading_peak, sum(w["state"] == "loading" for w in self.weights.values()))
+        task = asyncio.create_task(self._load(address, revision))
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
+        return web.json_response({"revision": revision, "state": "loading"}, status=202)
+
+    async def _load(self, address: str, revision: str) -> None:
+        await asyncio.sleep(self.load_seconds)
+        if address in self.failing:
+            self.weights[address].update(state="failed", error="checkpoint shards are corrupt")
+        else:
+            self.weights[address].update(state="ready", revision=revision)
+
+    async def __aenter__(self) -> "FakeAdminApi":
+        app = web.Application()
+        app.router.add_get("/admin/v1/weights", self._get)
+        app.router.add_post("/admin/v1/weights", self._post)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        for address in self.free:
+            await web.TCPSite(self._runner, address, render.SERVER_PORT).start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for task in self._loads:
+            task.cancel()
+        await self._runner.cleanup()
 
 
 def deployment(name: str = "demo", replicas: int = 2, **spec) -> dict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .harness import IDEP_PATH, NS, RC, SECRETS, SERVICES, deployment, wait_for
+from .harness import IDEP_PATH, NS, RC, SECRETS, SERVICES, FakeAdminApi, OperatorThread, deployment, wait_for
 
 
 def status(k8s, name="demo") -> dict:
@@ -187,3 +187,37 @@ async def test_delete_removes_every_child(k8s, operator):
     await wait_for(lambda: not k8s.replicas("demo"), what="replicas gone")
     assert all(k8s.objects[RC, NS, n].deleted for n in names)
     assert k8s.objects[SERVICES, NS, "demo"].deleted and k8s.objects[SECRETS, NS, "demo-admin"].deleted
+
+
+async def test_in_place_weight_update_replaces_the_replica_that_fails(k8s, kuberay):
+    addresses = [f"127.0.57.{i}" for i in range(1, 9)]
+    async with FakeAdminApi(k8s, "demo", addresses) as admin:
+        kuberay.assign_pod_ip = admin.start_replica
+        op = OperatorThread()
+        await op.start()
+        try:
+            rollout = {"maxSurge": 0, "maxUnavailable": 1, "weightUpdate": "InPlace"}
+            await k8s.post(IDEP_PATH, json=deployment(replicas=3, rollout=rollout))
+            await wait_for(lambda: settled(k8s, replicas=3), what="3 ready replicas")
+            revision, before = status(k8s)["updateRevision"], set(k8s.replicas("demo"))
+            since = len(k8s.timeline)
+            failing = sorted(before)[1]
+            admin.failing.add(kuberay.pod_ips[failing])
+
+            await edit(k8s, {"spec": {"model": {"revision": "v2"}}})
+            await wait_for(lambda: status(k8s).get("weightsRevision") == "v2" and settled(k8s, replicas=3),
+                           timeout=15, what="weights v2 everywhere")
+            after = set(k8s.replicas("demo"))
+            assert status(k8s)["updateRevision"] == revision  # same RayClusters spec revision
+            assert after & before == before - {failing}  # updated in place
+            assert failing not in after and len(after - before) == 1  # the failed one was replaced
+            for name in after:
+                annotations = k8s.objects[RC, NS, name].raw["metadata"]["annotations"]
+                assert annotations["rayprism.dev/weights-revision"] == "v2"
+                assert admin.weights[kuberay.pod_ips[name]]["revision"] == "v2"
+            assert admin.loading_peak == 1  # maxUnavailable: one replica loads at a time
+            assert_bounds(k8s, since, want=3, surge=0, unavailable=1)
+            await wait_for(lambda: k8s.events("WeightUpdateFailed") and len(k8s.events("WeightsUpdated")) == 2,
+                           what="weight events")
+        finally:
+            await op.stop()

@@ -1,0 +1,140 @@
+"""Table tests of the pure rollout planner."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from rayprism_operator.api import parse_spec
+from rayprism_operator.planner import Observed, Replica, WeightsReport, plan
+
+NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
+NEW, OLD, OLDER = "new", "old", "older"
+
+
+def spec(replicas=3, **rollout):
+    return parse_spec({"model": {"name": "m", "uri": "hf://org/m", "revision": "v2"}, "replicas": replicas,
+                       "rollout": rollout})
+
+
+def rep(name, revision=NEW, ready=True, age=100, weights="v2", **kw):
+    return Replica(name=name, revision=revision, created=NOW - timedelta(seconds=age), ready=ready,
+                   ready_since=NOW - timedelta(seconds=age) if ready else None, weights_revision=weights, **kw)
+
+
+def observe(s, replicas, conditions=()):
+    return Observed(spec=s, update_revision=NEW, generation=2, replicas=replicas, conditions=list(conditions),
+                    endpoint="http://x/v1", selector="a=b", now=NOW)
+
+
+def conditions(p):
+    return {c["type"]: (c["status"], c["reason"]) for c in p.status["conditions"]}
+
+
+@pytest.mark.parametrize("case, s, replicas, create, delete", [
+    ("nothing yet", spec(3), [], 3, []),
+    ("steady", spec(3), [rep("a"), rep("b"), rep("c")], 0, []),
+    ("scale up", spec(3), [rep("a")], 2, []),
+    ("scale down: not ready first, then newest",
+     spec(2), [rep("a", age=300), rep("b", age=200), rep("c", age=100), rep("d", ready=False, age=400)], 0, ["d", "c"]),
+    ("rolling, surge 1 unavailable 0: surge first",
+     spec(3, maxSurge=1, maxUnavailable=0), [rep(n, OLD) for n in "abc"], 1, []),
+    ("rolling, surge 0 unavailable 1: delete the oldest first",
+     spec(3, maxSurge=0, maxUnavailable=1), [rep("a", OLD, age=300), rep("b", OLD, age=200), rep("c", OLD)], 1, ["a"]),
+    ("rolling waits for the new replica",
+     spec(3, maxSurge=1, maxUnavailable=0), [rep(n, OLD) for n in "abc"] + [rep("n", ready=False, age=1)], 0, []),
+    ("rolling: a ready new replica frees one old",
+     spec(3, maxSurge=1, maxUnavailable=0), [rep("a", OLD, age=300), rep("b", OLD), rep("c", OLD), rep("n", age=1)],
+     1, ["a"]),
+    ("not-ready outdated replicas go at once (superseded rollout)",
+     spec(3, maxSurge=1, maxUnavailable=0), [rep(n, OLDER) for n in "abc"] + [rep("m", OLD, ready=False)], 1, ["m"]),
+    ("surge bound counts terminating replicas",
+     spec(3, maxSurge=1, maxUnavailable=0), [rep(n, OLD) for n in "abc"] + [rep("t", OLD, terminating=True)], 0, []),
+    ("recreate deletes every old replica, creates nothing yet",
+     spec(2, strategy="Recreate"), [rep("a", OLD), rep("b", OLD)], 0, ["a", "b"]),
+    ("recreate waits for terminating old replicas",
+     spec(2, strategy="Recreate"), [rep("a", OLD, terminating=True)], 0, []),
+    ("recreate creates once the old are gone", spec(2, strategy="Recreate"), [], 2, []),
+    ("replicas 0 deletes everything", spec(0), [rep("a"), rep("b", OLD)], 0, ["a", "b"]),
+])
+def test_replica_changes(case, s, replicas, create, delete):
+    p = plan(observe(s, replicas))
+    assert (p.create, p.delete) == (create, delete), case
+
+
+@pytest.mark.parametrize("case, s, replicas, start, finish, fail, delete, create", [
+    ("one at a time with maxUnavailable 1",
+     spec(3, maxUnavailable=1), [rep("a", age=300, weights="v1"), rep("b", weights="v1"), rep("c", weights="v1")],
+     ["a"], [], [], [], 0),
+    ("two at a time with maxUnavailable 2",
+     spec(3, maxUnavailable=2), [rep(n, weights="v1") for n in "abc"], ["a", "b"], [], [], [], 0),
+    ("waits while one loads",
+     spec(3, maxUnavailable=1),
+     [rep("a", weights="v1", weights_target="v2", weights_started=NOW, admin=WeightsReport("v1", "loading")),
+      rep("b", weights="v1"), rep("c", weights="v1")], [], [], [], [], 0),
+    ("a finished load is recorded and the next starts",
+     spec(3, maxUnavailable=1),
+     [rep("a", weights="v1", weights_target="v2", weights_started=NOW, admin=WeightsReport("v2", "ready")),
+      rep("b", age=300, weights="v1"), rep("c", weights="v1")], ["b"], ["a"], [], [], 0),
+    ("a failed load replaces the replica",
+     spec(3, maxUnavailable=1),
+     [rep("a", weights="v1", weights_target="v2", weights_started=NOW, admin=WeightsReport("v1", "failed", "x")),
+      rep("b"), rep("c")], [], [], ["a"], ["a"], 1),
+    ("a load past its timeout replaces the replica",
+     spec(3, maxUnavailable=1, weightUpdateTimeoutSeconds=60),
+     [rep("a", weights="v1", weights_target="v2", weights_started=NOW - timedelta(seconds=61), admin=None),
+      rep("b"), rep("c")], [], [], ["a"], ["a"], 1),
+    ("maxUnavailable 0: replaced with surge instead of loaded in place",
+     spec(2, maxSurge=1, maxUnavailable=0), [rep("a", weights="v1"), rep("b", weights="v1")], [], [], [], [], 1),
+    ("not-ready stale replicas wait",
+     spec(2, maxUnavailable=1), [rep("a", ready=False, weights="v1"), rep("b")], [], [], [], [], 0),
+])
+def test_in_place_weight_updates(case, s, replicas, start, finish, fail, delete, create):
+    p = plan(observe(s, replicas))
+    assert (p.start_weight_updates, p.finish_weight_updates, p.fail_weight_updates, p.delete, p.create) == (
+        start, finish, fail, delete, create), case
+
+
+def test_status_of_a_finished_rollout():
+    p = plan(observe(spec(2), [rep("a"), rep("b")]))
+    assert p.status | {"conditions": None} == {
+        "observedGeneration": 2, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "availableReplicas": 2,
+        "currentRevision": NEW, "updateRevision": NEW, "weightsRevision": "v2", "selector": "a=b",
+        "endpoint": "http://x/v1", "conditions": None}
+    assert conditions(p) == {"Available": ("True", "MinimumReplicasAvailable"),
+                             "Progressing": ("True", "NewRevisionAvailable"),
+                             "Degraded": ("False", "ReconcileSucceeded")}
+    assert [e.reason for e in p.events] == ["RolloutComplete"]
+    assert p.requeue_after is None
+
+
+def test_status_mid_rollout_counts_only_the_new_revision_as_updated():
+    p = plan(observe(spec(2, maxSurge=1, maxUnavailable=0), [rep("a", OLD), rep("b", OLD), rep("n", ready=False, age=1)]))
+    assert (p.status["replicas"], p.status["readyReplicas"], p.status["updatedReplicas"],
+            p.status["availableReplicas"], p.status["currentRevision"]) == (3, 2, 1, 0, OLD)
+    assert conditions(p)["Progressing"] == ("True", "RolloutInProgress")
+    assert p.requeue_after == pytest.approx(1800 - 1 + 0.1)  # wakes up at the progress deadline
+
+
+def test_progress_deadline_turns_progressing_false_once():
+    s = spec(2, maxSurge=1, maxUnavailable=0, progressDeadlineSeconds=60)
+    stuck = [rep("a", OLD), rep("b", OLD), rep("n", ready=False, age=61)]
+    p = plan(observe(s, stuck))
+    assert conditions(p)["Progressing"] == ("False", "ProgressDeadlineExceeded")
+    assert [e.reason for e in p.events] == ["ProgressDeadlineExceeded"]
+    again = plan(observe(s, stuck, p.status["conditions"]))
+    assert again.events == [] and again.status["conditions"] == p.status["conditions"]  # no new transition
+
+
+def test_weights_revision_is_reported_only_when_every_ready_replica_has_it():
+    mixed = plan(observe(spec(2, maxUnavailable=1), [rep("a", weights="v1"), rep("b")]))
+    assert mixed.status["weightsRevision"] is None
+    assert mixed.status["updatedReplicas"] == 1
+
+
+def test_availability_follows_max_unavailable():
+    p = plan(observe(spec(3, maxUnavailable=1), [rep("a"), rep("b"), rep("c", ready=False)]))
+    assert conditions(p)["Available"] == ("True", "MinimumReplicasAvailable")
+    p = plan(observe(spec(3, maxUnavailable=1), [rep("a"), rep("b", ready=False), rep("c", ready=False)]))
+    assert conditions(p)["Available"] == ("False", "MinimumReplicasUnavailable")
