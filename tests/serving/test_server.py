@@ -1,0 +1,264 @@
+"""`rayprism serve` (a subprocess on a `ray start` cluster) driven by the official openai client and raw HTTP:
+completions and chat, streaming, 64 concurrent streams, errors, the bounded queue, client disconnects,
+metrics, the admin weights API with a live weight update, and a killed worker."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import openai
+import pytest
+import requests
+
+from rayprism.engine import SamplingParams
+from tests.serving.helpers import RayNodes, ServeProcess, reference_outputs
+
+pytestmark = pytest.mark.slow
+
+MODEL = "tiny"
+TOKEN = "s3cret-token"
+MAX_NUM_SEQS, MAX_QUEUE_SIZE = 16, 48        # at most 64 requests in flight
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    nodes = RayNodes(head_cpus=4)
+    yield nodes
+    nodes.stop()
+
+
+@pytest.fixture(scope="module")
+def server(cluster, checkpoints, tmp_path_factory):
+    token_file = tmp_path_factory.mktemp("admin") / "token"
+    template = str(checkpoints["a"]).replace("ckpt-a", "ckpt-{revision}")
+    process = ServeProcess(["--model", template, "--model-revision", "a", "--served-model-name", MODEL,
+                            "--device", "cpu", "--max-num-seqs", str(MAX_NUM_SEQS),
+                            "--max-queue-size", str(MAX_QUEUE_SIZE), "--ray-address", cluster.address,
+                            "--admin-token-file", str(token_file)])
+    process.token_file = token_file
+    yield process
+    assert process.stop() == 0, process.log()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def greedy(max_tokens: int) -> dict:
+    return {"max_tokens": max_tokens, "temperature": 0, "extra_body": {"ignore_eos": True}}
+
+
+def test_models_and_completions(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    whole = client.completions.create(model=MODEL, prompt="Once upon a time", **greedy(8))
+    assert whole.object == "text_completion" and whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 8 and whole.usage.total_tokens == whole.usage.prompt_tokens + 8
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", stream=True,
+                                            stream_options={"include_usage": True}, **greedy(8)))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_chat_completions(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, **greedy(6))
+    assert whole.choices[0].message.role == "assistant" and whole.usage.completion_tokens == 6
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, stream=True, **greedy(6)))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_logprobs(client):
+    completion = client.completions.create(model=MODEL, prompt="Hello", logprobs=2, **greedy(3))
+    logprobs = completion.choices[0].logprobs
+    assert len(logprobs.tokens) == 3 and all(lp <= 0 for lp in logprobs.token_logprobs)
+    assert all(len(top) >= 1 for top in logprobs.top_logprobs)
+
+
+async def test_64_concurrent_streams_all_complete_with_usage(server):
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Count with me"}]
+    prompt_tokens = (await client.chat.completions.create(model=MODEL, messages=messages, **greedy(1))).usage.prompt_tokens
+
+    async def stream(max_tokens):
+        text, usage = "", None
+        async for chunk in await client.chat.completions.create(
+                model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True},
+                **greedy(max_tokens)):
+            text += "".join(c.delta.content or "" for c in chunk.choices)
+            usage = chunk.usage or usage
+        return max_tokens, usage
+
+    for max_tokens, usage in await asyncio.gather(*(stream(4 + i % 13) for i in range(64))):
+        assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_tokens, max_tokens)
+    await client.close()
+
+
+BAD_REQUESTS = [
+    ("completions", b"{not json", 400, None),
+    ("completions", [1, 2], 400, None),
+    ("completions", {"prompt": "hi"}, 400, "model"),
+    ("completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+    ("completions", {"model": MODEL}, 400, "prompt"),
+    ("completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ("completions", {"model": MODEL, "prompt": 12}, 400, "prompt"),
+    ("completions", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stop": 5}, 400, "stop"),
+    ("completions", {"model": MODEL, "prompt": "hi " * 600}, 400, "prompt"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+    ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
+    ("chat/completions", {"model": MODEL, "messages": [{"content": "hi"}]}, 400, "messages[0]"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 3}]}, 400,
+     "messages[0].content"),
+]
+
+
+@pytest.mark.parametrize("endpoint,body,status,param", BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(server, endpoint, body, status, param):
+    data = body if isinstance(body, bytes) else None
+    response = requests.post(f"{server.url}/v1/{endpoint}", data=data, json=None if data else body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] and error["param"] == param
+
+
+def test_body_too_large_and_still_serving(server, client):
+    response = requests.post(f"{server.url}/v1/completions", data=b"x" * (33 * 2**20),
+                             headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+    assert client.completions.create(model=MODEL, prompt="still", **greedy(2)).usage.completion_tokens == 2
+
+
+async def test_full_queue_answers_429(server):
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+    async def one():
+        try:
+            await client.completions.create(model=MODEL, prompt="queue", **greedy(100))
+            return 200
+        except openai.RateLimitError as err:
+            assert err.body["code"] == "queue_full"
+            return 429
+
+    statuses = await asyncio.gather(*(one() for _ in range(MAX_NUM_SEQS + MAX_QUEUE_SIZE + 16)))
+    assert statuses.count(429) >= 8 and statuses.count(200) >= MAX_NUM_SEQS + MAX_QUEUE_SIZE - 8
+    await client.close()
+
+
+def metric(server, name: str) -> float:
+    for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def test_client_disconnect_aborts_the_request(server):
+    before = metric(server, 'rayprism_requests_total{endpoint="completions",status="499"}') \
+        if "status=\"499\"" in requests.get(f"{server.url}/metrics").text else 0
+    response = requests.post(f"{server.url}/v1/completions", stream=True, timeout=30, json={
+        "model": MODEL, "prompt": "go", "max_tokens": 480, "ignore_eos": True, "stream": True})
+    next(response.iter_lines())
+    response.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (
+            metric(server, "rayprism_requests_in_flight") == 0 and metric(server, "rayprism_requests_running") == 0):
+        time.sleep(0.1)
+    assert metric(server, "rayprism_requests_in_flight") == 0
+    assert metric(server, 'rayprism_requests_total{endpoint="completions",status="499"}') == before + 1
+
+
+def test_metrics(server, client):
+    client.completions.create(model=MODEL, prompt="metrics", **greedy(4))
+    assert metric(server, 'rayprism_requests_total{endpoint="completions",status="200"}') >= 1
+    assert metric(server, "rayprism_generation_tokens_total") >= 4
+    assert metric(server, "rayprism_prompt_tokens_total") >= 1
+    assert metric(server, "rayprism_time_to_first_token_seconds_count") >= 1
+    assert metric(server, "rayprism_inter_token_latency_seconds_count") >= 3
+    assert 0 <= metric(server, "rayprism_kv_cache_usage_ratio") <= 1
+    assert metric(server, "rayprism_queue_depth") >= 0
+
+
+def admin(server, method: str, token: str | None = TOKEN, **kwargs) -> requests.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return requests.request(method, f"{server.url}/admin/v1/weights", headers=headers, timeout=30, **kwargs)
+
+
+def wait_for_weights(server, deadline_s: float = 60) -> dict:
+    deadline = time.monotonic() + deadline_s
+    while (state := admin(server, "GET").json())["state"] == "loading" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return state
+
+
+def test_admin_token_is_required(server):
+    assert admin(server, "GET").status_code == 403          # no token configured yet
+    server.token_file.write_text(TOKEN + "\n")
+    assert admin(server, "GET", token=None).status_code == 401
+    assert admin(server, "GET", token="wrong").status_code == 401
+    assert admin(server, "GET").json() == {"revision": "a", "uri": admin(server, "GET").json()["uri"],
+                                           "state": "ready", "error": None}
+    assert admin(server, "POST", json={"uri": "x"}).status_code == 400
+    assert admin(server, "POST", json={"revision": "a"}).json() == {"revision": "a", "state": "ready"}
+
+
+async def test_weight_update_while_streaming(server, checkpoints):
+    prompt = "The weights are"
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    [(_, text_a)], [(_, text_b)] = (reference_outputs(checkpoints[r], [prompt], params) for r in "ab")
+    assert text_a != text_b
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    before = await client.completions.create(model=MODEL, prompt=prompt, **greedy(8))
+    assert before.choices[0].text == text_a
+
+    async def stream():
+        chunks = [c async for c in await client.completions.create(
+            model=MODEL, prompt="streaming through an update", stream=True,
+            stream_options={"include_usage": True}, **greedy(60))]
+        return chunks[-1].usage.completion_tokens
+
+    streams = [asyncio.create_task(stream()) for _ in range(8)]
+    await asyncio.sleep(0.3)
+    response = await asyncio.to_thread(admin, server, "POST", json={"revision": "b"})
+    assert response.status_code == 202 and response.json() == {"revision": "b", "state": "loading"}
+    assert await asyncio.gather(*streams) == [60] * 8
+    state = await asyncio.to_thread(wait_for_weights, server)
+    assert (state["revision"], state["state"]) == ("b", "ready")
+    after = await client.completions.create(model=MODEL, prompt=prompt, **greedy(8))
+    assert after.choices[0].text == text_b
+
+    assert admin(server, "POST", json={"revision": "missing"}).status_code == 202
+    state = await asyncio.to_thread(wait_for_weights, server)
+    assert state["state"] == "failed" and "missing" in state["error"]
+    still = await client.completions.create(model=MODEL, prompt=prompt, **greedy(8))
+    assert still.choices[0].text == text_b           # the old weights keep serving
+    await client.close()
+
+
+def test_killed_worker_fails_requests_and_health(server, cluster, client):
+    assert requests.get(f"{server.url}/health", timeout=10).status_code == 200
+    stream = client.completions.create(model=MODEL, prompt="doomed", stream=True, **greedy(480))
+    next(iter(stream))
+    [worker] = cluster.worker_processes()
+    worker.send_signal(signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 10
+    while requests.get(f"{server.url}/health", timeout=15).status_code != 503:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    with pytest.raises(openai.InternalServerError) as err:
+        client.completions.create(model=MODEL, prompt="after", **greedy(2))
+    assert err.value.status_code == 503

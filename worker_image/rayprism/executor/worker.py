@@ -1,0 +1,201 @@
+"""RayGPUWorker: one Ray actor per model rank.
+
+Rank 0 owns the LLMEngine and steps it in a background thread; each step broadcasts its schedule to the
+other ranks through torch.distributed (the engine does that), so Ray carries only request submissions and
+one batch of outputs per poll. Ranks > 0 run ModelRunner.serve_forever() in a thread.
+The actor is threaded (max_concurrency > 1) so a long poll does not block submissions or health pings.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import traceback
+from datetime import timedelta
+
+import ray
+import torch
+import torch.distributed as dist
+
+from rayprism.engine import EngineConfig, InvalidRequestError, LLMEngine, ModelRunner
+from rayprism.executor import weight_sync
+
+# Ranks > 0 wait in a collective for rank 0's next command for as long as the replica is idle, so the
+# default group must not time out; a dead peer closes its sockets and the collective fails at once.
+_DIST_TIMEOUT = timedelta(days=365)
+_IDLE_WAIT_S = 0.5
+
+
+class RayGPUWorker:
+    def __init__(self, rank: int, world_size: int):
+        self.rank = rank
+        self.world_size = world_size
+        self._runner: ModelRunner | None = None
+        self._engine: LLMEngine | None = None
+        self._device = torch.device("cpu")
+        self._fatal: str | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._engine_lock = threading.Lock()      # the step loop holds it while stepping
+        self._paused = False                      # set during weight sync and sleep; the loop stops stepping
+        self._has_work = threading.Event()
+        self._outputs_ready = threading.Condition()
+        self._outputs: list = []
+        self._weight_group = None
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a free port for the torch.distributed TCP store that rank 0 hosts."""
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def init_distributed(self, master_address: str, master_port: int, backend: str) -> None:
+        if backend == "nccl":
+            torch.cuda.set_device(0)   # Ray gives each actor its own CUDA_VISIBLE_DEVICES
+        if self.world_size > 1:
+            dist.init_process_group(backend, init_method=f"tcp://{master_address}:{master_port}",
+                                    rank=self.rank, world_size=self.world_size, timeout=_DIST_TIMEOUT)
+
+    def start(self, config: EngineConfig, num_threads: int | None = None) -> dict:
+        """Loads this rank's weights; rank 0 builds the engine and starts stepping it."""
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self._runner = ModelRunner(config, rank=self.rank, world_size=self.world_size)
+        if self.rank == 0:
+            self._engine = LLMEngine(config, model_runner=self._runner)
+            target = self._step_loop
+        else:
+            target = self._follow_rank0
+        self._device = config.torch_device()
+        self._thread = threading.Thread(target=target, name=f"rayprism-rank{self.rank}", daemon=True)
+        self._thread.start()
+        return self.info() if self.rank == 0 else {}
+
+    def info(self) -> dict:
+        engine = self._engine
+        return {"world_size": self.world_size, "max_model_len": engine.max_model_len, "device": self._device.type,
+                "model": engine.config.model, "revision": engine.config.revision}
+
+    def tokenizer(self):
+        return self._engine.tokenizer
+
+    # ---- the loops ---------------------------------------------------------------------------------
+    def _step_loop(self) -> None:
+        try:
+            while not self._stopping:
+                with self._engine_lock:
+                    busy = not self._paused and self._engine.has_unfinished_requests()
+                    outputs = self._engine.step() if busy else None
+                if outputs:
+                    with self._outputs_ready:
+                        self._outputs.extend(outputs)
+                        self._outputs_ready.notify_all()
+                if not busy:
+                    self._has_work.wait(_IDLE_WAIT_S)
+                    self._has_work.clear()
+        except BaseException:  # noqa: BLE001 - any failure makes the replica unhealthy; the driver reports it
+            self._set_fatal(f"engine step failed on rank 0:\n{traceback.format_exc()}")
+
+    def _follow_rank0(self) -> None:
+        try:
+            self._runner.serve_forever()
+        except BaseException:  # noqa: BLE001
+            if not self._stopping:
+                self._set_fatal(f"rank {self.rank} model runner failed:\n{traceback.format_exc()}")
+
+    def _set_fatal(self, message: str) -> None:
+        self._fatal = message
+        with self._outputs_ready:
+            self._outputs_ready.notify_all()
+
+    # ---- requests (rank 0) -------------------------------------------------------------------------
+    def submit(self, adds: list[tuple], aborts: list[str]) -> list[tuple[str, str | None, str]]:
+        """Adds (request_id, prompt, params) and aborts ids. Returns (request_id, param, message) per rejected
+        request; param is None for an internal error (InvalidRequestError itself does not unpickle)."""
+        rejected = []
+        with self._engine_lock:
+            for request_id, prompt, params in adds:
+                try:
+                    self._engine.add_request(request_id, prompt, params)
+                except InvalidRequestError as err:
+                    rejected.append((request_id, err.param, str(err).removeprefix(f"{err.param}: ")))
+                except Exception as err:  # noqa: BLE001 - reported to that request's caller
+                    rejected.append((request_id, None, f"{type(err).__name__}: {err}"))
+            for request_id in aborts:
+                self._engine.abort(request_id)
+        self._has_work.set()
+        return rejected
+
+    def poll(self, timeout_s: float) -> tuple[list, dict, str | None]:
+        """Every output produced since the last poll (waits up to timeout_s for one), engine stats, fatal error."""
+        with self._outputs_ready:
+            if not self._outputs and self._fatal is None:
+                self._outputs_ready.wait(timeout_s)
+            outputs, self._outputs = self._outputs, []
+        return outputs, self._engine.stats(), self._fatal
+
+    def ping(self) -> str | None:
+        return self._fatal
+
+    # ---- weights and memory (rank 0 drives every rank through the engine) -------------------------
+    def load_weights(self, model: str, revision: str | None) -> None:
+        with self._engine_lock:       # holding the lock pauses stepping; requests stay in the engine
+            self._engine.load_weights(model, revision)
+
+    def pause(self) -> None:
+        with self._engine_lock:       # waits for the step in progress, then the loop stays idle
+            self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._has_work.set()
+
+    def sleep(self) -> None:
+        with self._engine_lock:
+            self._paused = True
+            self._engine.sleep()
+
+    def wake_up(self) -> None:
+        with self._engine_lock:
+            self._engine.wake_up()
+        self.resume()
+
+    # ---- weight sync from a trainer (every rank) ---------------------------------------------------
+    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
+                                 world_size: int, backend: str, group_name: str) -> None:
+        self._weight_group = weight_sync.weight_update_group(
+            master_address, master_port, rank_offset + self.rank, world_size, backend, group_name)
+
+    def receive_weights(self, names: list[str], dtypes: list, shapes: list) -> None:
+        """Rank 0 is paused by the driver first, so no forward pass runs on any rank while weights change."""
+        if self._weight_group is None:
+            raise RuntimeError("init_weight_update_group must be called before update_weights_from_distributed")
+        self._runner.load_named_tensors(
+            weight_sync.receive_broadcast(self._weight_group, names, dtypes, shapes, self._device))
+        if self._engine is not None:
+            with self._engine_lock:   # running requests are recomputed with the new weights
+                self._engine.scheduler.preempt_all()
+
+    # ---- teardown ----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Rank 0: stops stepping and tells ranks > 0 to leave serve_forever."""
+        self._stopping = True
+        self._has_work.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._engine is not None and self._fatal is None:
+            self._engine.shutdown()
+
+    def memory(self) -> dict:
+        """Process RSS and device memory, for leak checks across weight updates."""
+        import psutil
+        usage = {"rss_bytes": psutil.Process(os.getpid()).memory_info().rss}
+        if torch.cuda.is_available():
+            usage["cuda_allocated_bytes"] = torch.cuda.memory_allocated()
+            usage["cuda_reserved_bytes"] = torch.cuda.memory_reserved()
+        return usage

@@ -1,0 +1,233 @@
+"""LLM: the Python API over one model replica run by Ray workers (what RLHF frameworks and the server use).
+
+    from rayprism import LLM, SamplingParams
+    llm = LLM("builtin://smollm2-135m-instruct", tensor_parallel_size=2)
+    print(llm.generate(["Hello"], SamplingParams(max_tokens=8, temperature=0))[0].text)
+    llm.shutdown()
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import ray
+
+from rayprism.engine import EngineConfig, RequestOutput, SamplingParams
+from rayprism.executor import EngineDeadError, Placement, RayExecutor
+
+__all__ = ["LLM", "SamplingParams", "CompletionOutput", "EngineDeadError"]
+
+Prompt = str | list[int]
+
+
+@dataclass
+class CompletionOutput:
+    """The whole result of one request."""
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    logprobs: list[dict] | None = None
+
+    def add(self, output: RequestOutput) -> None:
+        self.text += output.new_text
+        self.token_ids.extend(output.new_token_ids)
+        self.finish_reason = output.finish_reason
+        self.num_prompt_tokens = output.num_prompt_tokens
+        if output.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + output.logprobs
+
+
+class LLM:
+    """One replica (tensor_parallel_size ranks, one Ray actor each).
+
+    engine_args are EngineConfig fields (dtype, device, max_model_len, max_num_seqs, ...). Placement: pass
+    `placement_group` + `bundle_indices` to use a group you own (e.g. colocated with a trainer); otherwise one
+    bundle per rank is created with `placement_strategy`. With `name` (+ `namespace`, `detached=True`) the
+    workers outlive this driver and `LLM.connect(name, namespace)` attaches to them later.
+    """
+
+    def __init__(self, model: str, *, orchestrator: str = "ray", ray_address: str | None = None,
+                 placement_group=None, bundle_indices: Sequence[int] | None = None,
+                 placement_strategy: str = "PACK", cpus_per_worker: float = 1, startup_timeout_s: float = 300,
+                 name: str | None = None, namespace: str | None = None, detached: bool = False, **engine_args):
+        if orchestrator != "ray":
+            raise ValueError(f"orchestrator: only 'ray' is supported, got {orchestrator!r}")
+        config = EngineConfig(model=model, **engine_args)
+        _ensure_ray(ray_address)
+        placement = Placement(placement_group, tuple(bundle_indices) if bundle_indices else None,
+                              placement_strategy, cpus_per_worker, startup_timeout_s)
+        self._executor = RayExecutor(config, placement, name=name, namespace=namespace, detached=detached)
+        self.model, self.revision = model, config.revision
+        self._tokenizer = None
+
+    @classmethod
+    def connect(cls, name: str, namespace: str | None = None, ray_address: str | None = None) -> "LLM":
+        """Attaches to workers a previous driver started with `name` and `detached=True`."""
+        _ensure_ray(ray_address)
+        self = cls.__new__(cls)
+        self._executor = RayExecutor.connect(name, namespace)
+        self.model, self.revision = self._executor.info["model"], self._executor.info["revision"]
+        self._tokenizer = None
+        return self
+
+    # ---- facts -------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The engine's HF tokenizer (chat template included), fetched once from rank 0."""
+        if self._tokenizer is None:
+            self._tokenizer = ray.get(self._executor.workers[0].tokenizer.remote())
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._executor.info["max_model_len"]
+
+    @property
+    def tensor_parallel_size(self) -> int:
+        return self._executor.world_size
+
+    def stats(self) -> dict:
+        """Latest engine stats: num_running, num_waiting, kv_cache_usage, num_preemptions."""
+        return dict(self._executor.stats)
+
+    def num_in_flight(self) -> int:
+        return self._executor.num_in_flight()
+
+    def check_health(self) -> None:
+        """Raises EngineDeadError unless every worker answers."""
+        self._executor.check_health()
+
+    def memory(self) -> list[dict]:
+        """Per rank: process RSS and (on CUDA) allocated/reserved device memory."""
+        return self._executor.memory()
+
+    # ---- generation --------------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[CompletionOutput]:
+        """Blocks until every prompt is finished; results come in the order of the prompts."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = _params_per_prompt(params, len(prompts))
+        results = queue.SimpleQueue()
+        outputs = {}
+        for prompt, sampling in zip(prompts, params_list):
+            request_id = self._executor.new_request_id()
+            outputs[request_id] = CompletionOutput(request_id)
+            try:
+                self._executor.add_request(request_id, prompt, sampling,
+                                           lambda item, rid=request_id: results.put((rid, item)))
+            except BaseException:
+                self._abort_all(outputs)
+                raise
+        remaining = len(outputs)
+        while remaining:
+            request_id, item = results.get()
+            if isinstance(item, BaseException):
+                self._abort_all(outputs)
+                raise item
+            outputs[request_id].add(item)
+            remaining -= item.finished
+        return list(outputs.values())
+
+    def _abort_all(self, outputs: dict) -> None:
+        for request_id in outputs:
+            self._executor.abort(request_id)
+
+    async def generate_async(self, prompt: Prompt, params: SamplingParams | None = None, *, stream: bool = False,
+                             request_id: str | None = None) -> AsyncIterator[RequestOutput | CompletionOutput]:
+        """stream=True yields each RequestOutput increment; stream=False yields one CompletionOutput at the end.
+        Leaving the iteration early (or cancelling the task) aborts the request."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue = asyncio.Queue()
+
+        def sink(item):
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:   # the caller's loop is gone; its request was abandoned
+                pass
+
+        request_id = request_id or self._executor.new_request_id()
+        self._executor.add_request(request_id, prompt, _params_per_prompt(params, 1)[0], sink)
+        result = CompletionOutput(request_id)
+        finished = False
+        try:
+            while not finished:
+                item = await items.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                result.add(item)
+                finished = item.finished
+                if stream:
+                    yield item
+            if not stream:
+                yield result
+        finally:
+            if not finished:
+                self._executor.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._executor.abort(request_id)
+
+    # ---- weights -----------------------------------------------------------------------------------
+    def update_weights(self, path_or_uri: str | None = None, revision: str | None = None) -> None:
+        """Reloads weights from disk on every rank (default: this LLM's model URI, with `{revision}` filled).
+        Requests in flight are paused while the weights change and continue afterwards."""
+        model = path_or_uri or self.model
+        self._executor.load_weights(model, revision)
+        self.model, self.revision = model, revision
+
+    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
+                                 backend: str | None = None, group_name: str = "rayprism-weights") -> None:
+        """Every worker joins a process group with a trainer (rank 0 there, hosting the store at
+        master_address:master_port) as rank `rank_offset + tp_rank`. Blocks until all members joined, so the
+        trainer calls `rayprism.executor.weight_sync.weight_update_group(..., rank=0, ...)` concurrently."""
+        backend = backend or ("nccl" if self._executor.info["device"] == "cuda" else "gloo")
+        self._executor.init_weight_update_group(master_address, master_port, rank_offset, world_size,
+                                                backend, group_name)
+
+    def update_weights_from_distributed(self, names: Sequence[str], dtypes: Sequence, shapes: Sequence) -> None:
+        """Receives full (unsharded, HF-named) tensors the trainer broadcasts from rank 0 of the weight update
+        group, in this order; each rank keeps its slice. Requests in flight are paused, not lost."""
+        self._executor.update_weights_from_distributed(list(names), list(dtypes), [list(s) for s in shapes])
+
+    # ---- memory and lifetime -----------------------------------------------------------------------
+    def sleep(self) -> None:
+        """Drops the KV cache and moves weights to host memory; requests wait until wake_up()."""
+        self._executor.sleep()
+
+    def wake_up(self) -> None:
+        self._executor.wake_up()
+
+    def shutdown(self) -> None:
+        """Stops every worker actor and removes the placement group this LLM created."""
+        self._executor.shutdown()
+
+    def disconnect(self) -> None:
+        """Leaves named, detached workers running (and their requests unanswered) for `LLM.connect`."""
+        self._executor.disconnect()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _params_per_prompt(params, count: int) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        params = [params or SamplingParams()] * count
+    if len(params) != count:
+        raise ValueError(f"params: got {len(params)} SamplingParams for {count} prompts")
+    for sampling in params:
+        sampling.validate()
+    return list(params)
+
+
+def _ensure_ray(address: str | None) -> None:
+    if not ray.is_initialized():
+        ray.init(address=address)

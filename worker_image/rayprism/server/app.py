@@ -1,0 +1,296 @@
+"""The aiohttp application: OpenAI-compatible API, /health, /metrics and the admin weights API."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from rayprism.engine import InvalidRequestError
+from rayprism.executor import EngineDeadError
+from rayprism.server import protocol
+from rayprism.server.metrics import Metrics
+from rayprism.server.protocol import APIError, ParsedRequest, bad_request
+
+log = logging.getLogger(__name__)
+
+ADMIN_TOKEN_ENV = "RAYPRISM_ADMIN_TOKEN"
+MAX_BODY_BYTES = 32 * 1024 * 1024
+_HEALTH_TIMEOUT_S = 10
+
+
+class Server:
+    """Holds the LLM (None while it loads) and answers HTTP. `max_in_flight` bounds admitted requests;
+    beyond it requests get 429 so memory stays bounded."""
+
+    def __init__(self, *, served_model_name: str, model_uri: str, revision: str | None, max_in_flight: int,
+                 admin_token_file: str | None):
+        self.served_model_name = served_model_name
+        self.llm = None
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.admin_token_file = admin_token_file
+        self.weights = {"revision": revision, "uri": model_uri, "state": "loading", "error": None}
+        self.metrics = Metrics(lambda: self.llm.stats() if self.llm else {}, lambda: self.in_flight)
+        self._weight_task: asyncio.Task | None = None
+
+    def set_llm(self, llm) -> None:
+        self.llm = llm
+        self.weights.update(state="ready", error=None)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.add_routes([
+            web.get("/v1/models", self.models),
+            web.post("/v1/completions", lambda r: self.generate(r, chat=False)),
+            web.post("/v1/chat/completions", lambda r: self.generate(r, chat=True)),
+            web.get("/health", self.health),
+            web.get("/metrics", self.metrics_page),
+            web.get("/admin/v1/weights", self.get_weights),
+            web.post("/admin/v1/weights", self.post_weights),
+        ])
+        return app
+
+    # ---- OpenAI API --------------------------------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        card = {"id": self.served_model_name, "object": "model", "created": 0, "owned_by": "rayprism",
+                "root": self.weights["uri"], "max_model_len": self.llm.max_model_len if self.llm else None}
+        return web.json_response({"object": "list", "data": [card]})
+
+    async def generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        endpoint = "chat/completions" if chat else "completions"
+        status = 200
+        try:
+            body = await _json_body(request)
+            llm = self._ready_llm()
+            self._check_model(body)
+            req = protocol.parse_request(body, chat=chat)
+            prompt_ids = await asyncio.get_running_loop().run_in_executor(None, self._tokenize, llm, req)
+            self._fit_context(llm, req, len(prompt_ids))
+            if self.in_flight >= self.max_in_flight:
+                raise APIError(429, f"the server is at its limit of {self.max_in_flight} requests in flight; "
+                                    "retry later", type="rate_limit_error", code="queue_full")
+            self.in_flight += 1
+            self.metrics.prompt_tokens.inc(len(prompt_ids))
+            try:
+                respond = self._stream if req.stream else self._complete
+                return await respond(request, llm, req, prompt_ids)
+            finally:
+                self.in_flight -= 1
+        except APIError as err:
+            status = err.status
+            return web.json_response(err.body(), status=err.status)
+        except _ClientGone as gone:
+            status = 499     # nginx's "client closed request"
+            return gone.response
+        except asyncio.CancelledError:   # the client went away (aiohttp handler cancellation)
+            status = 499
+            raise
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    def _ready_llm(self):
+        if self.llm is None:
+            state = self.weights["state"]
+            message = f"the model failed to load: {self.weights['error']}" if state == "failed" else \
+                "the model is still loading"
+            raise APIError(503, message, type="service_unavailable", code="model_not_ready")
+        return self.llm
+
+    def _check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise bad_request("'model' is required (a string)", "model")
+        if model != self.served_model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves "
+                                f"'{self.served_model_name}'", param="model", code="model_not_found")
+
+    @staticmethod
+    def _tokenize(llm, req: ParsedRequest) -> list[int]:
+        tokenizer = llm.tokenizer
+        if req.chat:
+            try:
+                text = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+            except Exception as err:  # noqa: BLE001 - the template rejected the conversation
+                raise bad_request(f"'messages' do not fit the chat template: {err}", "messages") from None
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        if isinstance(req.prompt, str):
+            return tokenizer(req.prompt)["input_ids"]
+        return req.prompt
+
+    @staticmethod
+    def _fit_context(llm, req: ParsedRequest, prompt_len: int) -> None:
+        limit = llm.max_model_len
+        if prompt_len >= limit:
+            raise bad_request(f"the prompt has {prompt_len} tokens; this model's maximum context length is "
+                              f"{limit} tokens", "messages" if req.chat else "prompt", "context_length_exceeded")
+        if not req.max_tokens_given:
+            req.params.max_tokens = limit - prompt_len
+        elif prompt_len + req.params.max_tokens > limit:
+            raise bad_request(f"the prompt ({prompt_len} tokens) plus max_tokens ({req.params.max_tokens}) exceed "
+                              f"this model's maximum context length of {limit} tokens", "max_tokens",
+                              "context_length_exceeded")
+
+    async def _outputs(self, llm, req: ParsedRequest, prompt_ids: list[int]):
+        """The request's RequestOutputs, timed into the metrics; engine errors become APIErrors."""
+        arrival = last = time.monotonic()
+        generator = llm.generate_async(prompt_ids, req.params, stream=True)
+        async with contextlib.aclosing(generator):
+            while True:
+                try:
+                    output = await anext(generator)
+                except StopAsyncIteration:
+                    return
+                except InvalidRequestError as err:
+                    raise bad_request(str(err), err.param) from None
+                except EngineDeadError as err:
+                    raise APIError(503, str(err), type="service_unavailable", code="engine_unavailable") from None
+                except Exception as err:  # noqa: BLE001
+                    log.exception("request failed")
+                    raise APIError(500, f"{type(err).__name__}: {err}", type="internal_error") from None
+                now = time.monotonic()
+                if output.new_token_ids:
+                    if output.num_output_tokens == len(output.new_token_ids):
+                        self.metrics.time_to_first_token.observe(now - arrival)
+                    else:
+                        self.metrics.inter_token_latency.observe((now - last) / len(output.new_token_ids))
+                    self.metrics.generation_tokens.inc(len(output.new_token_ids))
+                    last = now
+                if output.finished:
+                    self.metrics.request_latency.observe(now - arrival)
+                yield output
+
+    def _logprobs(self, llm, req: ParsedRequest, entries) -> dict | None:
+        if req.logprobs is None or entries is None:
+            return None
+        decode = lambda token_id: llm.tokenizer.decode([token_id])  # noqa: E731
+        return (protocol.chat_logprobs if req.chat else protocol.completion_logprobs)(entries, decode)
+
+    async def _complete(self, request, llm, req: ParsedRequest, prompt_ids: list[int]) -> web.Response:
+        text, entries, output = "", [], None
+        async for output in self._outputs(llm, req, prompt_ids):
+            text += output.new_text
+            entries += output.logprobs or []
+        choice = protocol.choice(req, text, output.finish_reason, self._logprobs(llm, req, entries), delta=False)
+        usage = protocol.usage(output.num_prompt_tokens, output.num_output_tokens)
+        return web.json_response(protocol.envelope(req, self.served_model_name, [choice], chunk=False, usage=usage))
+
+    async def _stream(self, request, llm, req: ParsedRequest, prompt_ids: list[int]) -> web.StreamResponse:
+        outputs = self._outputs(llm, req, prompt_ids)
+        async with contextlib.aclosing(outputs):
+            first = await anext(outputs)    # errors before the first token still get their HTTP status
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                   "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            await response.prepare(request)
+
+            async def send(data) -> None:
+                await response.write(f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode())
+
+            output, is_first = first, True
+            try:
+                while True:
+                    choice = protocol.choice(req, output.new_text, output.finish_reason,
+                                             self._logprobs(llm, req, output.logprobs), delta=True, first=is_first)
+                    await send(protocol.envelope(req, self.served_model_name, [choice], chunk=True))
+                    is_first = False
+                    if output.finished:
+                        break
+                    output = await anext(outputs)
+                if req.include_usage:
+                    usage = protocol.usage(output.num_prompt_tokens, output.num_output_tokens)
+                    await send(protocol.envelope(req, self.served_model_name, [], chunk=True, usage=usage))
+                await send("[DONE]")
+            except APIError as err:        # the replica failed mid-stream: tell the client, no [DONE]
+                await send(err.body())
+            except ConnectionResetError:   # leaving aclosing() aborts the request
+                raise _ClientGone(response) from None
+            return response
+
+    # ---- health and metrics ------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        if self.llm is None:
+            return web.json_response({"status": self.weights["state"], "error": self.weights["error"]}, status=503)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, self.llm.check_health),
+                                   _HEALTH_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001
+            return web.json_response({"status": "unhealthy", "error": str(err) or type(err).__name__}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def metrics_page(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    # ---- admin weights API -------------------------------------------------------------------------
+    def _authorize(self, request: web.Request) -> None:
+        token = os.environ.get(ADMIN_TOKEN_ENV) or _read_token(self.admin_token_file)
+        if not token:
+            raise APIError(403, f"the admin API is disabled: no admin token configured (set {ADMIN_TOKEN_ENV} or "
+                                "--admin-token-file)", type="permission_error")
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise APIError(401, "missing or wrong bearer token", type="authentication_error")
+
+    async def get_weights(self, request: web.Request) -> web.Response:
+        try:
+            self._authorize(request)
+        except APIError as err:
+            return web.json_response(err.body(), status=err.status)
+        return web.json_response(self.weights)
+
+    async def post_weights(self, request: web.Request) -> web.Response:
+        try:
+            self._authorize(request)
+            body = await _json_body(request)
+            if not isinstance(body, dict) or not isinstance(body.get("revision"), str) or not body["revision"]:
+                raise bad_request("'revision' is required (a non-empty string)", "revision")
+            uri = body.get("uri")
+            if uri is not None and (not isinstance(uri, str) or not uri):
+                raise bad_request("'uri' must be a non-empty string", "uri")
+            if self.weights["state"] == "loading":
+                raise APIError(409, "a weights load is already in progress", type="conflict")
+        except APIError as err:
+            return web.json_response(err.body(), status=err.status)
+        revision, uri = body["revision"], uri or self.weights["uri"]
+        if self.weights["state"] == "ready" and (revision, uri) == (self.weights["revision"], self.weights["uri"]):
+            return web.json_response({"revision": revision, "state": "ready"})
+        self.weights.update(state="loading", error=None)
+        self._weight_task = asyncio.create_task(self._load_weights(uri, revision))
+        return web.json_response({"revision": revision, "state": "loading"}, status=202)
+
+    async def _load_weights(self, uri: str, revision: str) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.llm.update_weights, uri, revision)
+        except Exception as err:  # noqa: BLE001 - reported through GET; the old weights keep serving
+            log.exception("loading weights %s (revision %s) failed", uri, revision)
+            self.weights.update(state="failed", error=f"{type(err).__name__}: {err}")
+        else:
+            log.info("now serving weights %s (revision %s)", uri, revision)
+            self.weights.update(state="ready", revision=revision, uri=uri, error=None)
+
+
+class _ClientGone(Exception):
+    def __init__(self, response: web.StreamResponse):
+        super().__init__("the client disconnected")
+        self.response = response
+
+
+async def _json_body(request: web.Request):
+    try:
+        return await request.json()
+    except web.HTTPRequestEntityTooLarge:
+        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise bad_request(f"the request body is not valid JSON: {err}") from None
+
+
+def _read_token(path: str | None) -> str | None:
+    try:
+        return Path(path).read_text().strip() if path else None
+    except OSError:
+        return None

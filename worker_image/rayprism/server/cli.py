@@ -1,0 +1,131 @@
+"""`rayprism serve`: start (or join) Ray, load one model replica, serve it over HTTP until SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+
+from aiohttp import web
+
+from rayprism.server.app import Server
+
+log = logging.getLogger("rayprism.serve")
+
+DEFAULT_ADMIN_TOKEN_FILE = "/etc/rayprism/admin/token"
+_PROGRESS_EVERY_S = 5
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--model", required=True, help="model URI: path, file://, hf://org/name or builtin://...; may hold {revision}")
+    add("--served-model-name", required=True, help="the name clients pass as 'model'")
+    add("--model-revision", default=None, help="weights revision (fills {revision}; the hf revision for hf://)")
+    add("--tokenizer", default=None, help="tokenizer URI (default: the model's)")
+    add("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    add("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    add("--tensor-parallel-size", type=_positive_int, default=1)
+    add("--pipeline-parallel-size", type=_positive_int, default=1)
+    add("--max-model-len", type=_positive_int, default=None)
+    add("--max-num-seqs", type=_positive_int, default=256)
+    add("--max-num-batched-tokens", type=_positive_int, default=8192)
+    add("--kv-cache-memory-fraction", type=float, default=0.9)
+    add("--enforce-eager", action="store_true", help="no CUDA graphs")
+    add("--max-queue-size", type=_non_negative_int, default=1024,
+        help="requests admitted beyond --max-num-seqs before answering 429")
+    add("--host", default="0.0.0.0")
+    add("--port", type=int, default=8000)
+    add("--ray-address", default="auto",
+        help="'auto' joins the Ray cluster of this node, 'local' starts one, or a Ray address (host:port)")
+    add("--admin-token-file", default=DEFAULT_ADMIN_TOKEN_FILE,
+        help="bearer token file of the admin API (env RAYPRISM_ADMIN_TOKEN takes precedence)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def serve(args: argparse.Namespace, on_ready=None) -> int:
+    """Runs until SIGINT/SIGTERM; returns 0, or 1 when the model cannot be loaded.
+    on_ready(url) is called once the model serves (`rayprism run` prints the endpoint)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_serve(args, on_ready))
+
+
+async def _serve(args: argparse.Namespace, on_ready) -> int:
+    server = Server(served_model_name=args.served_model_name, model_uri=args.model, revision=args.model_revision,
+                    max_in_flight=args.max_num_seqs + args.max_queue_size, admin_token_file=args.admin_token_file)
+    # Cancel handlers whose client went away, so a disconnected request is aborted in the engine.
+    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, args.host, args.port).start()
+    log.info("listening on http://%s:%d (health is 503 until the model is loaded)", args.host, args.port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    llm = None
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        load = loop.run_in_executor(None, _load_llm, args)
+        while not (await asyncio.wait([load, stopped], timeout=_PROGRESS_EVERY_S,
+                                      return_when=asyncio.FIRST_COMPLETED))[0]:
+            log.info("loading %s on %d worker(s)...", args.model, args.tensor_parallel_size)
+        if not load.done():   # interrupted while loading: let the load finish so its workers can be shut down
+            log.info("interrupted while loading; stopping")
+            llm = await _finish_load(load)
+            return 0
+        try:
+            llm = load.result()
+        except Exception as err:  # noqa: BLE001 - the process exits non-zero; the pod restarts
+            log.error("could not load the model: %s", err)
+            return 1
+        server.set_llm(llm)
+        log.info("serving '%s' (%s) at http://%s:%d/v1", args.served_model_name, args.model, args.host, args.port)
+        if on_ready:
+            on_ready(f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}")
+        await stopped
+        return 0
+    finally:
+        log.info("shutting down")
+        stopped.cancel()
+        await runner.cleanup()
+        if llm is not None:
+            await loop.run_in_executor(None, llm.shutdown)
+
+
+async def _finish_load(load):
+    try:
+        return await load
+    except Exception:  # noqa: BLE001 - nothing to shut down then
+        return None
+
+
+def _load_llm(args: argparse.Namespace):
+    import ray
+
+    from rayprism.llm import LLM
+
+    if not ray.is_initialized():
+        ray.init(address=args.ray_address)
+    started = time.monotonic()
+    llm = LLM(args.model, revision=args.model_revision, tokenizer=args.tokenizer, dtype=args.dtype,
+              device=args.device, tensor_parallel_size=args.tensor_parallel_size,
+              pipeline_parallel_size=args.pipeline_parallel_size, max_model_len=args.max_model_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              kv_cache_memory_fraction=args.kv_cache_memory_fraction, enforce_eager=args.enforce_eager)
+    llm.tokenizer  # noqa: B018 - fetch it now, not on the first request
+    log.info("model loaded in %.1fs", time.monotonic() - started)
+    return llm
