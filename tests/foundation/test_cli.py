@@ -51,3 +51,20 @@ def test_bad_input_exits_2_without_traceback(tmp_path, content, message):
 def test_missing_file_exits_2(tmp_path):
     result = _rayprism("render", str(tmp_path / "nope.yaml"))
     assert result.returncode == 2 and "cannot read" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_operator_and_manifest_commands_import_without_torch_or_ray():
+    """The operator image installs neither; the manifest commands must not need them either."""
+    code = (
+        "import importlib, pkgutil, sys, io, contextlib\n"
+        "import rayprism_operator\n"
+        "for m in pkgutil.iter_modules(rayprism_operator.__path__):\n"
+        "    importlib.import_module('rayprism_operator.' + m.name)\n"
+        "from rayprism.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    assert main(['render', '{EXAMPLES / 'llama.yaml'}']) == 0 and main(['crd']) == 0\n"
+        "heavy = sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

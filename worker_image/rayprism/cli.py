@@ -40,7 +40,14 @@ def _run(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def build_parser(with_runtime: bool = True) -> argparse.ArgumentParser:
+RUNTIME_COMMANDS = {
+    "serve": "serve a model over an OpenAI-compatible API (what the head pod runs)",
+    "run": "serve an InferenceDeployment manifest on this machine",
+}
+
+
+def build_parser(runtime_command: str | None = None) -> argparse.ArgumentParser:
+    """The runtime commands' flags are only built when one of them runs: they import torch and Ray."""
     parser = argparse.ArgumentParser(prog="rayprism", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -52,31 +59,32 @@ def build_parser(with_runtime: bool = True) -> argparse.ArgumentParser:
     crd = commands.add_parser("crd", help="print the InferenceDeployment CustomResourceDefinition")
     crd.set_defaults(handler=_crd)
 
-    if with_runtime:
-        from rayprism.local import add_run_arguments
-        from rayprism.server.cli import add_serve_arguments
+    for name, help_text in RUNTIME_COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text)
+        if name == runtime_command == "serve":
+            from rayprism.server.cli import add_serve_arguments
 
-        serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible API (the head pod)")
-        add_serve_arguments(serve)
-        serve.set_defaults(handler=_serve)
+            add_serve_arguments(sub)
+            sub.set_defaults(handler=_serve)
+        elif name == runtime_command == "run":
+            from rayprism.local import add_run_arguments
 
-        run = commands.add_parser("run", help="serve an InferenceDeployment manifest on this machine")
-        add_run_arguments(run)
-        run.set_defaults(handler=_run)
+            add_run_arguments(sub)
+            sub.set_defaults(handler=_run)
     return parser
 
 
-def _runtime_available() -> bool:
-    try:
-        import rayprism.local  # noqa: F401
-        import rayprism.server.cli  # noqa: F401
-    except ImportError:
-        return False  # an operator-only install: manifest commands still work
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(with_runtime=_runtime_available()).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    runtime_command = command if command in RUNTIME_COMMANDS else None
+    try:
+        parser = build_parser(runtime_command)
+    except ImportError as e:
+        print(f"rayprism {command}: the worker runtime is not installed ({e}); "
+              "install rayprism[worker]", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    args = parser.parse_args(argv)
     try:
         return args.handler(args)
     except SpecError as e:
