@@ -123,7 +123,7 @@ def test_update_weights_from_a_trainer_broadcast(llm, checkpoints):
 
     def broadcast():
         for tensor in tensors.values():
-            joined["group"].broadcast([tensor], 0).wait()
+            joined["group"].broadcast(tensor, 0).wait()
 
     sender = threading.Thread(target=broadcast)
     sender.start()

@@ -2,7 +2,7 @@
 
 The trainer is rank 0 and hosts the TCP store; inference worker i of a replica joins as `rank_offset + i`.
 Both sides call `weight_update_group` with the same address, port, world size and backend, then the trainer
-broadcasts each tensor from rank 0 (`group.broadcast([tensor], 0).wait()`).
+broadcasts each tensor from rank 0 (`group.broadcast(tensor, 0).wait()`).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def receive_broadcast(group: dist.ProcessGroup, names: list[str], dtypes: list, 
         raise ValueError(f"names, dtypes and shapes differ in length: {len(names)}, {len(dtypes)}, {len(shapes)}")
     for name, dtype, shape in zip(names, dtypes, shapes):
         tensor = torch.empty(tuple(shape), dtype=to_dtype(dtype), device=device)
-        group.broadcast([tensor], 0).wait()
+        group.broadcast(tensor, 0).wait()
         yield name, tensor
 
 
