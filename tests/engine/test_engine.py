@@ -1,0 +1,195 @@
+"""Engine behaviour on the random tiny Llama: batching, preemption, sampling, stops, aborts, validation."""
+import pytest
+import torch
+
+from rayprism.engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
+
+from .helpers import generate
+
+PROMPTS = [
+    "The capital of France is",
+    "Hi",
+    "A much longer prompt that spans quite a few more tokens than the others do, on purpose",
+    "def main():",
+]
+GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    return LLMEngine(EngineConfig(model=tiny_llama_dir, num_kv_blocks=64, max_model_len=128))
+
+
+def tokens(results):
+    return [r["token_ids"] for r in results.values()]
+
+
+def test_batch_invariance(engine):
+    alone = [generate(engine, [p], GREEDY)["0"]["token_ids"] for p in PROMPTS]
+    assert tokens(generate(engine, PROMPTS, GREEDY)) == alone
+    # Prompts joining while others are decoding (continuous batching) change nothing either.
+    late = {str(i): [] for i in range(len(PROMPTS))}
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(str(i), prompt, GREEDY)
+        for out in engine.step():
+            late[out.request_id] += out.new_token_ids
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            late[out.request_id] += out.new_token_ids
+    assert list(late.values()) == alone
+
+
+def test_preemption_completes_every_request_with_the_same_tokens(tiny_llama_dir, engine):
+    # 8 blocks x 16 slots: four sequences of ~30 tokens each cannot all stay resident.
+    small = LLMEngine(EngineConfig(model=tiny_llama_dir, num_kv_blocks=8, max_model_len=64))
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    results = generate(small, PROMPTS, params)
+    assert small.stats()["num_preemptions"] > 0
+    assert all(r["finish_reason"] == "length" and len(r["token_ids"]) == 24 for r in results.values())
+    assert tokens(results) == tokens(generate(engine, PROMPTS, params))
+    assert small.stats() == {"num_running": 0, "num_waiting": 0, "kv_cache_usage": 0.0,
+                             "num_preemptions": small.stats()["num_preemptions"]}
+
+
+def test_same_seed_same_tokens_whatever_the_batch(engine):
+    seeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = generate(engine, [PROMPTS[0]], seeded)["0"]["token_ids"]
+    other = SamplingParams(max_tokens=16, temperature=0.8, seed=7, ignore_eos=True)
+    batched = generate(engine, [PROMPTS[1], PROMPTS[0], PROMPTS[2]], [other, seeded, other])
+    assert batched["1"]["token_ids"] == alone
+    reseeded = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=99, ignore_eos=True)
+    assert generate(engine, [PROMPTS[0]], reseeded)["0"]["token_ids"] != alone
+
+
+def test_sampling_differs_from_greedy_and_respects_top_k(engine):
+    greedy = generate(engine, [PROMPTS[0]], GREEDY)["0"]["token_ids"]
+    top1 = SamplingParams(max_tokens=20, temperature=1.5, top_k=1, seed=3, ignore_eos=True)
+    assert generate(engine, [PROMPTS[0]], top1)["0"]["token_ids"] == greedy
+    tiny_p = SamplingParams(max_tokens=20, temperature=1.5, top_p=1e-6, seed=3, ignore_eos=True)
+    assert generate(engine, [PROMPTS[0]], tiny_p)["0"]["token_ids"] == greedy
+    hot = SamplingParams(max_tokens=20, temperature=1.5, seed=3, ignore_eos=True)
+    assert generate(engine, [PROMPTS[0]], hot)["0"]["token_ids"] != greedy
+
+
+def test_logprobs(engine):
+    result = generate(engine, [PROMPTS[0]], SamplingParams(max_tokens=5, temperature=0, logprobs=3))["0"]
+    assert len(result["logprobs"]) == len(result["token_ids"])
+    for token_id, entry in zip(result["token_ids"], result["logprobs"]):
+        assert entry["token_id"] == token_id and len(entry["top"]) == 3
+        assert entry["logprob"] == pytest.approx(max(entry["top"].values())) and entry["logprob"] < 0
+        assert entry["top"][token_id] == pytest.approx(entry["logprob"])
+
+
+def test_stop_string_is_trimmed_and_streamed_text_never_contains_it(engine):
+    full = generate(engine, [PROMPTS[0]], GREEDY)["0"]
+    stop = full["text"][len(full["text"]) // 2:][:3]
+    assert stop.strip()
+    outputs = []
+    engine.add_request("s", PROMPTS[0], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop]))
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    text = "".join(o.new_text for o in outputs)
+    assert text == full["text"][: full["text"].index(stop)]
+    assert outputs[-1].finish_reason == "stop" and outputs[-1].finished
+
+
+def test_stop_token_ids_and_max_tokens(engine):
+    full = generate(engine, [PROMPTS[3]], GREEDY)["0"]
+    assert full["finish_reason"] == "length" and len(full["token_ids"]) == 20
+    stop_id = full["token_ids"][4]
+    stopped = generate(engine, [PROMPTS[3]], SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop_id]))
+    cut = full["token_ids"].index(stop_id) + 1
+    assert stopped["0"]["token_ids"] == full["token_ids"][:cut] and stopped["0"]["finish_reason"] == "stop"
+
+
+def test_generation_stops_at_max_model_len(tiny_llama_dir):
+    short = LLMEngine(EngineConfig(model=tiny_llama_dir, num_kv_blocks=4, max_model_len=20))
+    prompt = list(range(100, 115))
+    result = generate(short, [prompt], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))["0"]
+    assert result["finish_reason"] == "length" and len(prompt) + len(result["token_ids"]) == 20
+
+
+def test_abort_running_and_waiting(engine):
+    engine.add_request("a", PROMPTS[0], GREEDY)
+    engine.add_request("b", PROMPTS[1], GREEDY)
+    engine.step()
+    engine.add_request("c", PROMPTS[2], GREEDY)
+    engine.abort("a")
+    engine.abort("c")
+    engine.abort("never-added")
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    finals = {o.request_id: o for o in outputs if o.finished}
+    assert finals["a"].finish_reason == "abort" and finals["c"].finish_reason == "abort"
+    assert finals["b"].finish_reason == "length" and finals["b"].num_output_tokens == 20
+    assert not any(o.new_token_ids for o in outputs if o.request_id in "ac")
+    assert engine.stats()["kv_cache_usage"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "prompt, params, param",
+    [
+        ("", SamplingParams(), "prompt"),
+        ([], SamplingParams(), "prompt"),
+        ([10**9], SamplingParams(), "prompt"),
+        ([5] * 129, SamplingParams(), "prompt"),  # max_model_len is 128
+        ("hi", SamplingParams(max_tokens=0), "max_tokens"),
+        ("hi", SamplingParams(max_tokens=-3), "max_tokens"),
+        ("hi", SamplingParams(temperature=-0.5), "temperature"),
+        ("hi", SamplingParams(top_p=0.0), "top_p"),
+        ("hi", SamplingParams(top_p=1.5), "top_p"),
+        ("hi", SamplingParams(top_k=-1), "top_k"),
+        ("hi", SamplingParams(logprobs=100), "logprobs"),
+        ("hi", SamplingParams(stop="x"), "stop"),
+        ("hi", SamplingParams(stop_token_ids=[-1]), "stop_token_ids"),
+    ],
+)
+def test_bad_requests_rejected_before_the_model(engine, monkeypatch, prompt, params, param):
+    monkeypatch.setattr(engine.runner, "execute_model", lambda batch: pytest.fail("reached the model"))
+    with pytest.raises(InvalidRequestError, match=param) as error:
+        engine.add_request("bad", prompt, params)
+    assert error.value.param == param
+    assert not engine.has_unfinished_requests()
+    assert engine.step() == []
+
+
+def test_duplicate_request_id_rejected(engine):
+    engine.add_request("dup", "hi", GREEDY)
+    with pytest.raises(InvalidRequestError, match="request_id"):
+        engine.add_request("dup", "hello", GREEDY)
+    engine.abort("dup")
+    engine.step()
+
+
+def test_sleep_wake_up_and_reload_keep_requests(engine, tiny_qwen2_dir, tiny_llama_dir):
+    expected = tokens(generate(engine, PROMPTS[:2], GREEDY))
+    engine.add_request("0", PROMPTS[0], GREEDY)
+    engine.add_request("1", PROMPTS[1], GREEDY)
+    got = {"0": [], "1": []}
+    for _ in range(3):
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    engine.sleep()
+    assert engine.runner.kv_cache is None and engine.stats()["num_running"] == 0
+    engine.wake_up()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id] += out.new_token_ids
+    assert list(got.values()) == expected
+
+
+def test_load_weights_and_update_from_tensors(tiny_llama_dir, tmp_path, smollm2_dir):
+    from safetensors.torch import load_file
+
+    from .helpers import save_random_model
+
+    other = save_random_model(str(tmp_path / "other"), smollm2_dir, initializer_range=0.2)
+    reference = tokens(generate(LLMEngine(EngineConfig(model=other, num_kv_blocks=16)), PROMPTS, GREEDY))
+    engine = LLMEngine(EngineConfig(model=tiny_llama_dir, num_kv_blocks=16))
+    assert tokens(generate(engine, PROMPTS, GREEDY)) != reference
+    engine.load_weights(other)
+    assert tokens(generate(engine, PROMPTS, GREEDY)) == reference
+    engine.load_weights(tiny_llama_dir)
+    engine.update_weights_from_tensors(load_file(f"{other}/model.safetensors").items())
+    assert tokens(generate(engine, PROMPTS, GREEDY)) == reference
