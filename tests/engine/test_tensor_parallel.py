@@ -30,12 +30,17 @@ def run_model(engine: LLMEngine, folder: str) -> dict:
     return result
 
 
-def tp_worker(rank: int, port: int, folders: dict, out_dir: str) -> None:
+def tp_worker(rank: int, port: int, folders: dict, out_dir: str, device: str = "cpu") -> None:
     torch.set_num_threads(1)  # two processes share the two cores
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         for name, folder in folders.items():
-            config = EngineConfig(model=folder, tensor_parallel_size=2, num_kv_blocks=32)
+            config = EngineConfig(
+                model=folder, tensor_parallel_size=2, num_kv_blocks=32, device=device, dtype="float32"
+            )
             runner = ModelRunner(config, rank=rank, world_size=2)
             if rank > 0:
                 runner.serve_forever()
