@@ -103,7 +103,9 @@ class Server:
             raise APIError(503, message, type="service_unavailable", code="model_not_ready")
         return self.llm
 
-    def _check_model(self, body: dict) -> None:
+    def _check_model(self, body) -> None:
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object")
         model = body.get("model")
         if not isinstance(model, str):
             raise bad_request("'model' is required (a string)", "model")
