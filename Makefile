@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch that lies on this machine kind's disk; a GPU image pins its own.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test run crd lint clean
+.PHONY: install test run crd images e2e clean
 
 install: $(STAMP)
 
@@ -28,6 +28,16 @@ run: install
 
 crd: install
 	$(BIN)/rayprism crd > crds/rayprism.dev_inferencedeployments.yaml
+	cp crds/rayprism.dev_inferencedeployments.yaml charts/rayprism/crds/
+
+REGISTRY ?= ghcr.io/rayprism
+TAG ?= 0.1.0
+images:
+	docker build -f operator/Dockerfile -t $(REGISTRY)/operator:$(TAG) .
+	docker build -f worker_image/Dockerfile -t $(REGISTRY)/worker:$(TAG) .
+
+e2e: install
+	e2e/run.sh
 
 clean:
 	rm -rf $(VENV)
