@@ -9,6 +9,8 @@ watches of every replica but the one with the highest priority, so only it recei
 
 from __future__ import annotations
 
+import logging
+
 import kopf
 
 from . import api, render
@@ -20,7 +22,7 @@ from .workqueue import WorkQueue
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **_) -> None:
-    settings.posting.level = 20  # INFO: Normal events (every scale and rollout step) are posted too
+    settings.posting.level = logging.INFO  # Normal events (every scale and rollout step) are posted too
     info = kopf.login_via_client(logger=logger, settings=settings)
     if info is None:
         raise kopf.PermanentError("no Kubernetes credentials: set KUBECONFIG or run in a cluster")

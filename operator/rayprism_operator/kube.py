@@ -24,6 +24,8 @@ RAYCLUSTERS = ("/apis/ray.io/v1", "rayclusters")
 SERVICES = ("/api/v1", "services")
 SECRETS = ("/api/v1", "secrets")
 
+# Retried here for idempotent requests; everything else fails the reconcile, which the work queue
+# retries with backoff.
 TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
 
@@ -84,11 +86,12 @@ class KubeClient:
                         raise NotFound(404, text)
                     if response.status == 409:
                         raise Conflict(409, text)
-                    if response.status not in TRANSIENT_STATUSES or delay is None:
+                    # A failed POST may still have been committed: the next reconcile sees what exists.
+                    if response.status not in TRANSIENT_STATUSES or delay is None or method == "POST":
                         raise ApiError(response.status, text)
                     logger.info("%s %s: HTTP %s, retrying in %ss", method, path, response.status, delay)
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
-                if delay is None:
+                if delay is None or method == "POST":
                     raise
                 logger.info("%s %s: %r, retrying in %ss", method, path, e, delay)
             await asyncio.sleep(delay)

@@ -104,7 +104,7 @@ def plan(obs: Observed) -> Plan:
     failed: set[str] = set()
     loading: set[str] = set()
     stale: list[Replica] = []
-    if in_place:
+    if in_place and target_weights is not None:
         for r in current:
             if r.weights_revision == target_weights:
                 continue
@@ -131,6 +131,14 @@ def plan(obs: Observed) -> Plan:
                                             f"within {rollout.weight_update_timeout_seconds}s; replacing it"))
                 else:
                     loading.add(r.name)
+            elif r.weights_target is not None:
+                # Still loading a revision the spec moved past: ask for the new one (it is unavailable
+                # anyway, so this takes nothing from the budget).
+                out.start_weight_updates.append(r.name)
+                loading.add(r.name)
+                out.events.append(Event("Normal", "WeightUpdateStarted",
+                                        f"Asked replica {r.name} to load weights revision {target_weights} "
+                                        f"instead of {r.weights_target}"))
             elif rollout.max_unavailable == 0:
                 # No replica may go unavailable, so an in-place load is never allowed: replace instead.
                 failed.add(r.name)
@@ -197,7 +205,7 @@ def plan(obs: Observed) -> Plan:
     remaining = [r for r in live if r.name not in deleted]
 
     def weights_current(r: Replica) -> bool:
-        return not in_place or r.weights_revision == target_weights or r.name in finished
+        return not in_place or target_weights is None or r.weights_revision == target_weights or r.name in finished
 
     updated = [r for r in current if r.name not in deleted and weights_current(r)]
     ready = [r for r in remaining if r.ready]

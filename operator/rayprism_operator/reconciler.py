@@ -140,8 +140,9 @@ class Reconciler:
         for event in plan.events:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
-        annotate = lambda replica, values: self.kube.patch(  # noqa: E731
-            RAYCLUSTERS, namespace, replica, {"metadata": {"annotations": values}})
+        async def annotate(replica: str, values: dict) -> None:
+            await self.kube.patch(RAYCLUSTERS, namespace, replica, {"metadata": {"annotations": values}})
+
         for replica in plan.finish_weight_updates:
             await annotate(replica, {render.ANNOTATION_WEIGHTS_REVISION: target,
                                      ANNOTATION_WEIGHTS_TARGET: None, ANNOTATION_WEIGHTS_STARTED: None})

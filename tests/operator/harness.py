@@ -46,9 +46,18 @@ class ApiServerEmulator(KubernetesEmulator):
 
     _resource_versions = itertools.count(1)
 
-    def __init__(self, **kwargs):
+    def __init__(self, filter_labels: bool = False, keep_requests: bool = True, record_timeline: bool = True,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.record_timeline = record_timeline
+        # kmock matches every request against every recorded one (its views are request sequences):
+        # quadratic. The benchmark forgets requests once served (keep_requests=False) and counts them.
+        self.keep_requests = keep_requests
+        self.requests_served = 0
         self.timeline: list[dict[str, tuple[str, bool]]] = []
+        # Off in tests: the operator must cope with kmock ignoring labelSelector. On in the benchmark,
+        # where listing every RayCluster of 200 deployments would measure the emulator instead.
+        self.filter_labels = filter_labels
 
     async def _handle(self, request):
         action, data = request.action, request.data
@@ -87,12 +96,35 @@ class ApiServerEmulator(KubernetesEmulator):
                 if "spec" in data and {**old.get("spec", {}), **data["spec"]} != old.get("spec"):
                     data["metadata"]["generation"] = old["metadata"].get("generation", 1) + 1
             data["metadata"]["resourceVersion"] = str(next(self._resource_versions))
-        response = await super()._handle(request)
+        try:
+            response = await super()._handle(request)
+        finally:
+            self.requests_served += 1
+            if not self.keep_requests:  # kmock 0.8 private API: the request logs of the root and reactions
+                self._forget(request)
         if action == kmock.action.DELETE and request.resource:
             await self._collect_garbage()
-        if request.resource == RC and action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
+        if self.record_timeline and request.resource == RC and action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
             self.timeline.append(self.replicas())
         return response
+
+    def _forget(self, request) -> None:
+        self._requests.remove(request)
+        for payload in self._payloads:
+            for i in range(len(payload._requests) - 1, -1, -1):
+                if payload._requests[i] is request:
+                    del payload._requests[i]
+                    break
+
+    async def _serve_list(self, request):
+        """Lists honour equality-based labelSelectors when filter_labels (kmock returns everything)."""
+        listing = await super()._serve_list(request)
+        selector = request.params.get("labelSelector")
+        if selector and self.filter_labels:
+            wanted = dict(term.split("=", 1) for term in selector.split(","))
+            listing["items"] = [i for i in listing["items"]
+                                if wanted.items() <= (i.get("metadata", {}).get("labels") or {}).items()]
+        return listing
 
     async def _collect_garbage(self) -> None:
         """The garbage collector: delete objects whose owner (by uid) no longer exists."""

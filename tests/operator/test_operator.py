@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .harness import IDEP_PATH, NS, RC, SECRETS, SERVICES, FakeAdminApi, OperatorThread, deployment, wait_for
+import kmock
+
+from .harness import IDEP, IDEP_PATH, NS, RC, SECRETS, SERVICES, FakeAdminApi, OperatorThread, deployment, wait_for
 
 
 def status(k8s, name="demo") -> dict:
@@ -179,7 +181,8 @@ async def test_invalid_spec_is_reported_as_degraded_then_recovers(k8s, operator)
 
 async def test_delete_removes_every_child(k8s, operator):
     await k8s.post(IDEP_PATH, json=deployment(replicas=2))
-    await wait_for(lambda: settled(k8s), what="2 ready replicas")
+    await k8s.post(IDEP_PATH, json=deployment("other", replicas=1))
+    await wait_for(lambda: settled(k8s) and settled(k8s, "other", replicas=1), what="2 deployments ready")
     assert not k8s.deployment("demo")["metadata"].get("finalizers")
     names = list(k8s.replicas("demo"))
     response = await k8s.delete(f"{IDEP_PATH}/demo")
@@ -187,6 +190,8 @@ async def test_delete_removes_every_child(k8s, operator):
     await wait_for(lambda: not k8s.replicas("demo"), what="replicas gone")
     assert all(k8s.objects[RC, NS, n].deleted for n in names)
     assert k8s.objects[SERVICES, NS, "demo"].deleted and k8s.objects[SECRETS, NS, "demo-admin"].deleted
+    # The other deployment (its RayClusters were in every unfiltered list) is untouched.
+    assert len(k8s.replicas("other")) == 1 and settled(k8s, "other", replicas=1)
 
 
 async def test_in_place_weight_update_replaces_the_replica_that_fails(k8s, kuberay):
@@ -221,3 +226,15 @@ async def test_in_place_weight_update_replaces_the_replica_that_fails(k8s, kuber
                            what="weight events")
         finally:
             await op.stop()
+
+
+async def test_transient_api_errors_are_retried(k8s, operator):
+    # The first two RayCluster creations answer 503 although kmock stores them (as when an API
+    # server's answer is lost), and the first status write answers 500.
+    lost_creations = k8s[kmock.action.CREATE, RC][:2] << 503
+    failed_status = k8s[kmock.action.UPDATE, IDEP, kmock.subresource("status")][:1] << 500
+    rollout = {"maxSurge": 1, "maxUnavailable": 0}
+    await k8s.post(IDEP_PATH, json=deployment(replicas=3, rollout=rollout))
+    await wait_for(lambda: settled(k8s, replicas=3), timeout=15, what="3 ready replicas despite errors")
+    assert len(list(lost_creations)) == 2 and len(list(failed_status)) == 1
+    assert all(len(snapshot) <= 3 for snapshot in k8s.timeline)  # no duplicate from a blind retry

@@ -138,3 +138,16 @@ def test_availability_follows_max_unavailable():
     assert conditions(p)["Available"] == ("True", "MinimumReplicasAvailable")
     p = plan(observe(spec(3, maxUnavailable=1), [rep("a"), rep("b", ready=False), rep("c", ready=False)]))
     assert conditions(p)["Available"] == ("False", "MinimumReplicasUnavailable")
+
+
+def test_a_load_of_a_superseded_revision_is_retargeted_without_budget():
+    s = spec(3, maxUnavailable=1)  # model.revision is v2 now; "a" was loading v1.5
+    p = plan(observe(s, [rep("a", weights="v1", weights_target="v1.5", weights_started=NOW),
+                         rep("b", weights="v1"), rep("c", weights="v1")]))
+    assert p.start_weight_updates == ["a"]  # b and c wait: a is still unavailable
+
+
+def test_no_weights_revision_in_the_spec_means_nothing_to_load():
+    s = parse_spec({"model": {"name": "m", "uri": "hf://org/m"}, "replicas": 2})
+    p = plan(observe(s, [rep("a", weights=None), rep("b", weights=None)]))
+    assert (p.start_weight_updates, p.create, p.delete, p.status["updatedReplicas"]) == ([], 0, [], 2)
