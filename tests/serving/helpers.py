@@ -3,7 +3,6 @@ with `ray start`, and a `rayprism serve` subprocess."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -82,24 +81,33 @@ class RayNodes:
         self.processes = []
         self._start("--head", f"--port={self.port}", f"--node-ip-address={self.ip}", f"--num-cpus={head_cpus}",
                     "--include-dashboard=false", f"--temp-dir={self.temp_dir}")
+        self._wait_for_head()
         for cpus in worker_cpus:
             self._start(f"--address={self.address}", f"--node-ip-address={self.ip}", f"--num-cpus={cpus}")
-        self._wait_for_nodes(1 + len(worker_cpus))
 
     def _start(self, *flags: str) -> None:
         log = open(Path(self.temp_dir) / f"node{len(self.processes)}.log", "w")
         self.processes.append(subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", *flags],
                                                stdout=log, stderr=subprocess.STDOUT))
 
-    def _wait_for_nodes(self, count: int, timeout_s: float = 90) -> None:
+    def _wait_for_head(self, timeout_s: float = 90) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            status = subprocess.run([str(VENV_BIN / "ray"), "status", f"--address={self.address}"],
-                                    capture_output=True, text=True)
-            if status.returncode == 0 and len(re.findall(r"^\s*1 node_", status.stdout, re.M)) >= count:
-                return
-            time.sleep(1)
-        raise TimeoutError(f"Ray cluster at {self.address} did not reach {count} nodes: {status.stdout}{status.stderr}")
+            with socket.socket() as sock:
+                if sock.connect_ex((self.ip, self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"the Ray head did not listen on {self.address} within {timeout_s}s")
+
+    def wait_for_nodes(self, count: int, timeout_s: float = 90) -> None:
+        """Needs ray.init(address=self.address) in this process."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while sum(node["Alive"] for node in ray.nodes()) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the Ray cluster at {self.address} did not reach {count} nodes")
+            time.sleep(0.2)
 
     def worker_processes(self) -> list:
         """The RayGPUWorker actor processes of this cluster (children of its raylets)."""

@@ -21,6 +21,7 @@ GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 def two_nodes():
     nodes = RayNodes(head_cpus=1, worker_cpus=[1])
     ray.init(address=nodes.address)
+    nodes.wait_for_nodes(2)
     yield nodes
     ray.shutdown()
     nodes.stop()
