@@ -111,7 +111,8 @@ def main() -> None:
         "commit": commit,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+                    "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
         "note": "kmock KubernetesEmulator (with label-selector filtering) and the KubeRay stand-in run in "
                 "the benchmark process on the same cores as the operator; RayClusters turn ready within ~50 ms.",
         "results": result,

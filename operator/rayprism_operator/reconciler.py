@@ -143,9 +143,13 @@ class Reconciler:
         async def annotate(replica: str, values: dict) -> None:
             await self.kube.patch(RAYCLUSTERS, namespace, replica, {"metadata": {"annotations": values}})
 
+        # A loaded revision goes into the RayCluster's spec as well (KubeRay leaves running pods alone),
+        # so that a head pod that restarts loads it again.
+        spec = render.render_raycluster(infd, revision, "", self.settings.options)["spec"]
         for replica in plan.finish_weight_updates:
-            await annotate(replica, {render.ANNOTATION_WEIGHTS_REVISION: target,
-                                     ANNOTATION_WEIGHTS_TARGET: None, ANNOTATION_WEIGHTS_STARTED: None})
+            await self.kube.patch(RAYCLUSTERS, namespace, replica, {"spec": spec, "metadata": {"annotations": {
+                render.ANNOTATION_WEIGHTS_REVISION: target,
+                ANNOTATION_WEIGHTS_TARGET: None, ANNOTATION_WEIGHTS_STARTED: None}}})
         for replica in plan.fail_weight_updates:
             await annotate(replica, {ANNOTATION_WEIGHTS_FAILED: target})
         for replica in plan.delete:

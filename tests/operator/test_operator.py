@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import kmock
+import pytest
+
+from rayprism_operator.main import main
 
 from .harness import IDEP, IDEP_PATH, NS, RC, SECRETS, SERVICES, FakeAdminApi, OperatorThread, deployment, wait_for
 
@@ -219,6 +222,8 @@ async def test_in_place_weight_update_replaces_the_replica_that_fails(k8s, kuber
             for name in after:
                 annotations = k8s.objects[RC, NS, name].raw["metadata"]["annotations"]
                 assert annotations["rayprism.dev/weights-revision"] == "v2"
+                head = k8s.objects[RC, NS, name].raw["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+                assert "--model-revision v2" in head["args"][0]  # a restarted head loads v2 too
                 assert admin.weights[kuberay.pod_ips[name]]["revision"] == "v2"
             assert admin.loading_peak == 1  # maxUnavailable: one replica loads at a time
             assert_bounds(k8s, since, want=3, surge=0, unavailable=1)
@@ -238,3 +243,13 @@ async def test_transient_api_errors_are_retried(k8s, operator):
     await wait_for(lambda: settled(k8s, replicas=3), timeout=15, what="3 ready replicas despite errors")
     assert len(list(lost_creations)) == 2 and len(list(failed_status)) == 1
     assert all(len(snapshot) <= 3 for snapshot in k8s.timeline)  # no duplicate from a blind retry
+
+
+def test_the_console_script_takes_kopfs_flags(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    usage = capsys.readouterr().out
+    assert usage.startswith("Usage: rayprism-operator")
+    for flag in ("--all-namespaces", "--namespace", "--standalone", "--liveness", "--verbose", "--peering"):
+        assert flag in usage
