@@ -1,0 +1,443 @@
+"""Engine benchmark: an 8B-shaped Llama (Llama-3.1-8B config, random bf16 weights) on one GPU host.
+
+In one run it measures the copy bandwidth (-> the batch-1 decode roofline), Hugging Face generate() at
+batch 1 (the baseline), rayprism batch-1 decode and inter-token latency, time to first token at 128/1k/4k
+prompt tokens, offline throughput at 128/128 and 1k/1k with up to 256 sequences in flight, and peak GPU
+memory; with --tp 2 the batch-1 speed-up of tensor parallel 2, with --serve the 128/128 workload through
+`rayprism serve` and 64 concurrent HTTP streams. One JSON per run goes to bench/results/.
+
+    python bench/engine_bench.py                     # on a GPU host
+    python bench/engine_bench.py --tp 2 --serve      # on a 2-GPU host
+    python bench/engine_bench.py --cpu-smoke         # a tiny random Llama on the CPU (CI: the code paths run)
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(REPO, "worker_image"), os.path.join(REPO, "operator")]
+
+from rayprism.engine import EngineConfig, LLMEngine, ModelRunner, SamplingParams  # noqa: E402
+
+# Llama-3.1-8B's config.json, less the tokenizer ids (our stand-in tokenizer has no special tokens).
+LLAMA_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
+    tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+)
+TINY = dict(LLAMA_8B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+            rope_scaling=dict(LLAMA_8B["rope_scaling"], original_max_position_embeddings=256))
+
+
+class Workload:
+    """Sizes of one run: the 8B run on a GPU, or the tiny CPU smoke run."""
+
+    def __init__(self, smoke: bool):
+        self.model = TINY if smoke else LLAMA_8B
+        self.max_model_len = 512 if smoke else 8192
+        self.copy_bytes = (64 << 20) if smoke else (4 << 30)
+        self.hf_tokens = 4 if smoke else 64
+        self.decode_prompt, self.decode_tokens = (16, 8) if smoke else (128, 256)
+        self.ttft_lengths = [16, 64] if smoke else [128, 1024, 4096]
+        self.ttft_repeats = 2 if smoke else 4  # the first of each length warms up (shapes, allocator)
+        # (name, prompt tokens, output tokens, number of prompts)
+        self.throughput = [("128_128", 16, 8, 6), ("1k_1k", 64, 8, 4)] if smoke else [
+            ("128_128", 128, 128, 1024), ("1k_1k", 1024, 1024, 512)]
+        self.max_num_seqs = 4 if smoke else 256
+        self.serve_prompts, self.serve_concurrency = (8, 4) if smoke else (512, 64)
+
+
+# --- environment and model -------------------------------------------------------------------------
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Achievable device memory bandwidth in bytes/s: a large copy, counting bytes read plus written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times[2:])
+
+
+def make_model_dir(folder: str, fields: dict, device: torch.device):
+    """Config, a stand-in word-level tokenizer over the whole vocabulary, and random bf16 safetensors.
+
+    Returns the Hugging Face model (on `device`), kept for the generate() baseline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    os.makedirs(folder, exist_ok=True)
+    config = LlamaConfig(**fields)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        model.save_pretrained(folder, safe_serialization=True)
+        vocab = {f"<t{i}>": i for i in range(config.vocab_size)}
+        word_level = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
+        word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<t0>", eos_token="<t1>").save_pretrained(
+            folder)
+    return model
+
+
+def roofline_bytes(fields: dict) -> int:
+    """Weight bytes read per decoded token in bf16: every weight but the input embedding (one row is read)."""
+    h, i, layers = fields["hidden_size"], fields["intermediate_size"], fields["num_hidden_layers"]
+    kv = h // fields["num_attention_heads"] * fields["num_key_value_heads"]
+    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i + 2 * h
+    return 2 * (layers * per_layer + h + fields["vocab_size"] * h)
+
+
+def random_prompt(length: int, vocab: int, generator: torch.Generator) -> list[int]:
+    return torch.randint(2, vocab, (length,), generator=generator).tolist()
+
+
+# --- measurements ----------------------------------------------------------------------------------
+@torch.inference_mode()
+def hf_generate_bs1(model, work: Workload, vocab: int, device: torch.device) -> float:
+    ids = torch.tensor([random_prompt(work.decode_prompt, vocab, torch.Generator().manual_seed(1))], device=device)
+    kwargs = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
+    sync(device)
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=work.hf_tokens, min_new_tokens=work.hf_tokens, **kwargs)
+    sync(device)
+    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
+
+
+def run_to_completion(engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]) -> dict:
+    """Add every request, step until all finish. Returns wall time, token counts and per-step times."""
+    for request_id, (prompt, params) in requests.items():
+        engine.add_request(request_id, prompt, params)
+    first_token, step_times, output_tokens = {}, [], 0
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        step_start = time.perf_counter()
+        outputs = engine.step()
+        now = time.perf_counter()
+        step_times.append((now - step_start, len(outputs)))
+        for out in outputs:
+            first_token.setdefault(out.request_id, now - start)
+            output_tokens += len(out.new_token_ids)
+    return {"seconds": time.perf_counter() - start, "output_tokens": output_tokens, "first_token": first_token,
+            "step_times": step_times}
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+def decode_bs1(engine: LLMEngine, work: Workload, vocab: int) -> dict:
+    prompt = random_prompt(work.decode_prompt, vocab, torch.Generator().manual_seed(2))
+    run_to_completion(engine, {"warmup": (prompt, greedy(8))})
+    result = run_to_completion(engine, {"bs1": (prompt, greedy(work.decode_tokens))})
+    itl = [seconds for seconds, _ in result["step_times"][1:]]  # the first step is the prefill
+    return {"decode_bs1_tok_s": len(itl) / sum(itl), "itl_ms_median": 1e3 * statistics.median(itl),
+            "itl_ms_p99": 1e3 * sorted(itl)[int(0.99 * (len(itl) - 1))]}
+
+
+def ttft(engine: LLMEngine, work: Workload, vocab: int) -> dict:
+    generator = torch.Generator().manual_seed(3)
+    result = {}
+    for length in work.ttft_lengths:
+        times = []
+        for _ in range(work.ttft_repeats):
+            prompt = random_prompt(length, vocab, generator)
+            times.append(run_to_completion(engine, {"ttft": (prompt, greedy(1))})["first_token"]["ttft"])
+        result[str(length)] = 1e3 * statistics.median(times[1:])
+    return result
+
+
+def throughput(engine: LLMEngine, prompt_len: int, output_len: int, num_prompts: int, vocab: int) -> dict:
+    generator = torch.Generator().manual_seed(4)
+    requests = {f"r{i}": (random_prompt(prompt_len, vocab, generator), greedy(output_len))
+                for i in range(num_prompts)}
+    result = run_to_completion(engine, requests)
+    return {"tok_s": result["output_tokens"] / result["seconds"], "seconds": result["seconds"],
+            "output_tokens": result["output_tokens"], "num_preemptions": engine.stats()["num_preemptions"]}
+
+
+def measured(results: dict, key: str, fn, *args):
+    """Run one measurement; a failure is recorded under errors[key] and the run goes on."""
+    try:
+        value = fn(*args)
+    except Exception as err:  # noqa: BLE001 - a benchmark records what broke and measures the rest
+        traceback.print_exc()
+        results.setdefault("errors", {})[key] = f"{type(err).__name__}: {err}"[:500]
+        return None
+    if value is not None:
+        results[key] = value
+    return value
+
+
+# --- tensor parallel 2 -----------------------------------------------------------------------------
+def tp_worker(rank: int, port: int, config: EngineConfig, work: Workload, vocab: int, out_file: str) -> None:
+    import torch.distributed as dist
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        runner = ModelRunner(config, rank=rank, world_size=2)
+        if rank > 0:
+            runner.serve_forever()
+            return
+        engine = LLMEngine(config, runner)
+        with open(out_file, "w") as f:
+            json.dump(decode_bs1(engine, work, vocab), f)
+        engine.shutdown()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tp2_decode(config: EngineConfig, work: Workload, vocab: int) -> dict:
+    import dataclasses
+
+    import torch.multiprocessing as mp
+
+    out_file = tempfile.mktemp(suffix=".json")
+    tp_config = dataclasses.replace(config, tensor_parallel_size=2)
+    mp.spawn(tp_worker, args=(free_port(), tp_config, work, vocab, out_file), nprocs=2, join=True)
+    with open(out_file) as f:
+        return json.load(f)
+
+
+# --- serving over HTTP -----------------------------------------------------------------------------
+def serve_throughput(model_dir: str, work: Workload, vocab: int, prompt_len: int, output_len: int,
+                     device: str) -> dict:
+    """`rayprism serve` in a subprocess; `concurrency` streaming clients share `serve_prompts` requests."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.join(REPO, "worker_image"), os.path.join(REPO, "operator"), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "rayprism.cli", "serve", "--model", model_dir, "--served-model-name", "bench",
+               "--ray-address", "local", "--host", "127.0.0.1", "--port", str(port), "--device", device,
+               "--max-model-len", str(work.max_model_len), "--max-num-seqs", str(work.max_num_seqs)]
+    server = subprocess.Popen(command, env=env, start_new_session=False)
+    try:
+        return asyncio.run(_drive_server(f"http://127.0.0.1:{port}", server, work, vocab, prompt_len, output_len))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+async def _drive_server(url: str, server: subprocess.Popen, work: Workload, vocab: int, prompt_len: int,
+                        output_len: int) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1800)) as session:
+        deadline = time.monotonic() + 900
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"rayprism serve exited with {server.returncode}")
+            try:
+                async with session.get(f"{url}/health") as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("rayprism serve did not become healthy in 900 s")
+            await asyncio.sleep(1)
+
+        generator = torch.Generator().manual_seed(5)
+        queue = asyncio.Queue()
+        for _ in range(work.serve_prompts):
+            queue.put_nowait(random_prompt(prompt_len, vocab, generator))
+        first_token_s = []
+
+        async def client() -> int:
+            tokens = 0
+            while not queue.empty():
+                body = {"model": "bench", "prompt": queue.get_nowait(), "max_tokens": output_len, "temperature": 0,
+                        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                sent = time.perf_counter()
+                async with session.post(f"{url}/v1/completions", json=body) as response:
+                    response.raise_for_status()
+                    async for line in response.content:
+                        line = line.strip()
+                        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                            continue
+                        chunk = json.loads(line[len(b"data: "):])
+                        if chunk.get("choices") and len(first_token_s) < work.serve_prompts and tokens == 0:
+                            first_token_s.append(time.perf_counter() - sent)
+                        if chunk.get("usage"):
+                            tokens += chunk["usage"]["completion_tokens"]
+            return tokens
+
+        async def timed(concurrency: int) -> tuple[int, float]:
+            start = time.perf_counter()
+            counts = await asyncio.gather(*(client() for _ in range(concurrency)))
+            return sum(counts), time.perf_counter() - start
+
+        tokens, seconds = await timed(work.serve_concurrency)
+    return {"tok_s": tokens / seconds, "output_tokens": tokens, "seconds": seconds,
+            "ttft_ms_median": 1e3 * statistics.median(first_token_s) if first_token_s else None}
+
+
+# --- the run ---------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny random Llama on the CPU (checks the code)")
+    parser.add_argument("--tp", type=int, choices=[1, 2], default=1, help="2: also tensor parallel 2 at batch 1")
+    parser.add_argument("--serve", action="store_true", help="also 128/128 through `rayprism serve` over HTTP")
+    parser.add_argument("--skip-hf", action="store_true", help="skip the Hugging Face generate() baseline")
+    parser.add_argument("--skip-1k", action="store_true", help="skip the 1k/1k throughput workload")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--model-dir", default=None, help="where the random checkpoint goes (default: a temp dir)")
+    parser.add_argument("--output-dir", default=os.path.join(REPO, "bench", "results"))
+    parser.add_argument("--label", default="", help="added to the JSON file name and record")
+    parser.add_argument("--commit", default=None, help="commit measured (default: git rev-parse HEAD)")
+    args = parser.parse_args(argv)
+
+    work = Workload(args.cpu_smoke)
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: run on a GPU host, or pass --cpu-smoke")
+    vocab = work.model["vocab_size"]
+    results = {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "commit": args.commit or git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "label": args.label, "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
+        "model": "Llama-3.1-8B shape, random weights" if not args.cpu_smoke else "tiny random Llama",
+    }
+    model_dir = args.model_dir or tempfile.mkdtemp(prefix="rayprism-bench-")
+
+    bandwidth = copy_bandwidth(device, work.copy_bytes)
+    results["copy_bandwidth_gb_s"] = bandwidth / 1e9
+    results["roofline_tok_s"] = bandwidth / roofline_bytes(work.model)
+    hf_model = make_model_dir(model_dir, work.model, device)
+    if not args.skip_hf:
+        measured(results, "hf_bs1_tok_s", hf_generate_bs1, hf_model, work, vocab, device)
+    del hf_model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+    config = EngineConfig(model=model_dir, device=device.type, max_model_len=work.max_model_len,
+                          max_num_seqs=work.max_num_seqs, enforce_eager=args.enforce_eager,
+                          num_kv_blocks=256 if args.cpu_smoke else None)
+    started = time.perf_counter()
+    engine = LLMEngine(config)
+    results["engine_start_s"] = time.perf_counter() - started
+    results["num_kv_blocks"] = engine.runner.num_kv_blocks
+    decode = measured(results, "decode", decode_bs1, engine, work, vocab)
+    if decode:
+        results["decode_bs1_tok_s"] = decode["decode_bs1_tok_s"]
+    measured(results, "ttft_ms", ttft, engine, work, vocab)
+    for name, prompt_len, output_len, num_prompts in work.throughput:
+        if name == "1k_1k" and args.skip_1k:
+            continue
+        detail = measured(results, f"throughput_{name}", throughput, engine, prompt_len, output_len, num_prompts,
+                          vocab)
+        if detail:
+            results[f"throughput_{name}_tok_s"] = detail["tok_s"]
+    if device.type == "cuda":
+        results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if args.serve:  # the same 128/128 workload offline at the HTTP clients' concurrency, for a like-for-like ratio
+        _, prompt_len, output_len, _ = work.throughput[0]
+        engine.scheduler.max_num_seqs = work.serve_concurrency
+        offline = measured(results, "throughput_128_128_at_serve_concurrency", throughput, engine, prompt_len,
+                           output_len, work.serve_prompts, vocab)
+    engine.shutdown()
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    if args.tp == 2:
+        tp2 = measured(results, "tp2_decode", tp2_decode, config, work, vocab)
+        if tp2 and decode:
+            results["tp2_bs1_tok_s"] = tp2["decode_bs1_tok_s"]
+            results["tp2_bs1_speedup"] = tp2["decode_bs1_tok_s"] / decode["decode_bs1_tok_s"]
+    if args.serve:
+        _, prompt_len, output_len, _ = work.throughput[0]
+        served = measured(results, "serve_128_128", serve_throughput, model_dir, work, vocab, prompt_len,
+                          output_len, device.type)
+        if served and offline:
+            results["serve_128_128_tok_s"] = served["tok_s"]
+            results["serve_fraction"] = served["tok_s"] / offline["tok_s"]
+            if "throughput_128_128_tok_s" in results:
+                results["serve_fraction_of_256_in_flight"] = served["tok_s"] / results["throughput_128_128_tok_s"]
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    stamp = results["date"].replace(":", "").replace("-", "")[:15]
+    name = f"engine_{'cpu-smoke' if args.cpu_smoke else 'gpu'}_{stamp}{'_' + args.label if args.label else ''}.json"
+    path = os.path.join(args.output_dir, name)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    print_table(results)
+    print(f"wrote {path}")
+    return 0
+
+
+def print_table(results: dict) -> None:
+    roofline, baseline = results["roofline_tok_s"], results.get("hf_bs1_tok_s")
+    rows = [("roofline (copy bandwidth / weight bytes)", roofline), ("HF generate() bs1", baseline),
+            ("rayprism decode bs1", results.get("decode_bs1_tok_s")),
+            ("rayprism tp2 decode bs1", results.get("tp2_bs1_tok_s")),
+            ("offline 128/128 (256 in flight)", results.get("throughput_128_128_tok_s")),
+            ("offline 1k/1k (256 in flight)", results.get("throughput_1k_1k_tok_s")),
+            ("serve 128/128 over HTTP", results.get("serve_128_128_tok_s"))]
+    print(f"\n{results['gpu']}  torch {results['torch']}  commit {results['commit']}  {results['date']}")
+    print(f"{'figure':42} {'tok/s':>10} {'x roofline':>11} {'x HF bs1':>9}")
+    for label, value in rows:
+        if value is None:
+            continue
+        vs_baseline = f"{value / baseline:9.2f}" if baseline else f"{'-':>9}"
+        print(f"{label:42} {value:10.1f} {value / roofline:11.2f} {vs_baseline}")
+    for length, ms in (results.get("ttft_ms") or {}).items():
+        print(f"{'TTFT ' + length + ' prompt tokens (ms)':42} {ms:10.1f}")
+    for key in ("decode", "tp2_bs1_speedup", "serve_fraction", "peak_gpu_memory_gib", "errors"):
+        if key in results:
+            print(f"{key}: {results[key]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
