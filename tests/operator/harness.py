@@ -29,6 +29,7 @@ SERVICES = kmock.resource("v1/services")
 NS = "default"
 IDEP_PATH = f"/apis/rayprism.dev/v1alpha1/namespaces/{NS}/inferencedeployments"
 RC_PATH = f"/apis/ray.io/v1/namespaces/{NS}/rayclusters"
+WORKER_IMAGE = "registry.test/rayprism-worker:test"
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
 

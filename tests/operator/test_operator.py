@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import kmock
 import pytest
 
 from rayprism_operator.main import main
 
-from .harness import IDEP, IDEP_PATH, NS, RC, SECRETS, SERVICES, FakeAdminApi, OperatorThread, deployment, wait_for
+from .harness import (IDEP, IDEP_PATH, NS, RC, SECRETS, SERVICES, WORKER_IMAGE, FakeAdminApi, OperatorThread,
+                      deployment, wait_for)
 
 
 def status(k8s, name="demo") -> dict:
@@ -40,7 +44,9 @@ async def test_create_makes_replicas_and_becomes_available(k8s, operator):
     assert condition(k8s, "Degraded")["status"] == "False"
     uid = k8s.deployment("demo")["metadata"]["uid"]
     for name in replicas:
-        assert k8s.objects[RC, NS, name].raw["metadata"]["ownerReferences"][0]["uid"] == uid
+        rc = k8s.objects[RC, NS, name].raw
+        assert rc["metadata"]["ownerReferences"][0]["uid"] == uid
+        assert rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == WORKER_IMAGE
     await wait_for(lambda: k8s.events("ReplicasCreated") and k8s.events("RolloutComplete"), what="events")
 
 
@@ -253,3 +259,11 @@ def test_the_console_script_takes_kopfs_flags(capsys):
     assert usage.startswith("Usage: rayprism-operator")
     for flag in ("--all-namespaces", "--namespace", "--standalone", "--liveness", "--verbose", "--peering"):
         assert flag in usage
+
+
+def test_the_operator_imports_without_torch_or_ray():
+    # The operator image installs neither; importing them by accident would break it there.
+    code = ("import sys, rayprism_operator.main, rayprism_operator.handlers; "
+            "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
