@@ -205,6 +205,7 @@ def measured(results: dict, key: str, fn, *args):
         return None
     if value is not None:
         results[key] = value
+        print(f"{key}: {value}", flush=True)
     return value
 
 
@@ -353,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth(device, work.copy_bytes)
     results["copy_bandwidth_gb_s"] = bandwidth / 1e9
     results["roofline_tok_s"] = bandwidth / roofline_bytes(work.model)
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s -> roofline {results['roofline_tok_s']:.1f} tok/s", flush=True)
     hf_model = make_model_dir(model_dir, work.model, device)
     if not args.skip_hf:
         measured(results, "hf_bs1_tok_s", hf_generate_bs1, hf_model, work, vocab, device)
