@@ -57,12 +57,14 @@ async def test_stream_increments_add_up_and_leaving_early_aborts(llm):
     assert pieces[-1].finished and not any(p.finished for p in pieces[:-1])
 
     long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
+    aborted = llm.stats()["num_aborted"]
     async for _ in llm.generate_async(PROMPTS[0], long, stream=True):
         break                                   # leaving the loop aborts the request in the engine
+    assert llm.num_in_flight() == 0
     deadline = time.monotonic() + 10
-    while (llm.num_in_flight() or llm.stats().get("num_running")) and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    assert llm.num_in_flight() == 0 and llm.stats()["num_running"] == 0
+    while llm.stats()["num_aborted"] == aborted and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert llm.stats()["num_aborted"] == aborted + 1
 
 
 def test_invalid_requests_name_the_parameter(llm):

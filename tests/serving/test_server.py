@@ -155,26 +155,29 @@ async def test_full_queue_answers_429(server):
     await client.close()
 
 
-def metric(server, name: str) -> float:
+def metric(server, name: str, default: float | None = None) -> float:
     for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
+    if default is None:
+        raise KeyError(name)
+    return default
 
 
 def test_client_disconnect_aborts_the_request(server):
-    before = metric(server, 'rayprism_requests_total{endpoint="completions",status="499"}') \
-        if "status=\"499\"" in requests.get(f"{server.url}/metrics").text else 0
+    disconnected = 'rayprism_requests_total{endpoint="completions",status="499"}'
+    before = metric(server, disconnected, default=0)
+    aborted = metric(server, "rayprism_aborted_requests")
     response = requests.post(f"{server.url}/v1/completions", stream=True, timeout=30, json={
         "model": MODEL, "prompt": "go", "max_tokens": 480, "ignore_eos": True, "stream": True})
     next(response.iter_lines())
     response.close()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not (
-            metric(server, "rayprism_requests_in_flight") == 0 and metric(server, "rayprism_requests_running") == 0):
+    while time.monotonic() < deadline and metric(server, "rayprism_aborted_requests") == aborted:
         time.sleep(0.1)
     assert metric(server, "rayprism_requests_in_flight") == 0
-    assert metric(server, 'rayprism_requests_total{endpoint="completions",status="499"}') == before + 1
+    assert metric(server, disconnected) == before + 1
+    assert metric(server, "rayprism_aborted_requests") == aborted + 1    # the engine dropped it
 
 
 def test_metrics(server, client):

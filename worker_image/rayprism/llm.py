@@ -91,8 +91,8 @@ class LLM:
         return self._executor.world_size
 
     def stats(self) -> dict:
-        """Latest engine stats: num_running, num_waiting, kv_cache_usage, num_preemptions."""
-        return dict(self._executor.stats)
+        """Latest engine stats (num_running, num_waiting, kv_cache_usage, num_preemptions) and num_aborted."""
+        return {**self._executor.stats, "num_aborted": self._executor.num_aborted}
 
     def num_in_flight(self) -> int:
         return self._executor.num_in_flight()

@@ -56,15 +56,15 @@ class RayExecutor:
         self.name, self.namespace = name, namespace
         use_gpu = _use_gpu(config.device, self.world_size)
         self._owned_pg, pg, bundle_indices = self._placement(placement, use_gpu, name, detached)
+        self.workers = []
         try:
-            workers = self._create_workers(pg, bundle_indices, use_gpu, placement.cpus_per_worker,
-                                           name, namespace, detached)
-            self.workers = workers
+            self._create_workers(pg, bundle_indices, use_gpu, placement.cpus_per_worker, name, namespace, detached)
+            workers = self.workers
             master = ray.get(workers[0].rendezvous_address.remote())
             ray.get([w.init_distributed.remote(*master, "nccl" if use_gpu else "gloo") for w in workers])
             self.info = ray.get([w.start.remote(config) for w in workers])[0]
         except BaseException:
-            self._kill_workers(getattr(self, "workers", []))
+            self._kill_workers(self.workers)
             if self._owned_pg is not None:
                 remove_placement_group(self._owned_pg)
             raise
@@ -105,8 +105,7 @@ class RayExecutor:
                 f"{placement.timeout_s:.0f}s; the cluster has {ray.cluster_resources()}")
         return pg, pg, tuple(range(self.world_size))
 
-    def _create_workers(self, pg, bundle_indices, use_gpu, cpus, name, namespace, detached):
-        workers = []
+    def _create_workers(self, pg, bundle_indices, use_gpu, cpus, name, namespace, detached) -> None:
         for rank, bundle in enumerate(bundle_indices):
             options = dict(num_cpus=cpus, num_gpus=1 if use_gpu else 0, max_concurrency=_ACTOR_CONCURRENCY,
                            scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -114,12 +113,12 @@ class RayExecutor:
             if name:
                 options.update(name=f"{name}-rank{rank}", namespace=namespace,
                                lifetime="detached" if detached else None)
-            workers.append(ray.remote(RayGPUWorker).options(**options).remote(rank, self.world_size))
-        return workers
+            self.workers.append(ray.remote(RayGPUWorker).options(**options).remote(rank, self.world_size))
 
     # ---- driver threads ----------------------------------------------------------------------------
     def _start_threads(self) -> None:
         self.stats: dict = {}
+        self.num_aborted = 0        # requests the engine confirmed aborted
         self._error: EngineDeadError | None = None
         self._closed = False
         self._sinks: dict[str, Sink] = {}
@@ -160,6 +159,7 @@ class RayExecutor:
                 self._fail(EngineDeadError(f"rank 0 worker is unreachable: {err}"))
                 return
             for output in outputs:
+                self.num_aborted += output.finish_reason == "abort"
                 with self._lock:
                     sink = (self._sinks.pop if output.finished else self._sinks.get)(output.request_id, None)
                 if sink is not None:

@@ -29,7 +29,8 @@ class Metrics:
         for key, name, doc in (("num_running", "rayprism_requests_running", "Requests the engine is running"),
                                ("num_waiting", "rayprism_queue_depth", "Requests waiting in the engine's queue"),
                                ("kv_cache_usage", "rayprism_kv_cache_usage_ratio", "Used share of KV cache blocks"),
-                               ("num_preemptions", "rayprism_preemptions", "Preemptions so far")):
+                               ("num_preemptions", "rayprism_preemptions", "Preemptions so far"),
+                               ("num_aborted", "rayprism_aborted_requests", "Requests aborted so far")):
             Gauge(name, doc, registry=r).set_function(lambda key=key: float(engine_stats().get(key, 0)))
 
     def render(self) -> bytes:
