@@ -54,7 +54,8 @@ def _proc_usage(pid: int) -> tuple[float, float]:
 
 
 async def run(deployments: int, replicas: int, timeout: float) -> dict:
-    async with ApiServerEmulator(filter_labels=True, keep_requests=False, record_timeline=False) as k8s, Server(k8s), FakeKubeRay(k8s):
+    emulator = ApiServerEmulator(filter_labels=True, keep_requests=False, record_timeline=False)
+    async with emulator as k8s, Server(k8s), FakeKubeRay(k8s):
         register(k8s)
         with tempfile.TemporaryDirectory() as tmp:
             kubeconfig = Path(tmp) / "kubeconfig"
@@ -64,8 +65,8 @@ async def run(deployments: int, replicas: int, timeout: float) -> dict:
                 "users": [{"name": "bench", "user": {"token": "bench"}}],
                 "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "bench"}}]}))
             env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
-            operator = subprocess.Popen([str(Path(sys.executable).parent / "rayprism-operator"), "--standalone", "-A",
-                                         *os.environ.get("RAYPRISM_BENCH_OPERATOR_FLAGS", "--quiet").split()], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            command = [str(Path(sys.executable).parent / "rayprism-operator"), "--standalone", "-A", "--quiet"]
+            operator = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
                 # Ready once it watches InferenceDeployments.
                 async with asyncio.timeout(30):

@@ -237,9 +237,10 @@ def plan(obs: Observed) -> Plan:
     conditions = set_conditions(obs.conditions, obs.now, obs.generation, {
         "Available": availability, "Progressing": progressing, "Degraded": degraded})
     previous = {c["type"]: c for c in obs.conditions}
-    if progressing[1] == "ProgressDeadlineExceeded" and previous.get("Progressing", {}).get("reason") != progressing[1]:
+    was_progressing = previous.get("Progressing", {}).get("reason")
+    if progressing[1] == "ProgressDeadlineExceeded" and was_progressing != progressing[1]:
         out.events.append(Event("Warning", "ProgressDeadlineExceeded", progressing[2]))
-    if complete and previous.get("Progressing", {}).get("reason") != "NewRevisionAvailable":
+    if complete and was_progressing != "NewRevisionAvailable":
         out.events.append(Event("Normal", "RolloutComplete", progressing[2]))
 
     out.status = {

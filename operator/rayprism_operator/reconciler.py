@@ -118,38 +118,56 @@ class Reconciler:
         token = await self._admin_token(infd)
         await self._ensure_service(infd)
         revision = render.revision_hash(infd.spec, self.settings.options)
-        children = await self.kube.list(RAYCLUSTERS, namespace, render.selector_labels(name))
-        uid = infd.metadata.uid
-        children = [c for c in children if not uid or any(
-            o.get("uid") == uid for o in c["metadata"].get("ownerReferences") or [])]
-
-        # Poll the replicas whose weights are loading (only InPlace rollouts have any).
-        target = infd.spec.model.revision
-        loading = [c for c in children
-                   if (c["metadata"].get("annotations") or {}).get(ANNOTATION_WEIGHTS_TARGET) == target
-                   and target is not None and c["metadata"].get("labels", {}).get(render.LABEL_REVISION) == revision]
-        reports = await asyncio.gather(*(self.weights.poll(admin_url(c), token, target) for c in loading))
-        by_name = {c["metadata"]["name"]: r for c, r in zip(loading, reports)}
-        replicas = [observe(c, now, by_name.get(c["metadata"]["name"])) for c in children]
-
+        children = await self._replicas(infd)
+        replicas = await self._observe(children, revision, infd.spec.model.revision, token, now)
         plan = planner.plan(planner.Observed(
             spec=infd.spec, update_revision=revision, generation=infd.metadata.generation,
             replicas=replicas, conditions=(body.get("status") or {}).get("conditions") or [],
             endpoint=render.endpoint_url(infd), selector=render.head_pod_selector(name), now=now,
             weights_poll_seconds=self.settings.weights_poll_seconds))
-        for event in plan.events:
+        await self._apply(plan, infd, revision, children, token, body, now)
+        for event in plan.events:  # after the changes they announce were made
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
-        async def annotate(replica: str, values: dict) -> None:
-            await self.kube.patch(RAYCLUSTERS, namespace, replica, {"metadata": {"annotations": values}})
+        current = body.get("status") or {}
+        changes = {k: v for k, v in plan.status.items() if current.get(k) != v}
+        if changes:
+            await self.kube.patch(INFERENCE_DEPLOYMENTS, namespace, name, {"status": changes}, subresource="status")
+        return plan.requeue_after
 
-        # A loaded revision goes into the RayCluster's spec as well (KubeRay leaves running pods alone),
-        # so that a head pod that restarts loads it again.
-        spec = render.render_raycluster(infd, revision, "", self.settings.options)["spec"]
-        for replica in plan.finish_weight_updates:
-            await self.kube.patch(RAYCLUSTERS, namespace, replica, {"spec": spec, "metadata": {"annotations": {
-                render.ANNOTATION_WEIGHTS_REVISION: target,
-                ANNOTATION_WEIGHTS_TARGET: None, ANNOTATION_WEIGHTS_STARTED: None}}})
+    async def _replicas(self, infd: api.InferenceDeployment) -> list[dict]:
+        """The RayClusters of this InferenceDeployment (by label, and owner uid where known)."""
+        namespace, name = infd.metadata.namespace, infd.metadata.name
+        children = await self.kube.list(RAYCLUSTERS, namespace, render.selector_labels(name))
+        uid = infd.metadata.uid
+        return [c for c in children if not uid or any(
+            o.get("uid") == uid for o in c["metadata"].get("ownerReferences") or [])]
+
+    async def _observe(self, children: list[dict], revision: str, target: str | None, token: str,
+                       now: datetime) -> list[planner.Replica]:
+        """The planner's view of the replicas, with what loading ones' admin API says."""
+        loading = [c for c in children if target is not None
+                   and (c["metadata"].get("annotations") or {}).get(ANNOTATION_WEIGHTS_TARGET) == target
+                   and (c["metadata"].get("labels") or {}).get(render.LABEL_REVISION) == revision]
+        reports = await asyncio.gather(*(self.weights.poll(admin_url(c), token, target) for c in loading))
+        by_name = {c["metadata"]["name"]: r for c, r in zip(loading, reports)}
+        return [observe(c, now, by_name.get(c["metadata"]["name"])) for c in children]
+
+    async def _apply(self, plan: planner.Plan, infd: api.InferenceDeployment, revision: str,
+                     children: list[dict], token: str, body: dict, now: datetime) -> None:
+        namespace, target = infd.metadata.namespace, infd.spec.model.revision
+
+        async def annotate(replica: str, values: dict, spec: dict | None = None) -> None:
+            patch = {"metadata": {"annotations": values}, **({"spec": spec} if spec else {})}
+            await self.kube.patch(RAYCLUSTERS, namespace, replica, patch)
+
+        if plan.finish_weight_updates:
+            # The loaded revision goes into the RayCluster's spec too (KubeRay leaves running pods
+            # alone), so that a head pod that restarts loads it again.
+            spec = render.render_raycluster(infd, revision, "", self.settings.options)["spec"]
+            for replica in plan.finish_weight_updates:
+                await annotate(replica, {render.ANNOTATION_WEIGHTS_REVISION: target,
+                                         ANNOTATION_WEIGHTS_TARGET: None, ANNOTATION_WEIGHTS_STARTED: None}, spec)
         for replica in plan.fail_weight_updates:
             await annotate(replica, {ANNOTATION_WEIGHTS_FAILED: target})
         for replica in plan.delete:
@@ -164,12 +182,6 @@ class Reconciler:
                            message=f"Replica {replica} refused to load weights revision {target}; replacing it")
         for _ in range(plan.create):
             await self._create_replica(infd, revision)
-
-        current = body.get("status") or {}
-        changes = {k: v for k, v in plan.status.items() if current.get(k) != v}
-        if changes:
-            await self.kube.patch(INFERENCE_DEPLOYMENTS, namespace, name, {"status": changes}, subresource="status")
-        return plan.requeue_after
 
     async def _create_replica(self, infd: api.InferenceDeployment, revision: str) -> None:
         for _ in range(3):  # a suffix already taken is a 409: draw another
@@ -211,7 +223,8 @@ class Reconciler:
         def ports(s: dict) -> list:  # the API server fills in more (nodePort, ...): compare ours only
             return [(p.get("name"), p.get("port"), p.get("targetPort")) for p in s.get("ports") or []]
 
-        if (spec.get("type"), spec.get("selector"), ports(spec)) != (wanted["type"], wanted["selector"], ports(wanted)):
+        ours = (wanted["type"], wanted["selector"], ports(wanted))
+        if (spec.get("type"), spec.get("selector"), ports(spec)) != ours:
             await self.kube.patch(SERVICES, namespace, name, {"spec": wanted})
 
     async def _report_invalid(self, body: dict, message: str, now: datetime) -> None:

@@ -105,7 +105,8 @@ class ApiServerEmulator(KubernetesEmulator):
                 self._forget(request)
         if action == kmock.action.DELETE and request.resource:
             await self._collect_garbage()
-        if self.record_timeline and request.resource == RC and action in (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE):
+        writes = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
+        if self.record_timeline and request.resource == RC and action in writes:
             self.timeline.append(self.replicas())
         return response
 

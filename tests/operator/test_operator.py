@@ -25,7 +25,8 @@ def condition(k8s, type_, name="demo") -> dict:
 def settled(k8s, name="demo", replicas=2) -> bool:
     s = status(k8s, name)
     return (s.get("readyReplicas") == replicas and s.get("availableReplicas") == replicas
-            and s.get("replicas") == replicas and condition(k8s, "Progressing", name).get("reason") == "NewRevisionAvailable"
+            and s.get("replicas") == replicas
+            and condition(k8s, "Progressing", name).get("reason") == "NewRevisionAvailable"
             and s.get("observedGeneration") == k8s.deployment(name)["metadata"]["generation"])
 
 

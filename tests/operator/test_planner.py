@@ -110,7 +110,8 @@ def test_status_of_a_finished_rollout():
 
 
 def test_status_mid_rollout_counts_only_the_new_revision_as_updated():
-    p = plan(observe(spec(2, maxSurge=1, maxUnavailable=0), [rep("a", OLD), rep("b", OLD), rep("n", ready=False, age=1)]))
+    replicas = [rep("a", OLD), rep("b", OLD), rep("n", ready=False, age=1)]
+    p = plan(observe(spec(2, maxSurge=1, maxUnavailable=0), replicas))
     assert (p.status["replicas"], p.status["readyReplicas"], p.status["updatedReplicas"],
             p.status["availableReplicas"], p.status["currentRevision"]) == (3, 2, 1, 0, OLD)
     assert conditions(p)["Progressing"] == ("True", "RolloutInProgress")
