@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 import kopf
 
 from . import api, planner, render
-from .kube import INFERENCE_DEPLOYMENTS, RAYCLUSTERS, SECRETS, SERVICES, Conflict, KubeClient, NotFound
+from .kube import INFERENCE_DEPLOYMENTS, RAYCLUSTERS, SECRETS, SERVICES, ApiError, Conflict, KubeClient, NotFound
 from .weights import WeightsClient, admin_url
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class Reconciler:
                              "generation": meta.get("generation")},
                 "spec": body.get("spec")})
         except api.SpecError as e:
-            await self._report_invalid(body, str(e), now)
+            await self._report_degraded(body, "InvalidSpec", str(e), now)
             return None
 
         token = await self._admin_token(infd)
@@ -125,7 +125,11 @@ class Reconciler:
             replicas=replicas, conditions=(body.get("status") or {}).get("conditions") or [],
             endpoint=render.endpoint_url(infd), selector=render.head_pod_selector(name), now=now,
             weights_poll_seconds=self.settings.weights_poll_seconds))
-        await self._apply(plan, infd, revision, children, token, body, now)
+        try:
+            await self._apply(plan, infd, revision, children, token, body, now)
+        except ApiError as e:  # e.g. refused by RBAC or admission: say so, then retry with backoff
+            await self._report_degraded(body, "ApplyFailed", str(e)[:1000], now)
+            raise
         for event in plan.events:  # after the changes they announce were made
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
@@ -227,17 +231,18 @@ class Reconciler:
         if (spec.get("type"), spec.get("selector"), ports(spec)) != ours:
             await self.kube.patch(SERVICES, namespace, name, {"spec": wanted})
 
-    async def _report_invalid(self, body: dict, message: str, now: datetime) -> None:
+    async def _report_degraded(self, body: dict, reason: str, message: str, now: datetime) -> None:
+        """Degraded=True with a Warning event, once per reason, message and generation."""
         status = body.get("status") or {}
         conditions = status.get("conditions") or []
         degraded = next((c for c in conditions if c.get("type") == "Degraded"), {})
         generation = body["metadata"].get("generation")
-        if degraded.get("reason") == "InvalidSpec" and degraded.get("message") == message \
+        if degraded.get("reason") == reason and degraded.get("message") == message \
                 and status.get("observedGeneration") == generation:
             return  # already reported
-        kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+        kopf.event(body, type="Warning", reason=reason, message=message)
         others = [c for c in conditions if c.get("type") != "Degraded"]
-        new = planner.set_conditions(conditions, now, generation, {"Degraded": ("True", "InvalidSpec", message)})
+        new = planner.set_conditions(conditions, now, generation, {"Degraded": ("True", reason, message)})
         await self.kube.patch(INFERENCE_DEPLOYMENTS, body["metadata"]["namespace"], body["metadata"]["name"],
                               {"status": {"observedGeneration": generation, "conditions": others + new}},
                               subresource="status")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import kmock
 import kopf
 from aiohttp import web
-from kmock import KubernetesEmulator
+from kmock import KubernetesEmulator, KubernetesError
 
 import rayprism_operator.handlers  # noqa: F401  (registers the handlers in kopf's default registry)
 from rayprism_operator import render
@@ -55,12 +55,20 @@ class ApiServerEmulator(KubernetesEmulator):
         # quadratic. The benchmark forgets requests once served (keep_requests=False) and counts them.
         self.keep_requests = keep_requests
         self.requests_served = 0
+        # Admission control: a request for which this returns a message is refused with 403 and not
+        # stored (kmock stores every write, even one that a test reaction answers with an error).
+        self.admission: Callable[[kmock.Request], str | None] = lambda request: None
         self.timeline: list[dict[str, tuple[str, bool]]] = []
         # Off in tests: the operator must cope with kmock ignoring labelSelector. On in the benchmark,
         # where listing every RayCluster of 200 deployments would measure the emulator instead.
         self.filter_labels = filter_labels
 
     async def _handle(self, request):
+        if message := self.admission(request):
+            self.requests_served += 1
+            if not self.keep_requests:
+                self._forget(request)
+            raise KubernetesError(status=403, reason="Forbidden", message=message)
         action, data = request.action, request.data
         meta = data.setdefault("metadata", {}) if isinstance(data, dict) and request.resource else None
         subresources = self.resources[request.resource].subresources if request.resource in self.resources else set()

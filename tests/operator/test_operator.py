@@ -268,3 +268,20 @@ def test_the_operator_imports_without_torch_or_ray():
             "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+async def test_a_refused_change_is_reported_as_degraded_and_retried(k8s, operator):
+    refused = []
+
+    def admission(request):  # an admission webhook that refuses the first three RayClusters
+        if request.action == kmock.action.CREATE and request.resource == RC and len(refused) < 3:
+            refused.append(request)
+            return "denied by policy"
+
+    k8s.admission = admission
+    await k8s.post(IDEP_PATH, json=deployment(replicas=1))
+    await wait_for(lambda: condition(k8s, "Degraded").get("reason") == "ApplyFailed", what="ApplyFailed")
+    assert "denied by policy" in condition(k8s, "Degraded")["message"]
+    await wait_for(lambda: k8s.events("ApplyFailed"), what="ApplyFailed event")
+    await wait_for(lambda: settled(k8s, replicas=1), timeout=20, what="recovered once allowed")
+    assert condition(k8s, "Degraded")["status"] == "False" and len(refused) == 3
