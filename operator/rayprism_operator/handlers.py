@@ -23,10 +23,13 @@ from .workqueue import WorkQueue
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **_) -> None:
     settings.posting.level = logging.INFO  # Normal events (every scale and rollout step) are posted too
-    info = kopf.login_via_client(logger=logger, settings=settings)
-    if info is None:
-        raise kopf.PermanentError("no Kubernetes credentials: set KUBECONFIG or run in a cluster")
-    memo.kube = KubeClient(info)
+    def login() -> kopf.ConnectionInfo:  # the way kopf logs in itself: KUBECONFIG or the service account
+        info = kopf.login_via_client(logger=logger, settings=settings)
+        if info is None:
+            raise kopf.PermanentError("no Kubernetes credentials: set KUBECONFIG or run in a cluster")
+        return info
+
+    memo.kube = KubeClient(login)
     memo.weights = WeightsClient()
     memo.queue = WorkQueue(Reconciler(memo.kube, memo.weights, Settings.from_env()).reconcile)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -59,14 +60,19 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     return context
 
 
+def _authorization(info: kopf.ConnectionInfo) -> dict[str, str]:
+    return {"Authorization": f"{info.scheme or 'Bearer'} {info.token}"} if info.token else {}
+
+
 class KubeClient:
-    def __init__(self, info: kopf.ConnectionInfo):
-        headers = {}
-        if info.token:
-            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
+    def __init__(self, login: Callable[[], kopf.ConnectionInfo]):
+        """`login` is asked for credentials at start and again when the API answers 401 (service
+        account tokens are rotated)."""
+        self._login = login
+        info = login()
         auth = aiohttp.BasicAuth(info.username, info.password or "") if info.username else None
         self._session = aiohttp.ClientSession(
-            base_url=info.server.rstrip("/") + "/", headers=headers, auth=auth,
+            base_url=info.server.rstrip("/") + "/", headers=_authorization(info), auth=auth,
             connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=64),
             timeout=aiohttp.ClientTimeout(total=30))
 
@@ -75,6 +81,7 @@ class KubeClient:
 
     async def request(self, method: str, path: str, body: Any = None, params: dict | None = None) -> Any:
         headers = {"Content-Type": "application/merge-patch+json"} if method == "PATCH" else None
+        relogged = False
         for delay in (*RETRY_DELAYS, None):
             try:
                 async with self._session.request(method, path.lstrip("/"), json=body, params=params,
@@ -86,6 +93,10 @@ class KubeClient:
                         raise NotFound(404, text)
                     if response.status == 409:
                         raise Conflict(409, text)
+                    if response.status == 401 and not relogged:
+                        relogged = True
+                        self._session.headers.update(_authorization(self._login()))
+                        continue
                     # A failed POST may still have been committed: the next reconcile sees what exists.
                     if response.status not in TRANSIENT_STATUSES or delay is None or method == "POST":
                         raise ApiError(response.status, text)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import kubernetes.config.kube_config
 import pytest
-import yaml
 from kmock import Server
 
-from .harness import WORKER_IMAGE, ApiServerEmulator, FakeKubeRay, OperatorThread, register
+from .harness import WORKER_IMAGE, ApiServerEmulator, FakeKubeRay, OperatorThread, register, write_kubeconfig
 
 
 @pytest.fixture
@@ -15,11 +14,7 @@ async def k8s(tmp_path, monkeypatch):
     async with ApiServerEmulator() as emulator, Server(emulator):
         register(emulator)
         kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {"server": str(emulator.url).rstrip("/")}}],
-            "users": [{"name": "test", "user": {"token": "test"}}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}]}))
+        write_kubeconfig(kubeconfig, str(emulator.url), token="test")
         # The operator finds the cluster the way it does outside tests: through KUBECONFIG.
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         # The kubernetes package reads $KUBECONFIG once, at import (which happened already).

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable
 
 import kmock
+import yaml
 import kopf
 from aiohttp import web
 from kmock import KubernetesEmulator, KubernetesError
@@ -55,20 +56,20 @@ class ApiServerEmulator(KubernetesEmulator):
         # quadratic. The benchmark forgets requests once served (keep_requests=False) and counts them.
         self.keep_requests = keep_requests
         self.requests_served = 0
-        # Admission control: a request for which this returns a message is refused with 403 and not
+        # Authentication and admission: a request for which this returns an error is refused and not
         # stored (kmock stores every write, even one that a test reaction answers with an error).
-        self.admission: Callable[[kmock.Request], str | None] = lambda request: None
+        self.admission: Callable[[kmock.Request], KubernetesError | None] = lambda request: None
         self.timeline: list[dict[str, tuple[str, bool]]] = []
         # Off in tests: the operator must cope with kmock ignoring labelSelector. On in the benchmark,
         # where listing every RayCluster of 200 deployments would measure the emulator instead.
         self.filter_labels = filter_labels
 
     async def _handle(self, request):
-        if message := self.admission(request):
+        if error := self.admission(request):
             self.requests_served += 1
             if not self.keep_requests:
                 self._forget(request)
-            raise KubernetesError(status=403, reason="Forbidden", message=message)
+            raise error
         action, data = request.action, request.data
         meta = data.setdefault("metadata", {}) if isinstance(data, dict) and request.resource else None
         subresources = self.resources[request.resource].subresources if request.resource in self.resources else set()
@@ -261,6 +262,14 @@ class OperatorThread:
         self._stop.set()
         await asyncio.to_thread(self._thread.join, 10)
         assert not self._thread.is_alive(), "the operator did not stop"
+
+
+def write_kubeconfig(path, server: str, token: str) -> None:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": server.rstrip("/")}}],
+        "users": [{"name": "test", "user": {"token": token}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}]}))
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:

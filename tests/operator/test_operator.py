@@ -7,11 +7,12 @@ import sys
 
 import kmock
 import pytest
+from kmock import KubernetesError
 
 from rayprism_operator.main import main
 
 from .harness import (IDEP, IDEP_PATH, NS, RC, SECRETS, SERVICES, WORKER_IMAGE, FakeAdminApi, OperatorThread,
-                      deployment, wait_for)
+                      deployment, wait_for, write_kubeconfig)
 
 
 def status(k8s, name="demo") -> dict:
@@ -276,7 +277,7 @@ async def test_a_refused_change_is_reported_as_degraded_and_retried(k8s, operato
     def admission(request):  # an admission webhook that refuses the first three RayClusters
         if request.action == kmock.action.CREATE and request.resource == RC and len(refused) < 3:
             refused.append(request)
-            return "denied by policy"
+            return KubernetesError(status=403, reason="Forbidden", message="denied by policy")
 
     k8s.admission = admission
     await k8s.post(IDEP_PATH, json=deployment(replicas=1))
@@ -285,3 +286,21 @@ async def test_a_refused_change_is_reported_as_degraded_and_retried(k8s, operato
     await wait_for(lambda: k8s.events("ApplyFailed"), what="ApplyFailed event")
     await wait_for(lambda: settled(k8s, replicas=1), timeout=20, what="recovered once allowed")
     assert condition(k8s, "Degraded")["status"] == "False" and len(refused) == 3
+
+
+async def test_a_rotated_token_makes_the_operator_log_in_again(k8s, operator, tmp_path):
+    await k8s.post(IDEP_PATH, json=deployment(replicas=1))
+    await wait_for(lambda: settled(k8s, replicas=1), what="1 ready replica")
+    # The service account token is rotated: the old one is refused from now on.
+    write_kubeconfig(tmp_path / "kubeconfig", str(k8s.url), token="rotated")
+    stale = []
+
+    def authentication(request):
+        if request.headers.get("Authorization") == "Bearer test":
+            stale.append(request)
+            return KubernetesError(status=401, reason="Unauthorized", message="token expired")
+
+    k8s.admission = authentication
+    await edit(k8s, {"spec": {"replicas": 2}}, path="/scale")
+    await wait_for(lambda: settled(k8s, replicas=2), what="scaled with the new token")
+    assert stale  # the operator did try the old token first
