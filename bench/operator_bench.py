@@ -23,13 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
 from kmock import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tests.operator.harness import (IDEP, IDEP_PATH, NS, ApiServerEmulator, FakeKubeRay,  # noqa: E402
-                                    deployment, register)
+                                    deployment, register, write_kubeconfig)
 
 
 def _settled(k8s: ApiServerEmulator, name: str, replicas: int) -> bool:
@@ -59,11 +58,7 @@ async def run(deployments: int, replicas: int, timeout: float) -> dict:
         register(k8s)
         with tempfile.TemporaryDirectory() as tmp:
             kubeconfig = Path(tmp) / "kubeconfig"
-            kubeconfig.write_text(yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-                "clusters": [{"name": "kmock", "cluster": {"server": str(k8s.url).rstrip("/")}}],
-                "users": [{"name": "bench", "user": {"token": "bench"}}],
-                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "bench"}}]}))
+            write_kubeconfig(kubeconfig, str(k8s.url), token="bench")
             env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
             command = [str(Path(sys.executable).parent / "rayprism-operator"), "--standalone", "-A", "--quiet"]
             operator = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
