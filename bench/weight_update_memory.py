@@ -34,6 +34,7 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_worker_niceness", "0")   # Ray starts workers at nice 15; compare like with like
     ray.init(include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="/tmp/rp"))
     llm = LLM(args.model, device=args.device, tensor_parallel_size=args.tensor_parallel_size)
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)

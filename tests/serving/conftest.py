@@ -8,6 +8,7 @@ from tests.serving.helpers import make_checkpoint
 
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_worker_niceness", "0")   # Ray's default 15 starves workers on a busy CI machine
 
 
 @pytest.fixture(scope="session")

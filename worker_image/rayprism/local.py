@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     world_size = flags.tensor_parallel_size * flags.pipeline_parallel_size
     temp_dir = tempfile.mkdtemp(prefix="/tmp/rp")   # Ray's socket paths must stay short
+    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray would start the model workers at nice 15
     print(f"starting a local Ray cluster for {world_size} worker(s) ...", flush=True)
     ray.init(address="local", _temp_dir=temp_dir, include_dashboard=False,
              num_cpus=max(os.cpu_count() or 1, world_size), namespace="rayprism-local")

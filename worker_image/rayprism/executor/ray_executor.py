@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 Sink = Callable[[RequestOutput | BaseException], None]
 
 _POLL_TIMEOUT_S = 0.5
+# At most one poll per 10 ms: each Ray call costs rank 0's process GIL time that the step loop needs, so
+# polling after every step cost 14-21% of tokens/s on an H200 vs 5-7% at 10 ms (bench/results/
+# executor_overhead-poll-interval-cuda.json); streamed tokens arrive up to 10 ms later in exchange.
+_MIN_POLL_INTERVAL_S = 0.01
 _HEALTH_INTERVAL_S = 1.0
 _HEALTH_TIMEOUT_S = 5.0
 _ACTOR_CONCURRENCY = 8   # poll, submit, ping and admin calls run side by side on a worker
@@ -118,6 +122,7 @@ class RayExecutor:
     # ---- driver threads ----------------------------------------------------------------------------
     def _start_threads(self) -> None:
         self.stats: dict = {}
+        self._next_poll = 0.0
         self.num_aborted = 0        # requests the engine confirmed aborted
         self._error: EngineDeadError | None = None
         self._closed = False
@@ -152,6 +157,8 @@ class RayExecutor:
 
     def _poller(self) -> None:
         while not self._closed:
+            time.sleep(max(0.0, self._next_poll - time.monotonic()))
+            self._next_poll = time.monotonic() + _MIN_POLL_INTERVAL_S
             try:
                 outputs, self.stats, fatal = ray.get(self.workers[0].poll.remote(_POLL_TIMEOUT_S),
                                                      timeout=_POLL_TIMEOUT_S + _HEALTH_TIMEOUT_S)
