@@ -4,7 +4,10 @@ No finalizer is added (no daemons, timers or deletion handlers): the RayClusters
 admin Secret carry ownerReferences, so Kubernetes' garbage collector removes them.
 
 Two operator replicas: kopf's peering (`--peering NAME`, the default unless `--standalone`) pauses the
-watches of every replica but the one with the highest priority, so only it receives events.
+watches of every replica but the one with the highest priority, so only it receives events and
+starts reconciles. Known gap: a paused replica keeps the self-scheduled wake-ups it had (progress
+deadline, polls of in-flight weight loads); those reconciles decide from the same cluster state as
+the active replica's, so at worst both make the same change (a duplicate create is then scaled away).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from .workqueue import WorkQueue
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **_) -> None:
     settings.posting.level = logging.INFO  # Normal events (every scale and rollout step) are posted too
+
     def login() -> kopf.ConnectionInfo:  # the way kopf logs in itself: KUBECONFIG or the service account
         info = kopf.login_via_client(logger=logger, settings=settings)
         if info is None:
