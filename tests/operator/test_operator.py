@@ -227,6 +227,12 @@ async def test_in_place_weight_update_replaces_the_replica_that_fails(k8s, kuber
             admin.failing.add(kuberay.pod_ips[failing])
 
             await edit(k8s, {"spec": {"model": {"revision": "v2"}}})
+            # The operator restarts while the first replica loads: it resumes from the annotations and
+            # reads the admin token back from the Secret.
+            await wait_for(lambda: any("rayprism.dev/weights-target" in k8s.objects[RC, NS, n].raw["metadata"]
+                                       ["annotations"] for n in before), what="a load in flight")
+            await op.stop()
+            await op.start()
             await wait_for(lambda: status(k8s).get("weightsRevision") == "v2" and settled(k8s, replicas=3),
                            timeout=15, what="weights v2 everywhere")
             after = set(k8s.replicas("demo"))
