@@ -162,7 +162,7 @@ def test_duplicate_request_id_rejected(engine):
     engine.step()
 
 
-def test_sleep_wake_up_and_reload_keep_requests(engine, tiny_qwen2_dir, tiny_llama_dir):
+def test_sleep_and_wake_up_keep_requests(engine):
     expected = tokens(generate(engine, PROMPTS[:2], GREEDY))
     engine.add_request("0", PROMPTS[0], GREEDY)
     engine.add_request("1", PROMPTS[1], GREEDY)
@@ -172,6 +172,7 @@ def test_sleep_wake_up_and_reload_keep_requests(engine, tiny_qwen2_dir, tiny_lla
             got[out.request_id] += out.new_token_ids
     engine.sleep()
     assert engine.runner.kv_cache is None and engine.stats()["num_running"] == 0
+    assert engine.step() == [] and engine.stats()["num_waiting"] == 2  # paused, not lost
     engine.wake_up()
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -179,7 +180,7 @@ def test_sleep_wake_up_and_reload_keep_requests(engine, tiny_qwen2_dir, tiny_lla
     assert list(got.values()) == expected
 
 
-def test_load_weights_and_update_from_tensors(tiny_llama_dir, tmp_path, smollm2_dir):
+def test_load_weights_and_update_from_tensors(tiny_llama_dir, tiny_qwen2_dir, tmp_path, smollm2_dir):
     from safetensors.torch import load_file
 
     from .helpers import save_random_model
@@ -188,6 +189,9 @@ def test_load_weights_and_update_from_tensors(tiny_llama_dir, tmp_path, smollm2_
     reference = tokens(generate(LLMEngine(EngineConfig(model=other, num_kv_blocks=16)), PROMPTS, GREEDY))
     engine = LLMEngine(EngineConfig(model=tiny_llama_dir, num_kv_blocks=16))
     assert tokens(generate(engine, PROMPTS, GREEDY)) != reference
+    with pytest.raises(ValueError, match="does not fit the model"):
+        engine.load_weights(tiny_qwen2_dir)  # refused before any weight is touched
+    assert tokens(generate(engine, PROMPTS, GREEDY)) == tokens(generate(LLMEngine(engine.config), PROMPTS, GREEDY))
     engine.load_weights(other)
     assert tokens(generate(engine, PROMPTS, GREEDY)) == reference
     engine.load_weights(tiny_llama_dir)

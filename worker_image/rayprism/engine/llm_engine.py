@@ -55,6 +55,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.aborted: list[Sequence] = []
         self._arrivals = itertools.count()
+        self.sleeping = False
 
     def _eos_token_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -111,6 +112,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs = [self._output(seq, [], "", None) for seq in self.aborted]
         self.aborted = []
+        if self.sleeping:  # requests wait (none are lost) until wake_up
+            return outputs
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return outputs
@@ -181,16 +184,20 @@ class LLMEngine:
 
     def update_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Full HF-named tensors; every rank keeps its slice (the same loaders as disk loading)."""
-        self.runner.call("load_named_tensors", [(name, t.detach().cpu()) for name, t in named_tensors])
+        if self.runner.world_size > 1:  # tensors travel to the other ranks pickled over gloo
+            named_tensors = [(name, t.detach().cpu()) for name, t in named_tensors]
+        self.runner.call("load_named_tensors", named_tensors)
         self.scheduler.preempt_all()
 
     def sleep(self) -> None:
         """Free the KV cache and offload weights; running requests resume (recomputed) after wake_up."""
         self.scheduler.preempt_all()
         self.runner.call("sleep")
+        self.sleeping = True
 
     def wake_up(self) -> None:
         self.runner.call("wake_up")
+        self.sleeping = False
 
     def shutdown(self) -> None:
         self.runner.call("shutdown")

@@ -117,6 +117,13 @@ class CheckpointReader:
         if not self.files:
             raise FileNotFoundError(f"no *.safetensors files in {folder!r}")
 
+    def names(self) -> list[str]:
+        names = []
+        for path in self.files:
+            with safe_open(path, framework="pt") as f:
+                names += f.keys()
+        return names
+
     def slices(self, desc: str = "Loading weights") -> Iterator[tuple[str, Any]]:
         """Yield (name, safetensors slice); a slice is read from disk only when indexed."""
         for path in tqdm(self.files, desc=desc, unit="file", disable=len(self.files) == 1):

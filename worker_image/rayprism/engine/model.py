@@ -120,21 +120,23 @@ class CausalLM(nn.Module):
         """Full-vocabulary logits on rank 0, None on other ranks."""
         return self.lm_head(hidden)
 
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
-        """Load HF-named full tensors or safetensors slices; returns the names of the parameters written."""
+    def checkpoint_target(self, name: str) -> tuple[str, object] | None:
+        """(our parameter, shard id) that HF checkpoint tensor `name` loads into; None for tensors we skip."""
+        if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+            return None
+        for hf_part, (our_part, shard_id) in PACKED_WEIGHTS.items():
+            if f".{hf_part}." in name:
+                return name.replace(hf_part, our_part), shard_id
+        return name, None
+
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Load HF-named full tensors or safetensors slices through each parameter's weight_loader."""
         params = dict(self.named_parameters())
-        loaded_params = set()
         for name, loaded in weights:
-            if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+            target = self.checkpoint_target(name)
+            if target is None:
                 continue
-            shard_id = None
-            for hf_part, (our_part, shard) in PACKED_WEIGHTS.items():
-                if f".{hf_part}." in name:
-                    name, shard_id = name.replace(hf_part, our_part), shard
-                    break
-            if name not in params:
+            if target[0] not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no matching parameter in the model")
-            param = params[name]
-            param.weight_loader(param, loaded, shard_id)
-            loaded_params.add(name)
-        return loaded_params
+            param = params[target[0]]
+            param.weight_loader(param, loaded, target[1])

@@ -5,6 +5,7 @@ carries only tensors), then runs the method locally. Ranks > 0 sit in `serve_for
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ from .layers import Attention
 from .loader import CheckpointReader, resolve_model_path
 from .model import CausalLM
 from .sequence import Sequence
+
+logger = logging.getLogger(__name__)
 
 # On the CPU there is no "free device memory": the KV pool gets kv_cache_memory_fraction of this budget.
 CPU_KV_CACHE_BUDGET_BYTES = 2 << 30
@@ -92,27 +95,55 @@ class ModelRunner:
 
     # --- driving the other ranks -------------------------------------------------------------------
     def call(self, name: str, *args):
-        """Run method `name` on every rank (rank 0 only calls this)."""
-        if self.world_size > 1:
-            dist.broadcast_object_list([name, args], src=0, group=self.control_group)
-        return getattr(self, name)(*args)
+        """Run method `name` on every rank (only rank 0 calls this)."""
+        if self.world_size == 1:
+            return getattr(self, name)(*args)
+        dist.broadcast_object_list([name, args], src=0, group=self.control_group)
+        return self._run_on_all_ranks(name, args)
 
     def serve_forever(self) -> None:
         while True:
             message = [None, None]
             dist.broadcast_object_list(message, src=0, group=self.control_group)
             name, args = message
-            getattr(self, name)(*args)
+            try:
+                self._run_on_all_ranks(name, args)
+            except Exception:  # rank 0 raises the same failure to its caller; stay in the loop
+                logger.exception("rank %d: %s failed", self.rank, name)
             if name == "shutdown":
                 return
 
+    def _run_on_all_ranks(self, name: str, args: tuple):
+        if name == "execute_model":  # the hot path skips the extra round trip
+            return self.execute_model(*args)
+        # Everything else (weights, sleep) must succeed everywhere or be reported as failed on rank 0.
+        result, error, local_exc = None, None, None
+        try:
+            result = getattr(self, name)(*args)
+        except Exception as exc:
+            error, local_exc = f"rank {self.rank}: {exc}", exc
+        errors = [None] * self.world_size
+        dist.all_gather_object(errors, error, group=self.control_group)
+        if local_exc is not None:
+            raise local_exc
+        if any(errors):
+            raise RuntimeError(f"{name} failed: " + "; ".join(e for e in errors if e))
+        return result
+
     # --- weights ------------------------------------------------------------------------------------
     def load_weights(self, model: str, revision: str | None = None) -> None:
+        """Load this rank's slices; a checkpoint that lacks or adds tensors is refused before any is copied."""
         path = resolve_model_path(model, revision)
-        loaded = self.model.load_weights(CheckpointReader(path).slices(desc=f"Loading weights (rank {self.rank})"))
-        missing = set(dict(self.model.named_parameters())) - loaded
-        if missing:
-            raise ValueError(f"model {model!r}: checkpoint lacks {sorted(missing)[:5]} ({len(missing)} missing)")
+        reader = CheckpointReader(path)
+        params = dict(self.model.named_parameters())
+        targets = [t[0] for t in map(self.model.checkpoint_target, reader.names()) if t is not None]
+        unknown, missing = set(targets) - set(params), set(params) - set(targets)
+        if unknown or missing:
+            raise ValueError(
+                f"model {model!r}: checkpoint does not fit the model (missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unknown)[:3]})"
+            )
+        self.model.load_weights(reader.slices(desc=f"Loading weights (rank {self.rank})"))
         self.model_path = path
 
     def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
