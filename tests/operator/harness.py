@@ -256,11 +256,11 @@ class OperatorThread:
         self._thread = threading.Thread(target=asyncio.run, daemon=True, args=(kopf.operator(
             settings=settings, clusterwide=True, stop_flag=self._stop, ready_flag=ready),))
         self._thread.start()
-        assert await asyncio.to_thread(ready.wait, 10), "the operator did not start"
+        assert await asyncio.to_thread(ready.wait, 30), "the operator did not start"
 
     async def stop(self) -> None:
         self._stop.set()
-        await asyncio.to_thread(self._thread.join, 10)
+        await asyncio.to_thread(self._thread.join, 30)
         assert not self._thread.is_alive(), "the operator did not stop"
 
 
@@ -272,7 +272,7 @@ def write_kubeconfig(path, server: str, token: str) -> None:
         "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "test"}}]}))
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+async def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
     try:
         async with asyncio.timeout(timeout):
             while not predicate():

@@ -134,7 +134,7 @@ async def test_stuck_rollout_exceeds_its_progress_deadline(k8s, kuberay, operato
 
     await edit(k8s, {"spec": {"image": "example.com/worker:broken"}})
     await wait_for(lambda: condition(k8s, "Progressing").get("reason") == "ProgressDeadlineExceeded",
-                   timeout=10, what="deadline")
+                   what="deadline")
     assert condition(k8s, "Progressing")["status"] == "False"
     assert condition(k8s, "Available")["status"] == "True"  # the old replicas keep serving
     assert len(replicas_of(k8s, old)) == 2 and len(k8s.replicas("demo")) == 3
@@ -234,7 +234,7 @@ async def test_in_place_weight_update_replaces_the_replica_that_fails(k8s, kuber
             await op.stop()
             await op.start()
             await wait_for(lambda: status(k8s).get("weightsRevision") == "v2" and settled(k8s, replicas=3),
-                           timeout=15, what="weights v2 everywhere")
+                           what="weights v2 everywhere")
             after = set(k8s.replicas("demo"))
             assert status(k8s)["updateRevision"] == revision  # same RayClusters spec revision
             assert after & before == before - {failing}  # updated in place
@@ -260,7 +260,7 @@ async def test_transient_api_errors_are_retried(k8s, operator):
     failed_status = k8s[kmock.action.UPDATE, IDEP, kmock.subresource("status")][:1] << 500
     rollout = {"maxSurge": 1, "maxUnavailable": 0}
     await k8s.post(IDEP_PATH, json=deployment(replicas=3, rollout=rollout))
-    await wait_for(lambda: settled(k8s, replicas=3), timeout=15, what="3 ready replicas despite errors")
+    await wait_for(lambda: settled(k8s, replicas=3), what="3 ready replicas despite errors")
     assert len(list(lost_creations)) == 2 and len(list(failed_status)) == 1
     assert all(len(snapshot) <= 3 for snapshot in k8s.timeline)  # no duplicate from a blind retry
 
@@ -296,7 +296,7 @@ async def test_a_refused_change_is_reported_as_degraded_and_retried(k8s, operato
     await wait_for(lambda: condition(k8s, "Degraded").get("reason") == "ApplyFailed", what="ApplyFailed")
     assert "denied by policy" in condition(k8s, "Degraded")["message"]
     await wait_for(lambda: k8s.events("ApplyFailed"), what="ApplyFailed event")
-    await wait_for(lambda: settled(k8s, replicas=1), timeout=20, what="recovered once allowed")
+    await wait_for(lambda: settled(k8s, replicas=1), what="recovered once allowed")
     assert condition(k8s, "Degraded")["status"] == "False" and len(refused) == 3
 
 
