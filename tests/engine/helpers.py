@@ -11,11 +11,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 def save_random_model(folder: str, tokenizer_dir: str, architecture: str = "llama", **overrides) -> str:
     """Save a random-weight transformers model (safetensors) plus the SmolLM2 tokenizer into `folder`."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
-        architecture
-    ]
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[architecture]
+    config_cls = getattr(transformers, f"{prefix}Config")
+    model_cls = getattr(transformers, f"{prefix}ForCausalLM")
     fields = dict(
         vocab_size=49152,  # the SmolLM2 tokenizer's
         hidden_size=64,

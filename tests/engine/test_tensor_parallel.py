@@ -77,12 +77,28 @@ def test_tp2_matches_tp1(name, tp2_results, tiny_llama_dir, tiny_qwen2_dir):
     assert not torch.allclose(tp1["updated_logits"], tp1["logits"])  # the update really changed the model
 
 
-def test_tp1_matches_transformers_logits(tiny_llama_dir, tiny_qwen2_dir):
-    """The random models (GQA, untied; Qwen2 bias, tied) against transformers' own forward pass."""
+LLAMA31_ROPE = {
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+}
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-bias-tied", "llama3.1-rope", "mistral"])
+def test_tp1_matches_transformers_logits(variant, tiny_llama_dir, tiny_qwen2_dir, smollm2_dir, tmp_path):
+    """Our forward pass against transformers' for each architecture and rope flavour."""
     from transformers import AutoModelForCausalLM
 
-    for folder in (tiny_llama_dir, tiny_qwen2_dir):
-        engine = LLMEngine(EngineConfig(model=folder, num_kv_blocks=32))
-        reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        expected = reference(torch.tensor([PROBE_IDS])).logits[0, -1]
-        torch.testing.assert_close(prefill_logits(engine, PROBE_IDS)[0], expected, rtol=1e-4, atol=1e-4)
+    from .helpers import save_random_model
+
+    folder = {
+        "llama-gqa": lambda: tiny_llama_dir,
+        "qwen2-bias-tied": lambda: tiny_qwen2_dir,
+        "llama3.1-rope": lambda: save_random_model(str(tmp_path), smollm2_dir, rope_parameters=LLAMA31_ROPE),
+        "mistral": lambda: save_random_model(str(tmp_path), smollm2_dir, "mistral", sliding_window=None),
+    }[variant]()
+    engine = LLMEngine(EngineConfig(model=folder, num_kv_blocks=32))
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    probe = PROBE_IDS * 4  # 56 positions: past the 16 the llama3 scaling treats as original context
+    expected = reference(torch.tensor([probe])).logits[0, -1]
+    torch.testing.assert_close(prefill_logits(engine, probe)[0], expected, rtol=1e-4, atol=1e-4)
+    assert engine.hf_config.architectures[0] == type(reference).__name__
