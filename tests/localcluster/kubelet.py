@@ -7,12 +7,15 @@ Secrets (through the API server), emptyDir (a dir, or a tmpfs of sizeLimit for m
 volumes (files with defaultMode, mounted read-only), init containers run in order to completion,
 readiness probes (httpGet with the rendered period, timeout and threshold), SIGTERM then SIGKILL on delete.
 
+Containers restart as restartPolicy says (default Always), after a kubelet's back-off (10 s, doubling),
+and a restart first ends whatever the container left running (a runtime kills the container's cgroup;
+here: every process in the pod's namespace, which holds just that container in rendered pods).
+
 What it does not: no image (the container runs this checkout's .venv, i.e. the image's packages, with the
-image's ENV from worker_image/Dockerfile), no restarts (a container that exits stays exited; the
-RayCluster then never becomes ready and the test fails with the pod's log), no cgroup limits, processes
-run as root (the interpreter lives under /root, unreadable to uid 1000), and the open-files limit stays
-this machine's hard limit (raising it is not permitted here, so the rendered `ulimit -n 65536` prints an
-error and the command goes on, as it would in a container whose hard limit is lower).
+image's ENV from worker_image/Dockerfile), no cgroup limits, processes run as root (the interpreter lives
+under /root, unreadable to uid 1000), and the open-files limit stays this machine's hard limit (raising it
+is not permitted here, so the rendered `ulimit -n 65536` prints an error and the command goes on, as it
+would in a container whose hard limit is lower).
 """
 
 from __future__ import annotations
@@ -78,9 +81,10 @@ class Pod:
     netns: str = ""
     ip: str = ""
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # container -> main process
+    exits: dict[str, list[int]] = field(default_factory=dict)  # container -> exit codes so far
     ready: bool = False
     failed: str = ""            # why the pod cannot run (set instead of raising: a kubelet reports)
-    _probe: asyncio.Task | None = None
+    _tasks: list[asyncio.Task] = field(default_factory=list)  # supervisors and the readiness probe
 
     # --- start
 
@@ -90,20 +94,38 @@ class Pod:
             self.netns, self.ip = await asyncio.to_thread(self.network.add_pod)
             volumes = await self._volumes()
             for container in self.spec.get("initContainers", []):
-                process = await self._run_container(container, volumes)
-                code = await asyncio.to_thread(process.wait)
+                code = await self._exit_code(await self._run_container(container, volumes))
                 del self.processes[container["name"]]  # done; its log stays
                 if code != 0:
                     raise PodError(f"init container {container['name']} exited with {code}:\n{self.log(container['name'])}")
             for container in self.spec["containers"]:
                 await self._run_container(container, volumes)
+                self._tasks.append(asyncio.create_task(self._supervise(container, volumes)))
             container = self.spec["containers"][0]
             if probe := container.get("readinessProbe"):
-                self._probe = asyncio.create_task(self._readiness(container, probe))
+                self._tasks.append(asyncio.create_task(self._readiness(container, probe)))
             else:
                 self.ready = True
         except PodError as e:
             self.failed = str(e)
+
+    @staticmethod
+    async def _exit_code(process: subprocess.Popen) -> int:
+        while process.poll() is None:
+            await asyncio.sleep(0.2)
+        return process.returncode
+
+    async def _supervise(self, container: dict, volumes: dict[str, tuple[str, str]]) -> None:
+        name, policy = container["name"], self.spec.get("restartPolicy", "Always")
+        while True:
+            code = await self._exit_code(self.processes[name])
+            self.exits.setdefault(name, []).append(code)
+            self.ready = False
+            await self._kill_all()
+            if policy == "Never" or (policy == "OnFailure" and code == 0):
+                return
+            await asyncio.sleep(min(10 * 2 ** (len(self.exits[name]) - 1), 300))
+            await self._run_container(container, volumes)
 
     async def _secret(self, name: str) -> dict[str, bytes]:
         """A Secret's data; a kubelet waits for a Secret that does not exist yet (pod ContainerCreating)."""
@@ -200,7 +222,7 @@ class Pod:
         script.append(f"cd {shlex.quote(str(home))}")
         script.append('exec "$@"')
         env.setdefault("HOME", str(home))
-        log_file = open(self.root / f"{container['name']}.log", "wb")
+        log_file = open(self.root / f"{container['name']}.log", "ab")  # a restart appends
         # ip netns exec and unshare exec, so the container's main process keeps this pid.
         process = subprocess.Popen(
             ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation", "private", "--",
@@ -238,19 +260,18 @@ class Pod:
                     self.ready = False
                 await asyncio.sleep(probe.get("periodSeconds", 10))
 
-    def exited(self) -> dict[str, int]:
-        """Containers whose main process has ended: name -> exit code."""
-        return {name: p.returncode for name, p in self.processes.items() if p.poll() is not None}
+    def running(self) -> bool:
+        return bool(self.processes) and all(p.poll() is None for p in self.processes.values())
 
     def is_ready(self) -> bool:
-        return self.ready and not self.failed and not self.exited()
+        return self.ready and not self.failed and self.running()
 
     def log(self, container: str) -> str:
         path = self.root / f"{container}.log"
         return path.read_text(errors="replace")[-6000:] if path.exists() else ""
 
     def describe(self) -> str:
-        lines = [f"pod {self.name} ({self.ip}): ready={self.is_ready()} exited={self.exited()} failed={self.failed}"]
+        lines = [f"pod {self.name} ({self.ip}): ready={self.is_ready()} exit codes={self.exits} failed={self.failed}"]
         for name in self.processes:
             lines.append(f"--- {name} log (tail):\n{self.log(name)}")
         return "\n".join(lines)
@@ -260,9 +281,9 @@ class Pod:
     async def stop(self, grace_seconds: float) -> None:
         """SIGTERM to each container's main process, then SIGKILL for whatever still runs in the pod's
         namespace (a runtime kills the container's cgroup); then the namespace and the pod dir go."""
-        if self._probe:
-            self._probe.cancel()
-            await asyncio.gather(self._probe, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -270,14 +291,18 @@ class Pod:
         while any(p.poll() is None for p in self.processes.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         if self.netns:
-            while pids := self.network.pids(self.netns):
-                for pid in pids:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                await asyncio.sleep(0.1)
-            for process in self.processes.values():
-                process.wait()
+            await self._kill_all()
             await asyncio.to_thread(self.network.remove_pod, self.netns)
         shutil.rmtree(self.root, ignore_errors=True)
+
+    async def _kill_all(self) -> None:
+        """SIGKILL to every process in the pod's namespace until none is left; reaps the main processes."""
+        while pids := self.network.pids(self.netns):
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            await asyncio.sleep(0.1)
+        for process in self.processes.values():
+            process.wait()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -32,11 +31,13 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "smollm2.yaml"
 
 
 async def wait_until(predicate, kuberay, timeout: float, what: str) -> None:
-    """Waits for `predicate`; fails at once, with the pods' logs, when a pod broke (a container exited,
-    a volume or env source could not be provided), or at the timeout."""
+    """Waits for `predicate`; fails at once, with the pods' logs, when a pod broke: a volume or env source
+    could not be provided, or a container exited a second time (its restart did not help: what the image
+    cannot run fails deterministically; one exit is tolerated, as a kubelet restarts it, because `ray
+    start` may time out on a 2-core machine under load). Fails also at the timeout."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        broken = [p for p in kuberay.pods() if p.failed or p.exited()]
+        broken = [p for p in kuberay.pods() if p.failed or any(len(codes) >= 2 for codes in p.exits.values())]
         if broken or time.monotonic() > deadline:
             reason = "a pod broke" if broken else f"timed out after {timeout:.0f}s"
             raise AssertionError(f"{what}: {reason}\n{kuberay.describe()}")
@@ -119,6 +120,15 @@ class StreamingClient:
         await asyncio.gather(*self._tasks)
 
 
+def running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie has: only init's reaping is left)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 async def weights(endpoint: str, token: str) -> dict:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{endpoint}/admin/v1/weights", headers={"Authorization": f"Bearer {token}"}) as r:
@@ -183,8 +193,35 @@ async def test_smollm2_deployment_runs_scales_updates_weights_in_place_and_delet
     assert response.status == 200, await response.text()
     await wait_until(lambda: not live_rayclusters(k8s) and not kuberay.clusters and not kuberay.busy(), kuberay,
                      120, "the RayClusters and their pods gone")
-    still_running = [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+    still_running = [pid for pid in pids if running(pid)]
     assert not still_running, still_running
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(pod.netns in netns for pod in pods), netns
     assert not any(pod.root.exists() for pod in pods)
+
+
+@pytest.mark.slow
+async def test_a_head_command_the_server_rejects_fails_the_local_cluster(k8s, local_kuberay, model_revisions):
+    """The harness's point: what the image cannot run fails here. The rendered replica of the example,
+    with one flag `rayprism serve` does not have, is created without the operator; Ray starts, the server
+    exits, is restarted, exits again, and the wait fails with the server's own error from the head pod's log."""
+    from rayprism_operator import api, render
+
+    deployment = yaml.safe_load(EXAMPLE.read_text())
+    deployment["spec"]["model"]["uri"] = model_revisions
+    deployment["metadata"].update(namespace=NS, uid="0f1e2d3c")
+    infd = api.InferenceDeployment.model_validate(deployment)
+    secret, _service, raycluster = render.render_all(infd, token="t0k3n")
+    head = raycluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head["args"] = [head["args"][0] + " --no-such-flag"]
+    for path, body in (("/api/v1/namespaces/default/secrets", secret),
+                       ("/apis/ray.io/v1/namespaces/default/rayclusters", raycluster)):
+        response = await k8s.post(path, json=body)
+        assert response.status == 200, await response.text()
+    with pytest.raises(AssertionError, match="a pod broke") as failure:
+        await wait_until(lambda: bool(live_rayclusters(k8s)) and all(
+            (k8s.objects[RC, NS, n].raw.get("status") or {}).get("state") == "ready" for n in live_rayclusters(k8s)),
+            local_kuberay, 240, "the replica ready")
+    assert "unrecognized arguments: --no-such-flag" in str(failure.value)
+    assert (k8s.objects[RC, NS, raycluster["metadata"]["name"]].raw["status"]["conditions"][0]["status"]
+            == "False")
