@@ -3,6 +3,7 @@ updates from disk and from a trainer, sleep/wake_up, named workers, shutdown and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import tempfile
 import threading
@@ -58,8 +59,9 @@ async def test_stream_increments_add_up_and_leaving_early_aborts(llm):
 
     long = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
     aborted = llm.stats()["num_aborted"]
-    async for _ in llm.generate_async(PROMPTS[0], long, stream=True):
-        break                                   # leaving the loop aborts the request in the engine
+    async with contextlib.aclosing(llm.generate_async(PROMPTS[0], long, stream=True)) as stream:
+        async for _ in stream:
+            break                               # closing the stream aborts the request in the engine
     assert llm.num_in_flight() == 0
     deadline = time.monotonic() + 10
     while llm.stats()["num_aborted"] == aborted and time.monotonic() < deadline:

@@ -140,7 +140,8 @@ class LLM:
     async def generate_async(self, prompt: Prompt, params: SamplingParams | None = None, *, stream: bool = False,
                              request_id: str | None = None) -> AsyncIterator[RequestOutput | CompletionOutput]:
         """stream=True yields each RequestOutput increment; stream=False yields one CompletionOutput at the end.
-        Leaving the iteration early (or cancelling the task) aborts the request."""
+        Closing the iterator early (aclose(), e.g. through contextlib.aclosing) or cancelling the task aborts
+        the request; an iterator merely dropped is aborted when Python finalises it."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue = asyncio.Queue()
 
