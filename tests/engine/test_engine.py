@@ -142,6 +142,7 @@ def test_abort_running_and_waiting(engine):
         ("hi", SamplingParams(top_k=-1), "top_k"),
         ("hi", SamplingParams(logprobs=100), "logprobs"),
         ("hi", SamplingParams(stop="x"), "stop"),
+        ("hi", SamplingParams(stop=None), "stop"),
         ("hi", SamplingParams(stop_token_ids=[-1]), "stop_token_ids"),
     ],
 )

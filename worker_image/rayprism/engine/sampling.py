@@ -37,9 +37,9 @@ class SamplingParams:
             raise InvalidRequestError("top_k", f"must be 0 (disabled) or >= 1, got {self.top_k!r}")
         if self.seed is not None and not isinstance(self.seed, int):
             raise InvalidRequestError("seed", f"must be an integer or None, got {self.seed!r}")
-        if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError("stop", f"must be a list of non-empty strings, got {self.stop!r}")
-        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+        if not isinstance(self.stop_token_ids, list) or not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
             raise InvalidRequestError("stop_token_ids", f"must be token ids >= 0, got {self.stop_token_ids!r}")
         if self.logprobs is not None and (
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
