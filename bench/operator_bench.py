@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--output", type=Path, default=None, help="default: bench/results/operator-<date>.json")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]  # other work on the machine skews the wall times
     result = asyncio.run(run(args.deployments, args.replicas, args.timeout))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     record = {
@@ -108,6 +109,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "load_average_1m_at_start": round(load_at_start, 2),
                     "load_average_1m_at_end": round(os.getloadavg()[0], 2)},
         "note": "kmock KubernetesEmulator (with label-selector filtering) and the KubeRay stand-in run in "
                 "the benchmark process on the same cores as the operator; RayClusters turn ready within ~50 ms.",
