@@ -90,7 +90,7 @@ def _convert_gguf(gguf_dir: str, gguf_file: str, folder: str) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
-    model.config.quantization_config = None  # weights are dequantized (float32) now
+    # The weights are dequantized (float32) now: save them as a plain, unquantized model.
     del model.config.quantization_config
     model.hf_quantizer = None
     staging = tempfile.mkdtemp(prefix=".convert-", dir=os.path.dirname(folder))
