@@ -39,12 +39,18 @@ async def operator(local_kuberay):
 
 @pytest.fixture(scope="session")
 def model_revisions(tmp_path_factory):
-    """file:// URI template with two revision folders, v1 and v2, of the converted SmolLM2 checkpoint
-    (hard links: the revisions hold the same bytes; which one a replica serves is what its admin API says)."""
+    """file:// URI template with two revision folders of the converted SmolLM2 checkpoint: v1 as converted
+    (hard links), v2 with its final norm negated, so that greedy answers show which weights serve."""
     from rayprism.engine.loader import resolve_model_path
+    from safetensors.torch import load_file, save_file
 
     source = resolve_model_path("builtin://smollm2-135m-instruct")
     root = tmp_path_factory.mktemp("models")
     for revision in ("v1", "v2"):
         shutil.copytree(source, root / revision, copy_function=os.link)
+    weights = root / "v2" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.norm.weight"] = -tensors["model.norm.weight"]
+    weights.unlink()  # a hard link to v1's file: write a new one
+    save_file(tensors, weights, metadata={"format": "pt"})
     return f"file://{root}/{{revision}}"

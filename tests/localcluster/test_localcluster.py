@@ -161,6 +161,8 @@ async def test_smollm2_deployment_runs_scales_updates_weights_in_place_and_delet
     replicas = live_rayclusters(k8s)
     assert len(replicas) == 2
     assert status(k8s)["weightsRevision"] == "v1"
+    question = "Name a colour."
+    [v1_answer] = {await chat(endpoint, question) for endpoint in endpoints(k8s, kuberay)}  # greedy: equal
 
     # In-place weight update to v2 under a steady stream of requests.
     client = StreamingClient(k8s, kuberay)
@@ -179,11 +181,13 @@ async def test_smollm2_deployment_runs_scales_updates_weights_in_place_and_delet
     assert during, "no request was in flight while the weights were updated"
     assert live_rayclusters(k8s) == replicas, "an in-place update must keep the RayClusters"
     token = base64.b64decode(k8s.objects[SECRETS, NS, "smollm2-admin"].raw["data"]["token"]).decode()
+    v2_answers = set()
     for endpoint in endpoints(k8s, kuberay):
         served = await weights(endpoint, token)
         assert served["revision"] == "v2" and served["state"] == "ready", served
         assert served["uri"] == model_revisions
-        assert (await chat(endpoint, "Name a colour.")).strip()
+        v2_answers.add(await chat(endpoint, question))
+    assert len(v2_answers) == 1 and v1_answer not in v2_answers, (v1_answer, v2_answers)
 
     # Delete -> the RayClusters go, and with them every process of their pods and the pods' namespaces.
     pods = kuberay.pods()
