@@ -7,6 +7,7 @@ correct status (all replicas ready and available, Progressing=NewRevisionAvailab
 current). Writes a JSON record to bench/results/.
 
     .venv/bin/python bench/operator_bench.py --deployments 200 --replicas 2
+    .venv/bin/python bench/operator_bench.py --deployments 200 --backlog   # all exist before it starts
 """
 
 from __future__ import annotations
@@ -52,27 +53,36 @@ def _proc_usage(pid: int) -> tuple[float, float]:
     return cpu, int(hwm.split()[1]) / 1024
 
 
-async def run(deployments: int, replicas: int, timeout: float) -> dict:
+async def run(deployments: int, replicas: int, timeout: float, backlog: bool) -> dict:
+    """backlog=False: the operator runs while the deployments are created (a create storm).
+    backlog=True: they all exist before the operator starts (a restart with a backlog)."""
     emulator = ApiServerEmulator(filter_labels=True, keep_requests=False, record_timeline=False)
+    names = [f"bench-{i:04d}" for i in range(deployments)]
     async with emulator as k8s, Server(k8s), FakeKubeRay(k8s):
         register(k8s)
         with tempfile.TemporaryDirectory() as tmp:
             kubeconfig = Path(tmp) / "kubeconfig"
             write_kubeconfig(kubeconfig, str(k8s.url), token="bench")
-            env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+
+            async def create_all() -> float:
+                began = time.perf_counter()
+                for name in names:
+                    await k8s.post(IDEP_PATH, json=deployment(name, replicas=replicas))
+                return time.perf_counter() - began
+
+            created = await create_all() if backlog else None
             command = [str(Path(sys.executable).parent / "rayprism-operator"), "--standalone", "-A", "--quiet"]
-            operator = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            operator = subprocess.Popen(command, env={**os.environ, "KUBECONFIG": str(kubeconfig)},
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
                 # Ready once it watches InferenceDeployments.
                 async with asyncio.timeout(30):
                     while not any(r.params.get("watch") == "true" and r.resource == IDEP for r in list(k8s)):
                         await asyncio.sleep(0.1)
                 cpu_before, _ = _proc_usage(operator.pid)
-                names = [f"bench-{i:04d}" for i in range(deployments)]
                 start = time.perf_counter()
-                for name in names:
-                    await k8s.post(IDEP_PATH, json=deployment(name, replicas=replicas))
-                created = time.perf_counter() - start
+                if not backlog:
+                    created = await create_all()
                 pending = set(names)
                 async with asyncio.timeout(timeout):
                     while pending:
@@ -85,6 +95,7 @@ async def run(deployments: int, replicas: int, timeout: float) -> dict:
                 _, stderr = operator.communicate(timeout=30)
     return {
         "deployments": deployments, "replicas_per_deployment": replicas,
+        "mode": "backlog: created before the operator started" if backlog else "created while the operator runs",
         "seconds_to_all_settled": round(elapsed, 2), "seconds_to_post_all": round(created, 2),
         "operator_cpu_seconds": round(cpu_after - cpu_before, 2), "operator_peak_rss_mib": round(peak_rss, 1),
         "api_requests": k8s.requests_served, "operator_exit_code": operator.returncode,
@@ -97,10 +108,12 @@ def main() -> None:
     parser.add_argument("--deployments", type=int, default=200)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--backlog", action="store_true",
+                        help="create every deployment before starting the operator (timed from its start)")
     parser.add_argument("--output", type=Path, default=None, help="default: bench/results/operator-<date>.json")
     args = parser.parse_args()
     load_at_start = os.getloadavg()[0]  # other work on the machine skews the wall times
-    result = asyncio.run(run(args.deployments, args.replicas, args.timeout))
+    result = asyncio.run(run(args.deployments, args.replicas, args.timeout, args.backlog))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     record = {
         "benchmark": "operator_bench",
@@ -115,7 +128,8 @@ def main() -> None:
                 "the benchmark process on the same cores as the operator; RayClusters turn ready within ~50 ms.",
         "results": result,
     }
-    output = args.output or ROOT / "bench" / "results" / f"operator-{datetime.date.today()}.json"
+    mode = "-backlog" if args.backlog else ""
+    output = args.output or ROOT / "bench" / "results" / f"operator{mode}-{datetime.date.today()}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
