@@ -4,7 +4,8 @@ where the pod's volumes are mounted at the rendered mountPaths.
 
 What a kubelet does and this one does too: $(VAR) expansion in command/args/env, env from fieldRef and
 Secrets (through the API server), emptyDir (a dir, or a tmpfs of sizeLimit for medium Memory), Secret
-volumes (files with defaultMode, mounted read-only), init containers run in order to completion,
+volumes (files with defaultMode, mounted read-only), a 64 MiB /dev/shm where no volume is mounted there
+(a container runtime's default), init containers run in order to completion,
 readiness probes (httpGet with the rendered period, timeout and threshold), SIGTERM then SIGKILL on delete.
 
 Containers restart as restartPolicy says (default Always), after a kubelet's back-off (10 s, doubling),
@@ -97,7 +98,8 @@ class Pod:
                 code = await self._exit_code(await self._run_container(container, volumes))
                 del self.processes[container["name"]]  # done; its log stays
                 if code != 0:
-                    raise PodError(f"init container {container['name']} exited with {code}:\n{self.log(container['name'])}")
+                    raise PodError(f"init container {container['name']} exited with {code}:\n"
+                                   f"{self.log(container['name'])}")
             for container in self.spec["containers"]:
                 await self._run_container(container, volumes)
                 self._tasks.append(asyncio.create_task(self._supervise(container, volumes)))
@@ -126,6 +128,7 @@ class Pod:
                 return
             await asyncio.sleep(min(10 * 2 ** (len(self.exits[name]) - 1), 300))
             await self._run_container(container, volumes)
+            self.ready = "readinessProbe" not in container  # else the probe decides
 
     async def _secret(self, name: str) -> dict[str, bytes]:
         """A Secret's data; a kubelet waits for a Secret that does not exist yet (pod ContainerCreating)."""
@@ -155,7 +158,8 @@ class Pod:
                     (path / key).chmod(volume["secret"].get("defaultMode", 0o644))
                 out[name] = ("bind", str(path))
             else:
-                raise PodError(f"volume {name}: only emptyDir and secret volumes run on this node, not {sorted(volume)}")
+                raise PodError(f"volume {name}: only emptyDir and secret volumes run on this node, "
+                               f"not {sorted(volume)}")
         return out
 
     def _field(self, path: str) -> str:
@@ -209,6 +213,8 @@ class Pod:
                 raise PodError(f"container {container['name']}: volumeMount {mount['name']!r} names no volume")
             kind, source = volumes[mount["name"]]
             mounts.append((kind, source, mount["mountPath"], mount.get("readOnly", False)))
+        if not any(target == "/dev/shm" for _, _, target, _ in mounts):  # a container runtime's default
+            mounts.append(("tmpfs", "64M", "/dev/shm", False))
         script = ["set -e"]
         for kind, source, target, read_only in mounts:
             self._mountpoint(target)

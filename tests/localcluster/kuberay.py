@@ -3,9 +3,11 @@ create (KubeRay 1.x pod builder: labels, KUBERAY_GEN_RAY_START_CMD and the env i
 wait-gcs-ready init container), run by the local kubelet (kubelet.py); the RayCluster's status is
 written from those pods' real health. Deleting a RayCluster deletes its pods.
 
-Differences from KubeRay, all forced by having no cluster: workers reach the head at its pod IP (there is
-no DNS for the head Service's name), and Ray runs with RAY_AUTH_MODE=disabled and without usage stats
-(no network to report to).
+Differences from KubeRay: workers reach the head at its pod IP (no DNS here for the head Service's name;
+that Service is not created, the operator reaches heads at status.head.podIP), Ray runs with
+RAY_AUTH_MODE=disabled and without usage stats (no network to report to), and wait-gcs-ready polls every
+2 s instead of 5, with `bash -c` instead of `bash -lc` (a login shell here would reset PATH away from the
+image's packages).
 """
 
 from __future__ import annotations
