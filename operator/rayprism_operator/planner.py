@@ -43,7 +43,7 @@ class Replica:
     terminating: bool = False  # deletionTimestamp set: still counts toward the surge bound
     weights_revision: str | None = None  # model.revision the replica has loaded (annotation)
     weights_target: str | None = None  # revision of an in-flight in-place load (annotation)
-    weights_started: datetime | None = None  # when that load was asked for (annotation)
+    weights_since: datetime | None = None  # when a load was last asked for, or finished (annotation)
     weights_failed: str | None = None  # revision whose in-place load failed (annotation)
     admin: WeightsReport | None = None  # polled only while a load is in flight; None: no answer
 
@@ -112,7 +112,7 @@ def plan(obs: Observed) -> Plan:
                 failed.add(r.name)
             elif r.weights_target == target_weights:
                 report = r.admin
-                started = r.weights_started or obs.now
+                started = r.weights_since or obs.now
                 if report and report.state == "ready" and report.revision == target_weights:
                     out.finish_weight_updates.append(r.name)
                     out.events.append(Event("Normal", "WeightsUpdated",
@@ -265,7 +265,7 @@ def plan(obs: Observed) -> Plan:
         waits.append(rollout.progress_deadline_seconds - (obs.now - progress).total_seconds() + 0.1)
     for name in loading:
         r = next(r for r in obs.replicas if r.name == name)
-        started = r.weights_started or obs.now
+        started = r.weights_since or obs.now
         waits.append(rollout.weight_update_timeout_seconds - (obs.now - started).total_seconds() + 0.1)
     out.requeue_after = max(0.1, min(waits)) if waits else None
     return out
@@ -273,7 +273,7 @@ def plan(obs: Observed) -> Plan:
 
 def _last_progress(obs: Observed, loading: set[str]) -> datetime | None:
     """When the rollout last moved: a replica of the update revision was created, became ready, or
-    started loading weights. None when there is nothing of the update revision yet to wait for."""
+    started or finished loading weights. None when there is nothing of the update revision yet."""
     times = []
     for r in obs.replicas:
         if r.revision != obs.update_revision or r.terminating:
@@ -281,8 +281,8 @@ def _last_progress(obs: Observed, loading: set[str]) -> datetime | None:
         times.append(r.created)
         if r.ready_since is not None:
             times.append(r.ready_since)
-        if r.weights_started is not None:
-            times.append(r.weights_started)
+        if r.weights_since is not None:
+            times.append(r.weights_since)
     return max(times) if times else None
 
 

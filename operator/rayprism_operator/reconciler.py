@@ -24,7 +24,7 @@ from .weights import WeightsClient, admin_url
 logger = logging.getLogger(__name__)
 
 ANNOTATION_WEIGHTS_TARGET = f"{api.GROUP}/weights-target"  # revision being loaded in place
-ANNOTATION_WEIGHTS_STARTED = f"{api.GROUP}/weights-started"  # when that load was asked for
+ANNOTATION_WEIGHTS_SINCE = f"{api.GROUP}/weights-since"  # when a load was last asked for, or finished
 ANNOTATION_WEIGHTS_FAILED = f"{api.GROUP}/weights-failed"  # revision whose load failed: replace
 SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 
@@ -84,7 +84,7 @@ def observe(raycluster: dict, now: datetime, report: planner.WeightsReport | Non
         terminating=bool(meta.get("deletionTimestamp")),
         weights_revision=annotations.get(render.ANNOTATION_WEIGHTS_REVISION) or None,
         weights_target=annotations.get(ANNOTATION_WEIGHTS_TARGET),
-        weights_started=_time(annotations.get(ANNOTATION_WEIGHTS_STARTED)),
+        weights_since=_time(annotations.get(ANNOTATION_WEIGHTS_SINCE)),
         weights_failed=annotations.get(ANNOTATION_WEIGHTS_FAILED),
         admin=report,
     )
@@ -171,14 +171,15 @@ class Reconciler:
             spec = render.render_raycluster(infd, revision, "", self.settings.options)["spec"]
             for replica in plan.finish_weight_updates:
                 await annotate(replica, {render.ANNOTATION_WEIGHTS_REVISION: target,
-                                         ANNOTATION_WEIGHTS_TARGET: None, ANNOTATION_WEIGHTS_STARTED: None}, spec)
+                                         ANNOTATION_WEIGHTS_TARGET: None, ANNOTATION_WEIGHTS_SINCE: _stamp(now)},
+                               spec)
         for replica in plan.fail_weight_updates:
             await annotate(replica, {ANNOTATION_WEIGHTS_FAILED: target})
         for replica in plan.delete:
             await self.kube.delete(RAYCLUSTERS, namespace, replica)
         for replica in plan.start_weight_updates:
             # Recorded before asking, so that a restart in between polls (and re-asks) the replica.
-            await annotate(replica, {ANNOTATION_WEIGHTS_TARGET: target, ANNOTATION_WEIGHTS_STARTED: _stamp(now)})
+            await annotate(replica, {ANNOTATION_WEIGHTS_TARGET: target, ANNOTATION_WEIGHTS_SINCE: _stamp(now)})
             child = next(c for c in children if c["metadata"]["name"] == replica)
             if not await self.weights.request_load(admin_url(child), token, target):
                 await annotate(replica, {ANNOTATION_WEIGHTS_FAILED: target})

@@ -71,19 +71,19 @@ def test_replica_changes(case, s, replicas, create, delete):
      spec(3, maxUnavailable=2), [rep(n, weights="v1") for n in "abc"], ["a", "b"], [], [], [], 0),
     ("waits while one loads",
      spec(3, maxUnavailable=1),
-     [rep("a", weights="v1", weights_target="v2", weights_started=NOW, admin=WeightsReport("v1", "loading")),
+     [rep("a", weights="v1", weights_target="v2", weights_since=NOW, admin=WeightsReport("v1", "loading")),
       rep("b", weights="v1"), rep("c", weights="v1")], [], [], [], [], 0),
     ("a finished load is recorded and the next starts",
      spec(3, maxUnavailable=1),
-     [rep("a", weights="v1", weights_target="v2", weights_started=NOW, admin=WeightsReport("v2", "ready")),
+     [rep("a", weights="v1", weights_target="v2", weights_since=NOW, admin=WeightsReport("v2", "ready")),
       rep("b", age=300, weights="v1"), rep("c", weights="v1")], ["b"], ["a"], [], [], 0),
     ("a failed load replaces the replica",
      spec(3, maxUnavailable=1),
-     [rep("a", weights="v1", weights_target="v2", weights_started=NOW, admin=WeightsReport("v1", "failed", "x")),
+     [rep("a", weights="v1", weights_target="v2", weights_since=NOW, admin=WeightsReport("v1", "failed", "x")),
       rep("b"), rep("c")], [], [], ["a"], ["a"], 1),
     ("a load past its timeout replaces the replica",
      spec(3, maxUnavailable=1, weightUpdateTimeoutSeconds=60),
-     [rep("a", weights="v1", weights_target="v2", weights_started=NOW - timedelta(seconds=61), admin=None),
+     [rep("a", weights="v1", weights_target="v2", weights_since=NOW - timedelta(seconds=61), admin=None),
       rep("b"), rep("c")], [], [], ["a"], ["a"], 1),
     ("maxUnavailable 0: replaced with surge instead of loaded in place",
      spec(2, maxSurge=1, maxUnavailable=0), [rep("a", weights="v1"), rep("b", weights="v1")], [], [], [], [], 1),
@@ -143,7 +143,7 @@ def test_availability_follows_max_unavailable():
 
 def test_a_load_of_a_superseded_revision_is_retargeted_without_budget():
     s = spec(3, maxUnavailable=1)  # model.revision is v2 now; "a" was loading v1.5
-    p = plan(observe(s, [rep("a", weights="v1", weights_target="v1.5", weights_started=NOW),
+    p = plan(observe(s, [rep("a", weights="v1", weights_target="v1.5", weights_since=NOW),
                          rep("b", weights="v1"), rep("c", weights="v1")]))
     assert p.start_weight_updates == ["a"]  # b and c wait: a is still unavailable
 
@@ -152,3 +152,12 @@ def test_no_weights_revision_in_the_spec_means_nothing_to_load():
     s = parse_spec({"model": {"name": "m", "uri": "hf://org/m"}, "replicas": 2})
     p = plan(observe(s, [rep("a", weights=None), rep("b", weights=None)]))
     assert (p.start_weight_updates, p.create, p.delete, p.status["updatedReplicas"]) == ([], 0, [], 2)
+
+
+def test_a_finished_load_counts_as_progress():
+    s = spec(2, maxUnavailable=1, progressDeadlineSeconds=60)
+    replicas = [rep("a", age=1000, weights_since=NOW - timedelta(seconds=10)),
+                rep("b", age=1000, ready=False, weights="v1")]
+    assert conditions(plan(observe(s, replicas)))["Progressing"] == ("True", "RolloutInProgress")
+    replicas[0] = rep("a", age=1000, weights_since=NOW - timedelta(seconds=61))
+    assert conditions(plan(observe(s, replicas)))["Progressing"] == ("False", "ProgressDeadlineExceeded")
