@@ -28,7 +28,7 @@ import traceback
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(REPO, "worker_image"), os.path.join(REPO, "operator")]
+sys.path += [os.path.join(REPO, "worker_image"), os.path.join(REPO, "operator")]  # PYTHONPATH may name another tree
 
 from rayprism.engine import EngineConfig, LLMEngine, ModelRunner, SamplingParams  # noqa: E402
 
@@ -186,13 +186,46 @@ def ttft(engine: LLMEngine, work: Workload, vocab: int) -> dict:
     return result
 
 
+class StepTimer:
+    """Splits engine steps into model launch (runner.call), sampling (which waits for the GPU) and the rest,
+    the host's own work (scheduling, batch building, detokenising), by wrapping the engine's two calls."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine, self.seconds = engine, {"runner_call": 0.0, "sampler": 0.0}
+        self.runner_call, self.sampler = engine.runner.call, engine.sampler
+        engine.runner.call, engine.sampler = self._timed("runner_call", self.runner_call), self._timed(
+            "sampler", self.sampler)
+
+    def _timed(self, key, fn):
+        def timed(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                self.seconds[key] += time.perf_counter() - start
+        return timed
+
+    def close(self) -> None:
+        del self.engine.runner.call  # back to the class's method
+        self.engine.sampler = self.sampler
+
+
 def throughput(engine: LLMEngine, prompt_len: int, output_len: int, num_prompts: int, vocab: int) -> dict:
     generator = torch.Generator().manual_seed(4)
     requests = {f"r{i}": (random_prompt(prompt_len, vocab, generator), greedy(output_len))
                 for i in range(num_prompts)}
-    result = run_to_completion(engine, requests)
+    preemptions = engine.stats()["num_preemptions"]
+    timer = StepTimer(engine)
+    try:
+        result = run_to_completion(engine, requests)
+    finally:
+        timer.close()
+    steps = sum(seconds for seconds, _ in result["step_times"])
+    host = steps - timer.seconds["runner_call"] - timer.seconds["sampler"]
     return {"tok_s": result["output_tokens"] / result["seconds"], "seconds": result["seconds"],
-            "output_tokens": result["output_tokens"], "num_preemptions": engine.stats()["num_preemptions"]}
+            "output_tokens": result["output_tokens"], "steps": len(result["step_times"]),
+            "num_preemptions": engine.stats()["num_preemptions"] - preemptions,
+            "runner_call_s": timer.seconds["runner_call"], "sampler_s": timer.seconds["sampler"], "host_other_s": host}
 
 
 def measured(results: dict, key: str, fn, *args):

@@ -1,4 +1,4 @@
-"""Paged attention: the plain, correct path (SDPA) used on CPU and, for now, on CUDA.
+"""Paged attention: the plain, correct path (SDPA) used on CPU and for prefill; CUDA decode uses paged_attention.py.
 
 The KV pool of a layer is [num_blocks, block_size, num_kv_heads, head_dim]; token t of a sequence lives
 in slot block_table[t // block_size] * block_size + t % block_size.
@@ -21,12 +21,20 @@ class AttentionMetadata:
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    if k.is_cuda:  # one Triton launch for K and V; skips the padding slots (-1) of CUDA-graph batches
+        from .paged_attention import store_kv as store_kv_triton
+
+        return store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     k_cache.view(-1, *k.shape[1:])[slot_mapping] = k
     v_cache.view(-1, *v.shape[1:])[slot_mapping] = v
 
 
 def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: this step's [tokens, kv_heads, dim]. Returns [tokens, heads, dim]."""
+    if meta.is_prefill and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        from .paged_attention import varlen_prefill_attention  # one flash launch for the whole batch
+
+        return varlen_prefill_attention(q, k, v, meta.cu_seqlens, scale)
     if meta.is_prefill:
         # Prefill always starts at position 0 (no prefix caching; preempted sequences are recomputed),
         # so the fresh k/v are each sequence's whole context.
@@ -35,6 +43,11 @@ def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: f
             qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
             outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True))
         return torch.cat([o.squeeze(0).transpose(0, 1) for o in outs])
+    if q.is_cuda:  # reads the blocks in place instead of gathering them (paged_attention.py)
+        from .paged_attention import paged_decode_attention, supports
+
+        if supports(q.shape[-1]):
+            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
     batch, max_blocks = meta.block_tables.shape
     block_size = k_cache.shape[1]
     blocks = meta.block_tables.clamp(min=0)

@@ -171,6 +171,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Same arithmetic as transformers' LlamaRMSNorm: normalise in float32, scale in the model dtype.
+        if x.is_cuda:  # one fused launch (fused_ops.py), same roundings
+            from .fused_ops import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
@@ -204,6 +208,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
+        if q.is_cuda:  # one fused launch each for q and k (fused_ops.py), same roundings
+            from .fused_ops import apply_rotary
+
+            return apply_rotary(positions, q, self.cos, self.sin), apply_rotary(positions, k, self.cos, self.sin)
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
@@ -232,3 +240,13 @@ class Attention(nn.Module):
             store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return out.reshape(-1, self.num_heads * self.head_dim)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate | up] (fused gate/up projection output)."""
+    if x.is_cuda:  # one fused launch (fused_ops.py), same roundings
+        from .fused_ops import silu_and_mul as fused_silu_and_mul
+
+        return fused_silu_and_mul(x)
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

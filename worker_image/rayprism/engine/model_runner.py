@@ -190,11 +190,24 @@ class ModelRunner:
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        self.decode_graphs = self._capture_decode_graphs()
+
+    def _capture_decode_graphs(self):
+        """Decode CUDA graphs over padded batch sizes; they hold the cache's and weights' addresses."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return None
+        from .cuda_graphs import DecodeGraphs
+        from .paged_attention import supports  # imports Triton: CUDA only
+
+        if not supports(self.attention_layers[0].head_dim):
+            return None
+        max_blocks_per_seq = -(-self.max_model_len // self.config.block_size)
+        return DecodeGraphs(self.model, min(self.config.max_num_seqs, 512), max_blocks_per_seq, self.device)
 
     def _free_kv_cache(self) -> None:
         for layer in self.attention_layers:
             layer.k_cache = layer.v_cache = torch.empty(0)
-        self.kv_cache = None
+        self.kv_cache = self.decode_graphs = None
 
     def sleep(self) -> None:
         """Drop the KV cache and move the weights to host memory."""
@@ -232,5 +245,7 @@ class ModelRunner:
         return self.model.compute_logits(hidden[last_tokens])
 
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # The one place for decode CUDA graphs (config.enforce_eager turns them off); eager for now.
+        # The one place for decode CUDA graphs (config.enforce_eager turns them off).
+        if not meta.is_prefill and self.decode_graphs and self.decode_graphs.can_run(len(input_ids)):
+            return self.decode_graphs.run(input_ids, positions, meta)
         return self.model(input_ids, positions, meta)

@@ -1,0 +1,161 @@
+"""CUDA fast paths (marked gpu: skipped without a GPU): the Triton paged-KV kernels against a float64
+reference, and decode through CUDA graphs against eager decode and against transformers."""
+import pytest
+import torch
+
+from rayprism.engine import EngineConfig, LLMEngine, SamplingParams
+
+from .helpers import generate
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+PROMPTS = [[5, 17, 99, 3], list(range(40, 90)), [7] * 19]  # 3 sequences: a padded graph batch of 4
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+
+
+def reference_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """Gather each sequence's context and attend in float64."""
+    outs = []
+    group = q.shape[1] // k_cache.shape[2]
+    for i, length in enumerate(context_lens.tolist()):
+        slots = [block_tables[i, t // k_cache.shape[1]].item() * k_cache.shape[1] + t % k_cache.shape[1]
+                 for t in range(length)]
+        k = k_cache.reshape(-1, *k_cache.shape[2:])[slots].double().repeat_interleave(group, dim=1)
+        v = v_cache.reshape(-1, *v_cache.shape[2:])[slots].double().repeat_interleave(group, dim=1)
+        weights = torch.einsum("hd,thd->ht", q[i].double(), k).mul(scale).softmax(-1)
+        outs.append(torch.einsum("ht,thd->hd", weights, v))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim", [
+    (torch.bfloat16, 32, 8, 128), (torch.float32, 8, 2, 64), (torch.bfloat16, 4, 4, 64)])
+def test_paged_decode_matches_reference(dtype, heads, kv_heads, head_dim):
+    from rayprism.engine.paged_attention import paged_decode_attention
+
+    torch.manual_seed(0)
+    num_blocks, block_size = 300, 16
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    context_lens = torch.tensor([1, 16, 17, 300, 1000, 63], device="cuda")
+    block_tables = torch.full((6, 70), -1, dtype=torch.long, device="cuda")
+    free = torch.randperm(num_blocks).tolist()
+    for i, length in enumerate(context_lens.tolist()):
+        n = -(-length // block_size)
+        block_tables[i, :n] = torch.tensor(free[:n])
+        free = free[n:]
+    q = torch.randn(6, heads, head_dim, dtype=dtype, device="cuda")
+    out = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, head_dim ** -0.5)
+    expected = reference_decode(q, k_cache, v_cache, block_tables, context_lens, head_dim ** -0.5)
+    error = (out.double() - expected).norm() / expected.norm()
+    assert error < (1e-5 if dtype == torch.float32 else 1e-2), error
+
+
+def test_store_kv_writes_slots_and_skips_padding():
+    from rayprism.engine.paged_attention import store_kv
+
+    k_cache = torch.randn(8, 16, 2, 64, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    qkv = torch.randn(4, 3 * 128, device="cuda")  # strided rows, as split from a fused projection
+    k, v = qkv[:, 128:256].view(4, 2, 64), qkv[:, 256:].view(4, 2, 64)
+    slots = torch.tensor([5, -1, 100, 127], device="cuda")
+    store_kv(k, v, k_cache, v_cache, slots)
+    flat_k, flat_v = k_cache.view(-1, 2, 64), v_cache.view(-1, 2, 64)
+    for row, slot in [(0, 5), (2, 100), (3, 127)]:
+        assert torch.equal(flat_k[slot], k[row]) and torch.equal(flat_v[slot], v[row])
+    untouched = [s for s in range(128) if s not in (5, 100, 127)]
+    assert torch.equal(flat_k[untouched], before_k.view(-1, 2, 64)[untouched])
+    assert torch.equal(flat_v[untouched], before_v.view(-1, 2, 64)[untouched])
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """Random Llama with head_dim 64 and GQA, plus a word-level tokenizer over its vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = str(tmp_path_factory.mktemp("gpu-llama"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.1, bos_token_id=0, eos_token_id=1)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer = Tokenizer(models.WordLevel({f"<t{i}>": i for i in range(1024)}, unk_token="<t0>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<t0>", eos_token="<t1>").save_pretrained(folder)
+    return folder
+
+
+def engine(folder, dtype, enforce_eager):
+    return LLMEngine(EngineConfig(model=folder, device="cuda", dtype=dtype, num_kv_blocks=128, max_num_seqs=8,
+                                  enforce_eager=enforce_eager))
+
+
+def test_graph_decode_matches_eager_float32(llama_dir):
+    graphs = engine(llama_dir, "float32", enforce_eager=False)
+    assert graphs.runner.decode_graphs is not None and graphs.runner.decode_graphs.batch_sizes == [1, 2, 4, 8]
+    eager = engine(llama_dir, "float32", enforce_eager=True)
+    assert eager.runner.decode_graphs is None
+    expected = generate(eager, PROMPTS, GREEDY)
+    assert generate(graphs, PROMPTS, GREEDY) == expected
+    graphs.sleep()  # new weight and cache addresses: the graphs are captured again
+    graphs.wake_up()
+    assert generate(graphs, PROMPTS, GREEDY) == expected
+
+
+def test_graph_decode_bf16_follows_transformers(llama_dir):
+    """Each greedy token we pick is transformers' argmax on the same prefix, up to bf16 noise: a near-tie
+    may go either way (the tolerance of test_gpu.py), anything else fails."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda()
+    ours = generate(engine(llama_dir, "bfloat16", enforce_eager=False), PROMPTS, GREEDY)
+    for i, prompt in enumerate(PROMPTS):
+        tokens = ours[str(i)]["token_ids"]
+        with torch.no_grad():
+            logits = reference(torch.tensor([prompt + tokens], device="cuda")).logits[0].float()
+        steps = logits[len(prompt) - 1: len(prompt) - 1 + len(tokens)]
+        best = steps.max(dim=-1).values
+        chosen = steps.gather(-1, torch.tensor(tokens, device="cuda")[:, None]).squeeze(-1)
+        assert torch.all(best - chosen <= 0.3 + 0.02 * best.abs()), (i, (best - chosen).max())
+
+
+def test_fused_ops_match_eager_ops():
+    from rayprism.engine import fused_ops
+    from rayprism.engine.layers import rotate_half
+
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(7, 4096, dtype=dtype, device="cuda")
+        weight = torch.randn(4096, dtype=dtype, device="cuda")
+        x32 = x.float()
+        expected = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+        torch.testing.assert_close(fused_ops.rms_norm(x, weight, 1e-5), expected)
+        qkv = torch.randn(7, 48 * 128, dtype=dtype, device="cuda")
+        q = qkv[:, : 32 * 128].view(7, 32, 128)  # strided rows, as split from the fused projection
+        cos, sin = torch.randn(300, 128, device="cuda"), torch.randn(300, 128, device="cuda")
+        positions = torch.tensor([0, 7, 299, 3, 3, 100, 1], device="cuda")
+        c, s = cos[positions].to(dtype).unsqueeze(1), sin[positions].to(dtype).unsqueeze(1)
+        torch.testing.assert_close(fused_ops.apply_rotary(positions, q, cos, sin), q * c + rotate_half(q) * s)
+        gate_up = torch.randn(7, 2 * 14336, dtype=dtype, device="cuda")
+        gate, up = gate_up.chunk(2, dim=-1)
+        torch.testing.assert_close(fused_ops.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+def test_varlen_prefill_matches_per_sequence_sdpa():
+    from rayprism.engine.paged_attention import varlen_prefill_attention
+
+    torch.manual_seed(0)
+    cu_seqlens = [0, 1, 130, 200, 713]
+    q = torch.randn(713, 32, 128, dtype=torch.bfloat16, device="cuda")
+    qkv_k = torch.randn(713, 3, 8, 128, dtype=torch.bfloat16, device="cuda")  # k/v as strided views
+    k, v = qkv_k[:, 0], qkv_k[:, 1]
+    out = varlen_prefill_attention(q, k, v, cu_seqlens, 128 ** -0.5)
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        qs, ks, vs = (t[start:end].double().transpose(0, 1) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(4, dim=0), vs.repeat_interleave(4, dim=0)
+        expected = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=128 ** -0.5)
+        got = out[start:end].double().transpose(0, 1)
+        assert (got - expected).norm() / expected.norm() < 1e-2, (start, end)

@@ -1,0 +1,113 @@
+"""CUDA attention over the paged KV cache (Triton kernels and flash attention) (the CPU keeps attention.py's plain path).
+
+- store_kv: one launch writes this step's K and V rows into their slots; slot -1 (a padding row of a
+  CUDA-graph batch) is skipped.
+- paged_decode_attention: one program per (sequence, KV head) walks the sequence's block table and reads
+  the cached K/V in place (no gather into a [batch, max_len] copy), with an online softmax. The query
+  heads of a GQA group share each K/V load.
+- varlen_prefill_attention: the prefill of a whole batch in one flash-attention call (not one per sequence).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TILE = 64  # cached tokens per loop iteration
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_stride, v_stride,
+                     ROW: tl.constexpr, ROW_PAD: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    cols = tl.arange(0, ROW_PAD)
+    mask = cols < tl.where(slot >= 0, ROW, 0)
+    k = tl.load(k_ptr + token * k_stride + cols, mask=mask)
+    v = tl.load(v_ptr + token * v_stride + cols, mask=mask)
+    tl.store(k_cache_ptr + slot * ROW + cols, k, mask=mask)
+    tl.store(v_cache_ptr + slot * ROW + cols, v, mask=mask)
+
+
+@triton.jit
+def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, scale,
+                         q_stride, table_stride, cache_block_stride, cache_slot_stride,
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    context_len = tl.load(context_lens_ptr + seq)
+    rows = tl.arange(0, GROUP_PAD)  # the query heads of this KV head, padded to a dot's minimum size
+    dims = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + rows
+    q_offsets = seq * q_stride + heads[:, None] * HEAD_DIM + dims[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=rows[:, None] < GROUP, other=0.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for start in range(0, context_len, TILE):
+        positions = start + tl.arange(0, TILE)
+        valid = positions < context_len
+        blocks = tl.load(block_tables_ptr + seq * table_stride + positions // BLOCK_SIZE, mask=valid, other=0)
+        offsets = (blocks.to(tl.int64) * cache_block_stride + (positions % BLOCK_SIZE) * cache_slot_stride
+                   + kv_head * HEAD_DIM)
+        k = tl.load(k_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + offsets[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # a padding row (context 0) gets zeros
+    tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < GROUP)
+
+
+def supports(head_dim: int) -> bool:
+    return triton.next_power_of_2(head_dim) == head_dim and head_dim >= 16
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [tokens, kv_heads, head_dim] (rows may be strided, each row contiguous)."""
+    tokens, kv_heads, head_dim = k.shape
+    assert k.stride(2) == v.stride(2) == 1 and k.stride(1) == v.stride(1) == head_dim
+    row = kv_heads * head_dim
+    _store_kv_kernel[(tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                                ROW=row, ROW_PAD=triton.next_power_of_2(row))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [batch, heads, head_dim], one new token per sequence; the cache already holds that token's K/V."""
+    q = q.contiguous()
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    _paged_decode_kernel[(batch, num_kv_heads)](
+        q, k_cache, v_cache, block_tables, context_lens, out, scale,
+        q.stride(0), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1], TILE=TILE, IEEE=q.dtype == torch.float32,
+    )
+    return out
+
+
+def varlen_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
+                             scale: float) -> torch.Tensor:
+    """Causal attention of every prefilled sequence in one flash-attention launch (GQA native; bf16/fp16).
+
+    q: [tokens, heads, dim], k/v: [tokens, kv_heads, dim], sequences packed back to back at cu_seqlens."""
+    offsets = torch.tensor(cu_seqlens, dtype=torch.int32).to(q.device, non_blocking=True)
+    max_len = max(end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    return torch.ops.aten._flash_attention_forward(
+        q, k, v, offsets, offsets, max_len, max_len, 0.0, True, False, scale=scale)[0]
