@@ -16,7 +16,7 @@ import logging
 
 import kopf
 
-from . import api, render
+from . import api, metrics, render
 from .kube import KubeClient
 from .reconciler import Reconciler, Settings
 from .weights import WeightsClient
@@ -36,6 +36,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **_) -
     memo.kube = KubeClient(login)
     memo.weights = WeightsClient()
     memo.queue = WorkQueue(Reconciler(memo.kube, memo.weights, Settings.from_env()).reconcile)
+    memo.metrics = await metrics.serve()  # on RAYPRISM_METRICS_PORT, when set
 
 
 @kopf.on.cleanup()
@@ -43,6 +44,8 @@ async def stop(memo: kopf.Memo, **_) -> None:
     await memo.queue.close()
     await memo.kube.close()
     await memo.weights.close()
+    if memo.metrics:
+        await memo.metrics.cleanup()
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 import kopf
 
-from . import api, planner, render
+from . import api, metrics, planner, render
 from .kube import INFERENCE_DEPLOYMENTS, RAYCLUSTERS, SECRETS, SERVICES, ApiError, Conflict, KubeClient, NotFound
 from .weights import WeightsClient, admin_url
 
@@ -133,6 +133,7 @@ class Reconciler:
         for event in plan.events:  # after the changes they announce were made
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
 
+        metrics.record_status(namespace, name, plan.status)
         current = body.get("status") or {}
         changes = {k: v for k, v in plan.status.items() if current.get(k) != v}
         if changes:
@@ -173,8 +174,10 @@ class Reconciler:
                 await annotate(replica, {render.ANNOTATION_WEIGHTS_REVISION: target,
                                          ANNOTATION_WEIGHTS_TARGET: None, ANNOTATION_WEIGHTS_SINCE: _stamp(now)},
                                spec)
+        metrics.WEIGHT_UPDATES.labels("succeeded").inc(len(plan.finish_weight_updates))
         for replica in plan.fail_weight_updates:
             await annotate(replica, {ANNOTATION_WEIGHTS_FAILED: target})
+            metrics.WEIGHT_UPDATES.labels("failed").inc()
         for replica in plan.delete:
             await self.kube.delete(RAYCLUSTERS, namespace, replica)
         for replica in plan.start_weight_updates:
@@ -183,6 +186,7 @@ class Reconciler:
             child = next(c for c in children if c["metadata"]["name"] == replica)
             if not await self.weights.request_load(admin_url(child), token, target):
                 await annotate(replica, {ANNOTATION_WEIGHTS_FAILED: target})
+                metrics.WEIGHT_UPDATES.labels("failed").inc()
                 kopf.event(body, type="Warning", reason="WeightUpdateFailed",
                            message=f"Replica {replica} refused to load weights revision {target}; replacing it")
         for _ in range(plan.create):

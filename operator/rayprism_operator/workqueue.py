@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from . import metrics
 from .reconciler import Gone
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class WorkQueue:
         if key not in self._workers:
             self._wakeups[key] = asyncio.Event()
             self._workers[key] = asyncio.create_task(self._work(key), name=f"reconcile {key[0]}/{key[1]}")
+            metrics.DEPLOYMENTS.set(len(self._workers))
         self._wakeups[key].set()
 
     async def close(self) -> None:
@@ -48,15 +50,20 @@ class WorkQueue:
                     pass
                 wakeup.clear()
                 try:
-                    delay = await self._reconcile(*key)
+                    with metrics.RECONCILE_SECONDS.time():
+                        delay = await self._reconcile(*key)
+                    metrics.RECONCILES.labels("success").inc()
                     failures = 0
                 except Gone:
                     if not wakeup.is_set():  # not re-created meanwhile
+                        metrics.forget(*key)
                         return
                 except Exception:
+                    metrics.RECONCILES.labels("error").inc()
                     failures += 1
                     delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** failures)
                     logger.exception("Reconciling %s/%s failed (attempt %d); retrying in %.1fs",
                                      *key, failures, delay)
         finally:
             del self._workers[key], self._wakeups[key]
+            metrics.DEPLOYMENTS.set(len(self._workers))

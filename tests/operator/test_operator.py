@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import socket
 import subprocess
 import sys
 
+import aiohttp
 import kmock
 import pytest
 from kmock import KubernetesError
@@ -316,3 +318,24 @@ async def test_a_rotated_token_makes_the_operator_log_in_again(k8s, operator, tm
     await edit(k8s, {"spec": {"replicas": 2}}, path="/scale")
     await wait_for(lambda: settled(k8s, replicas=2), what="scaled with the new token")
     assert stale  # the operator did try the old token first
+
+
+async def test_prometheus_metrics_on_the_configured_port(k8s, kuberay, monkeypatch):
+    with socket.socket() as s:  # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAYPRISM_METRICS_PORT", str(port))
+    op = OperatorThread()
+    await op.start()
+    try:
+        await k8s.post(IDEP_PATH, json=deployment(replicas=2))
+        await wait_for(lambda: settled(k8s), what="2 ready replicas")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                assert response.status == 200
+                text = await response.text()
+    finally:
+        await op.stop()
+    assert 'rayprism_operator_replicas{deployment="demo",namespace="default",state="ready"} 2.0' in text
+    assert 'rayprism_operator_reconciles_total{result="success"}' in text
+    assert "rayprism_operator_reconcile_seconds_bucket" in text
