@@ -90,14 +90,15 @@ class RayNodes:
         self.processes.append(subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", *flags],
                                                stdout=log, stderr=subprocess.STDOUT))
 
-    def _wait_for_head(self, timeout_s: float = 90) -> None:
+    def _wait_for_head(self, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex((self.ip, self.port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError(f"the Ray head did not listen on {self.address} within {timeout_s}s")
+            check = subprocess.run([str(VENV_BIN / "ray"), "health-check", f"--address={self.address}"],
+                                   capture_output=True)
+            if check.returncode == 0:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"the Ray head at {self.address} was not healthy within {timeout_s}s")
 
     def wait_for_nodes(self, count: int, timeout_s: float = 90) -> None:
         """Needs ray.init(address=self.address) in this process."""
