@@ -214,7 +214,7 @@ def plan(obs: Observed) -> Plan:
     weights = {r.weights_revision if r.name not in finished else target_weights for r in ready}
     complete = len(available_now) == want and len(remaining) + len(terminating) == want
 
-    progress = _last_progress(obs, loading)
+    progress = _last_progress(obs)
     deadline_passed = (not complete and progress is not None
                        and (obs.now - progress).total_seconds() > rollout.progress_deadline_seconds)
     if complete:
@@ -271,7 +271,7 @@ def plan(obs: Observed) -> Plan:
     return out
 
 
-def _last_progress(obs: Observed, loading: set[str]) -> datetime | None:
+def _last_progress(obs: Observed) -> datetime | None:
     """When the rollout last moved: a replica of the update revision was created, became ready, or
     started or finished loading weights. None when there is nothing of the update revision yet."""
     times = []
