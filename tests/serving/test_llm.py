@@ -179,3 +179,19 @@ async def test_a_dead_worker_fails_requests_and_health_quickly(checkpoints):
             llm.generate("hi", GREEDY)
     finally:
         llm.shutdown()
+
+
+def test_runs_in_a_given_placement_group_and_leaves_it(checkpoints):
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    shared = placement_group([{"CPU": 1}, {"CPU": 1}])     # e.g. a trainer's group
+    ray.get(shared.ready())
+    try:
+        llm = LLM(str(checkpoints["a"]), device="cpu", placement_group=shared, bundle_indices=[1])
+        assert llm.generate(PROMPTS, GREEDY)[0].finish_reason == "length"
+        llm.shutdown()
+        assert placement_group_table(shared)["state"] == "CREATED"    # not ours to remove
+        with pytest.raises(ValueError, match="bundle_indices"):
+            LLM(str(checkpoints["a"]), device="cpu", placement_group=shared, bundle_indices=[0, 1])
+    finally:
+        remove_placement_group(shared)
