@@ -72,7 +72,10 @@ def test_sampling_differs_from_greedy_and_respects_top_k(engine):
 
 
 def test_logprobs(engine):
-    result = generate(engine, [PROMPTS[0]], SamplingParams(max_tokens=5, temperature=0, logprobs=3))["0"]
+    with_logprobs = SamplingParams(max_tokens=5, temperature=0, logprobs=3)
+    results = generate(engine, PROMPTS[:2], [with_logprobs, SamplingParams(max_tokens=5, temperature=0)])
+    assert results["1"]["logprobs"] == []  # not asked for
+    result = results["0"]
     assert len(result["logprobs"]) == len(result["token_ids"])
     for token_id, entry in zip(result["token_ids"], result["logprobs"]):
         assert entry["token_id"] == token_id and len(entry["top"]) == 3

@@ -125,7 +125,8 @@ class LLMEngine:
             if seq.finish_reason:
                 self.scheduler.finish(seq, seq.finish_reason)
                 del self.requests[seq.request_id]
-            outputs.append(self._output(seq, [token_id], new_text, [logprobs[row]] if logprobs else None))
+            token_logprobs = logprobs[row] if logprobs else None  # None for requests that did not ask
+            outputs.append(self._output(seq, [token_id], new_text, [token_logprobs] if token_logprobs else None))
         return outputs
 
     def _process_token(self, seq: Sequence, token_id: int) -> str:
