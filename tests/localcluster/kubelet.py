@@ -37,6 +37,7 @@ from pathlib import Path
 import aiohttp
 
 from .network import PodNetwork
+from .node import Mountpoints
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,7 +79,7 @@ class Pod:
     network: PodNetwork
     api: aiohttp.ClientSession  # the API server, for Secrets
     root: Path                  # the pod's directory on the node (volumes, logs, home)
-    mountpoints: set[Path]      # the node's: dirs it created for bind mounts, removed when the node stops
+    mountpoints: Mountpoints    # the machine's mountpoint dirs for bind mounts
     netns: str = ""
     ip: str = ""
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # container -> main process
@@ -192,15 +193,6 @@ class Pod:
                 raise PodError(f"container {container['name']}: env {var['name']}: unsupported source {var}")
         return env
 
-    def _mountpoint(self, target: str) -> None:
-        """Bind mounts need an existing mountpoint; missing ones are created on the node. They stay until
-        the node stops: removing one that another pod's namespace mounts on would detach that mount."""
-        path = Path(target)
-        missing = [p for p in [path, *path.parents] if not p.exists()]
-        for p in reversed(missing):
-            p.mkdir()
-        self.mountpoints.update(missing)
-
     async def _run_container(self, container: dict, volumes: dict[str, tuple[str, str]]) -> subprocess.Popen:
         env = await self._env(container)
         argv = [expand(a, env) for a in container.get("command", []) + container.get("args", [])]
@@ -217,7 +209,7 @@ class Pod:
             mounts.append(("tmpfs", "64M", "/dev/shm", False))
         script = ["set -e"]
         for kind, source, target, read_only in mounts:
-            self._mountpoint(target)
+            self.mountpoints.ensure(target)
             if kind == "tmpfs":
                 script.append(f"mount -t tmpfs -o size={shlex.quote(source)} tmpfs {shlex.quote(target)}")
             else:

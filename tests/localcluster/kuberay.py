@@ -24,6 +24,7 @@ import kmock
 
 from .kubelet import Pod
 from .network import PodNetwork
+from .node import Mountpoints
 
 RC = kmock.resource("ray.io/v1/rayclusters")
 GCS_PORT = "6379"
@@ -144,7 +145,7 @@ class LocalKubeRay:
         self.k8s, self.network, self.workdir = k8s, network, workdir
         self.grace_seconds = grace_seconds
         self.clusters: dict[str, RayClusterPods] = {}  # uid -> pods
-        self.mountpoints: set[Path] = set()
+        self.mountpoints = Mountpoints()
         self._api: aiohttp.ClientSession | None = None
         self._task: asyncio.Task | None = None
         self._stopping: set[asyncio.Task] = set()
@@ -244,6 +245,7 @@ class LocalKubeRay:
         return "\n".join(lines) or "no pods"
 
     async def __aenter__(self) -> "LocalKubeRay":
+        self.mountpoints.__enter__()
         self._api = aiohttp.ClientSession(base_url=str(self.k8s.url))
         self._task = asyncio.create_task(self._loop())
         return self
@@ -254,5 +256,4 @@ class LocalKubeRay:
         await asyncio.gather(*self._stopping, *(self._stop(p) for p in self.clusters.values()))
         self.clusters.clear()
         await self._api.close()
-        for path in sorted(self.mountpoints, key=lambda p: len(p.parts), reverse=True):
-            path.rmdir()
+        self.mountpoints.__exit__()

@@ -1,5 +1,6 @@
 """Pod networking as a CNI bridge plugin does it: one network namespace per pod, a veth pair into a bridge
-in the root namespace, an address from a private /24 that this module creates and removes itself.
+in the root namespace, an address from a private /24 (in 10.213.0.0/16) that this module creates and
+removes itself; only these namespaces and this bridge are ever touched.
 
 Every rayprism pod binds 0.0.0.0:8000 (and Ray's 6379, 8265, ...), so pods on one loopback would collide;
 in their own namespaces the rendered commands run unchanged, and the test process (root namespace)
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import shutil
 import subprocess
 import uuid
+
+from .node import setup_lock
 
 
 def _ip(*args: str) -> None:
@@ -36,26 +40,30 @@ def unavailable_reason() -> str | None:
 
 
 class PodNetwork:
-    """A bridge with `subnet`'s first address (the node's side) and one namespace per pod."""
+    """A bridge with the subnet's first address (the node's side) and one namespace per pod; the subnet is
+    the first /24 of `supernet` that no interface here uses (another local cluster may be running)."""
 
-    def __init__(self, subnet: str = "10.213.0.0/24"):
-        self.subnet = ipaddress.ip_network(subnet)
+    def __init__(self, supernet: str = "10.213.0.0/16"):
+        self.supernet = ipaddress.ip_network(supernet)
         tag = uuid.uuid4().hex[:5]
         self.bridge = f"rpbr{tag}"
         self._prefix = f"rp{tag}"
-        gateway, *pool = self.subnet.hosts()
-        self.gateway = str(gateway)
-        self._free = [str(a) for a in pool]
         self._pods: dict[str, tuple[str, str]] = {}  # netns -> (ip, host-side veth)
         self._next = 0
 
     def __enter__(self) -> "PodNetwork":
-        taken = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=True).stdout
-        if f" {self.gateway}/" in taken:
-            raise RuntimeError(f"{self.subnet} is already in use on this machine (a stale test bridge?)")
-        _ip("link", "add", self.bridge, "type", "bridge")
-        _ip("addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
-        _ip("link", "set", self.bridge, "up")
+        with setup_lock():
+            used = subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True, check=True).stdout
+            used_addresses = {ipaddress.ip_address(a.split("/")[0]) for a in re.findall(r"inet (\S+)", used)}
+            self.subnet = next((s for s in self.supernet.subnets(new_prefix=24)
+                                if not any(a in s for a in used_addresses)), None)
+            if self.subnet is None:
+                raise RuntimeError(f"no free /24 left in {self.supernet}")
+            gateway, *pool = self.subnet.hosts()
+            self.gateway, self._free = str(gateway), [str(a) for a in pool]
+            _ip("link", "add", self.bridge, "type", "bridge")
+            _ip("addr", "add", f"{self.gateway}/{self.subnet.prefixlen}", "dev", self.bridge)
+            _ip("link", "set", self.bridge, "up")
         return self
 
     def add_pod(self) -> tuple[str, str]:

@@ -178,7 +178,8 @@ async def test_smollm2_deployment_runs_scales_updates_weights_in_place_and_delet
     await client.stop()
     assert client.failures == [], client.failures
     during = [d for d in client.done if d[0] < update_done and d[1] > update_started]
-    assert during, "no request was in flight while the weights were updated"
+    assert {endpoint for _, _, endpoint in during} == set(endpoints(k8s, kuberay)), (
+        f"each replica must serve requests while the weights roll: {during}")
     assert live_rayclusters(k8s) == replicas, "an in-place update must keep the RayClusters"
     token = base64.b64decode(k8s.objects[SECRETS, NS, "smollm2-admin"].raw["data"]["token"]).decode()
     v2_answers = set()
