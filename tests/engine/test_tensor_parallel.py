@@ -46,7 +46,13 @@ def tp_worker(rank: int, port: int, folders: dict, out_dir: str, device: str = "
                 runner.serve_forever()
                 continue
             engine = LLMEngine(config, runner)
-            torch.save(run_model(engine, folder), os.path.join(out_dir, f"{name}.pt"))
+            result = run_model(engine, folder)
+            try:  # a failed load is reported on rank 0 and leaves every rank serving
+                engine.load_weights(os.path.join(out_dir, "no-such-model"))
+            except FileNotFoundError as exc:
+                result["load_error"] = str(exc)
+            result["logits_after_failed_load"] = prefill_logits(engine, PROBE_IDS)
+            torch.save(result, os.path.join(out_dir, f"{name}.pt"))
             engine.shutdown()
     finally:
         dist.destroy_process_group()
@@ -75,6 +81,8 @@ def test_tp2_matches_tp1(name, tp2_results, tiny_llama_dir, tiny_qwen2_dir):
     assert tp2["tokens"] == tp1["tokens"]
     torch.testing.assert_close(tp2["updated_logits"], tp1["updated_logits"], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(tp1["updated_logits"], tp1["logits"])  # the update really changed the model
+    assert "no-such-model" in tp2["load_error"]
+    torch.testing.assert_close(tp2["logits_after_failed_load"], tp2["updated_logits"])
 
 
 LLAMA31_ROPE = {
