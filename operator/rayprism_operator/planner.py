@@ -101,49 +101,8 @@ def plan(obs: Observed) -> Plan:
     outdated = [r for r in live if r.revision != obs.update_revision]
 
     # Weights of current-revision replicas (only InPlace leaves them behind the spec).
-    failed: set[str] = set()
-    loading: set[str] = set()
-    stale: list[Replica] = []
-    if in_place and target_weights is not None:
-        for r in current:
-            if r.weights_revision == target_weights:
-                continue
-            if r.weights_failed is not None and r.weights_failed == target_weights:
-                failed.add(r.name)
-            elif r.weights_target == target_weights:
-                report = r.admin
-                started = r.weights_since or obs.now
-                if report and report.state == "ready" and report.revision == target_weights:
-                    out.finish_weight_updates.append(r.name)
-                    out.events.append(Event("Normal", "WeightsUpdated",
-                                            f"Replica {r.name} loaded weights revision {target_weights}"))
-                elif report and report.state == "failed":
-                    failed.add(r.name)
-                    out.fail_weight_updates.append(r.name)
-                    out.events.append(Event("Warning", "WeightUpdateFailed",
-                                            f"Replica {r.name} failed to load weights revision "
-                                            f"{target_weights}: {report.error}; replacing it"))
-                elif (obs.now - started).total_seconds() >= rollout.weight_update_timeout_seconds:
-                    failed.add(r.name)
-                    out.fail_weight_updates.append(r.name)
-                    out.events.append(Event("Warning", "WeightUpdateFailed",
-                                            f"Replica {r.name} did not load weights revision {target_weights} "
-                                            f"within {rollout.weight_update_timeout_seconds}s; replacing it"))
-                else:
-                    loading.add(r.name)
-            elif r.weights_target is not None:
-                # Still loading a revision the spec moved past: ask for the new one (it is unavailable
-                # anyway, so this takes nothing from the budget).
-                out.start_weight_updates.append(r.name)
-                loading.add(r.name)
-                out.events.append(Event("Normal", "WeightUpdateStarted",
-                                        f"Asked replica {r.name} to load weights revision {target_weights} "
-                                        f"instead of {r.weights_target}"))
-            elif rollout.max_unavailable == 0:
-                # No replica may go unavailable, so an in-place load is never allowed: replace instead.
-                failed.add(r.name)
-            else:
-                stale.append(r)
+    failed, loading, stale = (_weights(obs, current, out) if in_place and target_weights is not None
+                              else (set(), set(), []))
     finished = set(out.finish_weight_updates)
     # Replicas that will be replaced: another revision, or weights that cannot be loaded in place.
     outdated += [r for r in current if r.name in failed]
@@ -257,18 +216,73 @@ def plan(obs: Observed) -> Plan:
         "conditions": conditions,
     }
 
-    # Wake up again for what no watch event announces: polling loads, and the progress deadline.
-    waits = []
+    deadline = progress if not complete and progress is not None and not deadline_passed else None
+    out.requeue_after = _requeue_after(obs, loading, deadline)
+    return out
+
+
+def _requeue_after(obs: Observed, loading: set[str], progress: datetime | None) -> float | None:
+    """When to look again for what no watch event announces: in-flight loads (polled, and their
+    timeouts) and the progress deadline counted from `progress`."""
+    rollout, waits = obs.spec.rollout, []
     if loading:
         waits.append(obs.weights_poll_seconds)
-    if not complete and progress is not None and not deadline_passed:
+    if progress is not None:
         waits.append(rollout.progress_deadline_seconds - (obs.now - progress).total_seconds() + 0.1)
-    for name in loading:
-        r = next(r for r in obs.replicas if r.name == name)
-        started = r.weights_since or obs.now
-        waits.append(rollout.weight_update_timeout_seconds - (obs.now - started).total_seconds() + 0.1)
-    out.requeue_after = max(0.1, min(waits)) if waits else None
-    return out
+    for r in obs.replicas:
+        if r.name in loading:
+            started = r.weights_since or obs.now
+            waits.append(rollout.weight_update_timeout_seconds - (obs.now - started).total_seconds() + 0.1)
+    return max(0.1, min(waits)) if waits else None
+
+
+def _weights(obs: Observed, current: list[Replica], out: Plan) -> tuple[set[str], set[str], list[Replica]]:
+    """Where each current-revision replica stands with model.revision: (failed, loading, stale).
+    Finished and failed loads are recorded in `out` (with their events)."""
+    rollout, target_weights = obs.spec.rollout, obs.spec.model.revision
+    failed: set[str] = set()
+    loading: set[str] = set()
+    stale: list[Replica] = []
+    for r in current:
+        if r.weights_revision == target_weights:
+            continue
+        if r.weights_failed is not None and r.weights_failed == target_weights:
+            failed.add(r.name)
+        elif r.weights_target == target_weights:
+            report = r.admin
+            started = r.weights_since or obs.now
+            if report and report.state == "ready" and report.revision == target_weights:
+                out.finish_weight_updates.append(r.name)
+                out.events.append(Event("Normal", "WeightsUpdated",
+                                        f"Replica {r.name} loaded weights revision {target_weights}"))
+            elif report and report.state == "failed":
+                failed.add(r.name)
+                out.fail_weight_updates.append(r.name)
+                out.events.append(Event("Warning", "WeightUpdateFailed",
+                                        f"Replica {r.name} failed to load weights revision "
+                                        f"{target_weights}: {report.error}; replacing it"))
+            elif (obs.now - started).total_seconds() >= rollout.weight_update_timeout_seconds:
+                failed.add(r.name)
+                out.fail_weight_updates.append(r.name)
+                out.events.append(Event("Warning", "WeightUpdateFailed",
+                                        f"Replica {r.name} did not load weights revision {target_weights} "
+                                        f"within {rollout.weight_update_timeout_seconds}s; replacing it"))
+            else:
+                loading.add(r.name)
+        elif r.weights_target is not None:
+            # Still loading a revision the spec moved past: ask for the new one (it is unavailable
+            # anyway, so this takes nothing from the budget).
+            out.start_weight_updates.append(r.name)
+            loading.add(r.name)
+            out.events.append(Event("Normal", "WeightUpdateStarted",
+                                    f"Asked replica {r.name} to load weights revision {target_weights} "
+                                    f"instead of {r.weights_target}"))
+        elif rollout.max_unavailable == 0:
+            # No replica may go unavailable, so an in-place load is never allowed: replace instead.
+            failed.add(r.name)
+        else:
+            stale.append(r)
+    return failed, loading, stale
 
 
 def _last_progress(obs: Observed) -> datetime | None:
