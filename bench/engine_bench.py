@@ -289,7 +289,7 @@ def serve_throughput(model_dir: str, work: Workload, vocab: int, prompt_len: int
     command = [sys.executable, "-m", "rayprism.cli", "serve", "--model", model_dir, "--served-model-name", "bench",
                "--ray-address", "local", "--host", "127.0.0.1", "--port", str(port), "--device", device,
                "--max-model-len", str(work.max_model_len), "--max-num-seqs", str(work.max_num_seqs)]
-    server = subprocess.Popen(command, env=env, start_new_session=False)
+    server = subprocess.Popen(command, env=env)
     try:
         return asyncio.run(_drive_server(f"http://127.0.0.1:{port}", server, work, vocab, prompt_len, output_len))
     finally:
@@ -331,7 +331,7 @@ async def _drive_server(url: str, server: subprocess.Popen, work: Workload, voca
             while not queue.empty():
                 body = {"model": "bench", "prompt": queue.get_nowait(), "max_tokens": output_len, "temperature": 0,
                         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-                sent = time.perf_counter()
+                sent, first = time.perf_counter(), True
                 async with session.post(f"{url}/v1/completions", json=body) as response:
                     response.raise_for_status()
                     async for line in response.content:
@@ -339,18 +339,16 @@ async def _drive_server(url: str, server: subprocess.Popen, work: Workload, voca
                         if not line.startswith(b"data: ") or line == b"data: [DONE]":
                             continue
                         chunk = json.loads(line[len(b"data: "):])
-                        if chunk.get("choices") and len(first_token_s) < work.serve_prompts and tokens == 0:
+                        if chunk.get("choices") and first:
                             first_token_s.append(time.perf_counter() - sent)
+                            first = False
                         if chunk.get("usage"):
                             tokens += chunk["usage"]["completion_tokens"]
             return tokens
 
-        async def timed(concurrency: int) -> tuple[int, float]:
-            start = time.perf_counter()
-            counts = await asyncio.gather(*(client() for _ in range(concurrency)))
-            return sum(counts), time.perf_counter() - start
-
-        tokens, seconds = await timed(work.serve_concurrency)
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(client() for _ in range(work.serve_concurrency))))
+        seconds = time.perf_counter() - start
     return {"tok_s": tokens / seconds, "output_tokens": tokens, "seconds": seconds,
             "ttft_ms_median": 1e3 * statistics.median(first_token_s) if first_token_s else None}
 
