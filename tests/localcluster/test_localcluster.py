@@ -173,6 +173,8 @@ async def test_smollm2_deployment_runs_scales_updates_weights_in_place_and_delet
     await wait_until(lambda: status(k8s).get("weightsRevision") == "v2" and available(k8s, 2), kuberay, 300,
                      "weights revision v2 on both replicas")
     update_done = time.monotonic()
+    assert live_rayclusters(k8s) == replicas, (
+        f"an in-place update must keep the RayClusters; events: {[e.get('message') for e in k8s.events()]}")
     await wait_until(lambda: sum(start > update_done for start, _, _ in client.done) >= 2, kuberay, 60,
                      "streaming after the update")
     await client.stop()
@@ -180,7 +182,6 @@ async def test_smollm2_deployment_runs_scales_updates_weights_in_place_and_delet
     during = [d for d in client.done if d[0] < update_done and d[1] > update_started]
     assert {endpoint for _, _, endpoint in during} == set(endpoints(k8s, kuberay)), (
         f"each replica must serve requests while the weights roll: {during}")
-    assert live_rayclusters(k8s) == replicas, "an in-place update must keep the RayClusters"
     token = base64.b64decode(k8s.objects[SECRETS, NS, "smollm2-admin"].raw["data"]["token"]).decode()
     v2_answers = set()
     for endpoint in endpoints(k8s, kuberay):
