@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import comm
 from .attention import AttentionMetadata, paged_attention, store_kv
 
 
@@ -60,8 +61,7 @@ class VocabParallelEmbedding(nn.Module):
         local = token_ids - self.vocab_start
         mine = (local >= 0) & (local < self.rows_per_rank)
         out = F.embedding(local * mine, self.weight) * mine.unsqueeze(-1).to(self.weight.dtype)
-        dist.all_reduce(out)
-        return out
+        return comm.all_reduce(out)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -157,9 +157,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias if tp_rank() == 0 else None)
-        if tp_size() > 1:
-            dist.all_reduce(out)
-        return out
+        return comm.all_reduce(out) if tp_size() > 1 else out
 
 
 class RMSNorm(nn.Module):
