@@ -14,6 +14,7 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from .attention import AttentionMetadata
+from .comm import setup_tensor_parallel_comm
 from .config import EngineConfig
 from .layers import Attention
 from .loader import CheckpointReader, resolve_model_path
@@ -73,6 +74,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.set_device(rank % torch.cuda.device_count())
             self.device = torch.device("cuda", torch.cuda.current_device())
+            setup_tensor_parallel_comm(self.device)  # symmetric-memory all-reduce (comm.py); collective
         self.dtype = config.torch_dtype()
         self.model_path = resolve_model_path(config.model, config.revision)
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
