@@ -47,8 +47,9 @@ OPERATOR_GRANTS = {
     ("rayprism.dev", "inferencedeployments/status"): {"get", "patch"},
     ("rayprism.dev", "inferencedeployments/scale"): {"get", "patch"},
     ("ray.io", "rayclusters"): ALL_VERBS,
-    ("", "services"): ALL_VERBS,
-    ("", "secrets"): ALL_VERBS,
+    # Neither listed, watched nor deleted: the garbage collector removes them through their ownerReferences.
+    ("", "services"): {"get", "create", "patch"},
+    ("", "secrets"): {"get", "create"},
     ("", "events"): {"create", "patch"},
 }
 # kopf's observation of the cluster (kopf/_core/reactor/observation.py): CRDs always, namespaces only

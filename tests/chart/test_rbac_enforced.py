@@ -21,7 +21,7 @@ import pytest
 import yaml
 from kmock import Server
 
-from ..operator.harness import IDEP_PATH, NS, ApiServerEmulator, FakeKubeRay, deployment, register, wait_for
+from ..operator.harness import IDEP_PATH, NS, SERVICES, ApiServerEmulator, FakeKubeRay, deployment, register, wait_for
 from .tools import tool_paths
 
 TOKEN = "operator-service-account-token"
@@ -128,6 +128,11 @@ def _available(k8s, replicas: int) -> bool:
     return status.get("availableReplicas") == replicas and status.get("replicas") == replicas
 
 
+def _service_port(k8s) -> int | None:
+    service = k8s.objects[SERVICES, NS, "demo"].raw
+    return service["spec"]["ports"][0]["port"]
+
+
 @pytest.mark.parametrize("watch_namespaces", [[], [NS]], ids=["cluster-wide", "namespaced"])
 async def test_operator_works_within_the_chart_rbac(watch_namespaces, tmp_path, monkeypatch):
     monkeypatch.chdir(tool_paths()["helm"].parents[2])  # the repository root
@@ -138,6 +143,8 @@ async def test_operator_works_within_the_chart_rbac(watch_namespaces, tmp_path, 
         await k8s.patch(f"{IDEP_PATH}/demo/scale", json={"spec": {"replicas": 1}})
         await wait_for(lambda: _available(k8s, 1) and len(k8s.replicas("demo")) == 1, timeout=20,
                        what="scaled down to 1")
+        await k8s.patch(f"{IDEP_PATH}/demo", json={"spec": {"service": {"port": 9000}}})
+        await wait_for(lambda: _service_port(k8s) == 9000, timeout=20, what="the Service patched to port 9000")
         await k8s.delete(f"{IDEP_PATH}/demo")
         await wait_for(lambda: not k8s.replicas("demo"), timeout=20, what="replicas collected")
     assert k8s.denied == []
@@ -147,7 +154,8 @@ async def test_operator_works_within_the_chart_rbac(watch_namespaces, tmp_path, 
     assert {("rayprism.dev", "inferencedeployments", "watch"),
             ("rayprism.dev", "inferencedeployments/status", "patch"),
             ("ray.io", "rayclusters", "create"), ("ray.io", "rayclusters", "delete"),
-            ("", "services", "create"), ("", "secrets", "create"), ("", "events", "create")} <= k8s.allowed
+            ("", "services", "get"), ("", "services", "create"), ("", "services", "patch"),
+            ("", "secrets", "get"), ("", "secrets", "create"), ("", "events", "create")} <= k8s.allowed
 
 
 async def test_a_missing_rule_is_denied(tmp_path, monkeypatch):

@@ -61,10 +61,16 @@ cluster-wide install, each namespace's Role's rules otherwise.
 - apiGroups: [ray.io]
   resources: [rayclusters]
   verbs: [get, list, watch, create, patch, delete]
-# The endpoint Service and the admin-token Secret of every InferenceDeployment.
+# The endpoint Service of every InferenceDeployment: read, created, patched back when it drifts.
 - apiGroups: [""]
-  resources: [services, secrets]
-  verbs: [get, list, watch, create, patch, delete]
+  resources: [services]
+  verbs: [get, create, patch]
+# The admin-token Secret of every InferenceDeployment: created once, then read for the token. Neither is
+# listed, watched (kopf watches only the two resources above) or deleted: the garbage collector removes
+# both, and the RayClusters' pods, through their ownerReferences.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create]
 # Events about scaling and rollouts (kopf posts core/v1 events).
 - apiGroups: [""]
   resources: [events]
