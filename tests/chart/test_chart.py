@@ -46,6 +46,7 @@ OPERATOR_GRANTS = {
     ("rayprism.dev", "inferencedeployments"): {"get", "list", "watch", "patch"},
     ("rayprism.dev", "inferencedeployments/status"): {"get", "patch"},
     ("rayprism.dev", "inferencedeployments/scale"): {"get", "patch"},
+    ("rayprism.dev", "inferencedeployments/finalizers"): {"update"},  # blockOwnerDeletion (OpenShift)
     ("ray.io", "rayclusters"): ALL_VERBS,
     # Neither listed, watched nor deleted: the garbage collector removes them through their ownerReferences.
     ("", "services"): {"get", "create", "patch"},

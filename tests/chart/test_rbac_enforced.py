@@ -79,7 +79,23 @@ class RbacEmulator(ApiServerEmulator):
                 self.denied.append(f"{check[3]} {check[1] or 'core'}/{check[2]} in {check[0] or 'the cluster'}")
                 raise Forbidden()
             self.allowed.add(check[1:])
+            if request.action == kmock.action.CREATE:
+                self._admit_owner_references(request)
         return await super()._handle(request)
+
+    def _admit_owner_references(self, request) -> None:
+        """The OwnerReferencesPermissionEnforcement admission plugin (on in OpenShift): creating an object
+        whose ownerReference sets blockOwnerDeletion needs update on the owner's finalizers subresource."""
+        for ref in (request.data.get("metadata") or {}).get("ownerReferences") or []:
+            if not ref.get("blockOwnerDeletion"):
+                continue
+            group = ref["apiVersion"].rpartition("/")[0]
+            [plural] = [r.plural for r in self.resources if r.group == group and self.resources[r].kind == ref["kind"]]
+            check = (request.namespace, group, f"{plural}/finalizers", "update")
+            if not self._permits(*check):
+                self.denied.append(f"update {group}/{plural}/finalizers in {request.namespace} (blockOwnerDeletion)")
+                raise Forbidden()
+            self.allowed.add(check[1:])
 
 
 @asynccontextmanager
@@ -155,7 +171,8 @@ async def test_operator_works_within_the_chart_rbac(watch_namespaces, tmp_path, 
             ("rayprism.dev", "inferencedeployments/status", "patch"),
             ("ray.io", "rayclusters", "create"), ("ray.io", "rayclusters", "delete"),
             ("", "services", "get"), ("", "services", "create"), ("", "services", "patch"),
-            ("", "secrets", "get"), ("", "secrets", "create"), ("", "events", "create")} <= k8s.allowed
+            ("", "secrets", "get"), ("", "secrets", "create"), ("", "events", "create"),
+            ("rayprism.dev", "inferencedeployments/finalizers", "update")} <= k8s.allowed
 
 
 async def test_a_missing_rule_is_denied(tmp_path, monkeypatch):

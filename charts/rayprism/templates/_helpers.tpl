@@ -57,6 +57,11 @@ cluster-wide install, each namespace's Role's rules otherwise.
 - apiGroups: [rayprism.dev]
   resources: [inferencedeployments/status, inferencedeployments/scale]
   verbs: [get, patch]
+# Every child's ownerReference sets blockOwnerDeletion; where the OwnerReferencesPermissionEnforcement
+# admission plugin is on (OpenShift), that needs update on the owner's finalizers. Nothing else uses it.
+- apiGroups: [rayprism.dev]
+  resources: [inferencedeployments/finalizers]
+  verbs: [update]
 # The replicas it creates: one KubeRay RayCluster each.
 - apiGroups: [ray.io]
   resources: [rayclusters]
