@@ -349,8 +349,14 @@ async def _drive_server(url: str, server: subprocess.Popen, work: Workload, voca
         start = time.perf_counter()
         tokens = sum(await asyncio.gather(*(client() for _ in range(work.serve_concurrency))))
         seconds = time.perf_counter() - start
+        async with session.get(f"{url}/metrics") as response:  # how many forward passes the run took
+            steps = {name: float(value) for name, value in
+                     (line.split() for line in (await response.text()).splitlines()
+                      if line.startswith(("rayprism_engine_steps ", "rayprism_engine_prefill_steps ")))}
     return {"tok_s": tokens / seconds, "output_tokens": tokens, "seconds": seconds,
-            "ttft_ms_median": 1e3 * statistics.median(first_token_s) if first_token_s else None}
+            "ttft_ms_median": 1e3 * statistics.median(first_token_s) if first_token_s else None,
+            "engine_steps": steps.get("rayprism_engine_steps"),
+            "engine_prefill_steps": steps.get("rayprism_engine_prefill_steps")}
 
 
 # --- the run ---------------------------------------------------------------------------------------

@@ -52,20 +52,19 @@ def prefill_logits(engine, token_ids: list[int]) -> torch.Tensor:
     seq = Sequence("logits-probe", token_ids, SamplingParams(), arrival=0)
     engine.scheduler.block_manager.allocate(seq)
     try:
-        batch = Batch.from_sequences([seq], True, engine.config.block_size)
-        return engine.runner.call("execute_model", batch).float().cpu()
+        batch = Batch.from_sequences([seq], 1, engine.config.block_size)
+        return engine.runner.call("execute_model", batch.pack()).float().cpu()
     finally:
         engine.scheduler.block_manager.free(seq)
 
 
-def generate(engine, prompts, params) -> dict[str, dict]:
-    """Run requests to completion; returns {request_id: {"token_ids", "text", "finish_reason"}}."""
+def generate(engine, prompts, params, staggered: bool = False) -> dict[str, dict]:
+    """Run requests to completion; returns {request_id: {"token_ids", "text", "finish_reason"}}.
+    staggered: add one request per step, so later ones join the decoding ones' steps (mixed steps)."""
     params_list = params if isinstance(params, list) else [params] * len(prompts)
     results = {}
-    for i, (prompt, p) in enumerate(zip(prompts, params_list)):
-        engine.add_request(str(i), prompt, p)
-        results[str(i)] = {"token_ids": [], "text": "", "finish_reason": None, "logprobs": []}
-    while engine.has_unfinished_requests():
+
+    def step():
         for out in engine.step():
             r = results[out.request_id]
             r["token_ids"] += out.new_token_ids
@@ -73,4 +72,12 @@ def generate(engine, prompts, params) -> dict[str, dict]:
             r["logprobs"] += out.logprobs or []
             if out.finished:
                 r["finish_reason"] = out.finish_reason
+
+    for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+        engine.add_request(str(i), prompt, p)
+        results[str(i)] = {"token_ids": [], "text": "", "finish_reason": None, "logprobs": []}
+        if staggered and i < len(prompts) - 1:
+            step()
+    while engine.has_unfinished_requests():
+        step()
     return results

@@ -43,7 +43,7 @@ def test_tp2_over_nccl_matches_tp1(tiny_llama_dir, tiny_qwen2_dir, tmp_path):
         tp2 = torch.load(os.path.join(tmp_path, f"{name}.pt"))
         tp1 = run_model(LLMEngine(EngineConfig(model=folder, num_kv_blocks=32, device="cuda", dtype="float32")), folder)
         torch.testing.assert_close(tp2["logits"], tp1["logits"], rtol=1e-3, atol=1e-3)
-        assert tp2["tokens"] == tp1["tokens"]
+        assert tp2["tokens"] == tp1["tokens"] == tp2["mixed_step_tokens"]
         torch.testing.assert_close(tp2["updated_logits"], tp1["updated_logits"], rtol=1e-3, atol=1e-3)
 
 

@@ -100,18 +100,21 @@ def test_graph_decode_matches_eager_float32(llama_dir):
     assert eager.runner.decode_graphs is None
     expected = generate(eager, PROMPTS, GREEDY)
     assert generate(graphs, PROMPTS, GREEDY) == expected
+    assert generate(graphs, PROMPTS, GREEDY, staggered=True) == expected  # mixed prefill + decode steps
     graphs.sleep()  # new weight and cache addresses: the graphs are captured again
     graphs.wake_up()
     assert generate(graphs, PROMPTS, GREEDY) == expected
 
 
-def test_graph_decode_bf16_follows_transformers(llama_dir):
+@pytest.mark.parametrize("staggered", [False, True], ids=["together", "mixed-steps"])
+def test_graph_decode_bf16_follows_transformers(llama_dir, staggered):
     """Each greedy token we pick is transformers' argmax on the same prefix, up to bf16 noise: a near-tie
-    may go either way (the tolerance of test_gpu.py), anything else fails."""
+    may go either way (the tolerance of test_gpu.py), anything else fails. Staggered arrivals run mixed
+    steps: flash prefill and paged decode in one forward."""
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.bfloat16).cuda()
-    ours = generate(engine(llama_dir, "bfloat16", enforce_eager=False), PROMPTS, GREEDY)
+    ours = generate(engine(llama_dir, "bfloat16", enforce_eager=False), PROMPTS, GREEDY, staggered)
     for i, prompt in enumerate(PROMPTS):
         tokens = ours[str(i)]["token_ids"]
         with torch.no_grad():
@@ -152,7 +155,8 @@ def test_varlen_prefill_matches_per_sequence_sdpa():
     q = torch.randn(713, 32, 128, dtype=torch.bfloat16, device="cuda")
     qkv_k = torch.randn(713, 3, 8, 128, dtype=torch.bfloat16, device="cuda")  # k/v as strided views
     k, v = qkv_k[:, 0], qkv_k[:, 1]
-    out = varlen_prefill_attention(q, k, v, cu_seqlens, 128 ** -0.5)
+    offsets = torch.tensor(cu_seqlens, dtype=torch.int32, device="cuda")
+    out = varlen_prefill_attention(q, k, v, offsets, 513, 128 ** -0.5)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         qs, ks, vs = (t[start:end].double().transpose(0, 1) for t in (q, k, v))
         ks, vs = ks.repeat_interleave(4, dim=0), vs.repeat_interleave(4, dim=0)

@@ -24,7 +24,8 @@ def scaled_norms(folder: str) -> list[tuple[str, torch.Tensor]]:
 
 
 def run_model(engine: LLMEngine, folder: str) -> dict:
-    result = {"logits": prefill_logits(engine, PROBE_IDS), "tokens": generate(engine, PROMPTS, GREEDY)}
+    result = {"logits": prefill_logits(engine, PROBE_IDS), "tokens": generate(engine, PROMPTS, GREEDY),
+              "mixed_step_tokens": generate(engine, PROMPTS, GREEDY, staggered=True)}
     engine.update_weights_from_tensors(scaled_norms(folder))
     result["updated_logits"] = prefill_logits(engine, PROBE_IDS)
     return result
@@ -78,7 +79,7 @@ def test_tp2_matches_tp1(name, tp2_results, tiny_llama_dir, tiny_qwen2_dir):
     tp1 = run_model(LLMEngine(EngineConfig(model=folder, num_kv_blocks=32)), folder)
     tp2 = tp2_results[name]
     torch.testing.assert_close(tp2["logits"], tp1["logits"], rtol=1e-4, atol=1e-4)
-    assert tp2["tokens"] == tp1["tokens"]
+    assert tp2["tokens"] == tp1["tokens"] == tp2["mixed_step_tokens"] == tp1["mixed_step_tokens"]
     torch.testing.assert_close(tp2["updated_logits"], tp1["updated_logits"], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(tp1["updated_logits"], tp1["logits"])  # the update really changed the model
     assert "no-such-model" in tp2["load_error"]

@@ -1,4 +1,4 @@
-"""Paged attention: the plain, correct path (SDPA) used on CPU and for prefill; CUDA decode uses paged_attention.py.
+"""Paged attention: the plain, correct path (SDPA) used on CPU; CUDA uses the kernels of paged_attention.py.
 
 The KV pool of a layer is [num_blocks, block_size, num_kv_heads, head_dim]; token t of a sequence lives
 in slot block_table[t // block_size] * block_size + t % block_size.
@@ -13,11 +13,15 @@ import torch.nn.functional as F
 
 @dataclass
 class AttentionMetadata:
-    is_prefill: bool
+    """One step's batch: the prefilled sequences' tokens first (each sequence's whole context, from position 0),
+    then one new token per decoding sequence. A step may hold either part or both (a mixed step)."""
+
     slot_mapping: torch.Tensor  # [num_tokens] cache slot of each new token
-    cu_seqlens: list[int]  # prefill: token offsets of each sequence in the batch, [0, n0, n0+n1, ...]
-    block_tables: torch.Tensor | None = None  # decode: [batch, max_blocks], padded with -1
-    context_lens: torch.Tensor | None = None  # decode: [batch] tokens in the cache, the new one included
+    num_prefill_tokens: int = 0
+    cu_seqlens: torch.Tensor | None = None  # prefill part: int32 token offsets [0, n0, n0+n1, ...]
+    max_prefill_len: int = 0
+    block_tables: torch.Tensor | None = None  # decode part: [num_decode, max_blocks], padded with -1
+    context_lens: torch.Tensor | None = None  # decode part: [num_decode] tokens in the cache, the new one included
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -31,18 +35,32 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 
 def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: this step's [tokens, kv_heads, dim]. Returns [tokens, heads, dim]."""
-    if meta.is_prefill and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    n = meta.num_prefill_tokens
+    parts = []
+    if n:
+        parts.append(prefill_attention(q[:n], k[:n], v[:n], meta, scale))
+    if meta.context_lens is not None:
+        parts.append(decode_attention(q[n:], k_cache, v_cache, meta, scale))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def prefill_attention(q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention within each prefilled sequence. Prefill always starts at position 0 (no prefix
+    caching; preempted sequences are recomputed), so this step's k/v are each sequence's whole context."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         from .paged_attention import varlen_prefill_attention  # one flash launch for the whole batch
 
-        return varlen_prefill_attention(q, k, v, meta.cu_seqlens, scale)
-    if meta.is_prefill:
-        # Prefill always starts at position 0 (no prefix caching; preempted sequences are recomputed),
-        # so the fresh k/v are each sequence's whole context.
-        outs = []
-        for start, end in zip(meta.cu_seqlens[:-1], meta.cu_seqlens[1:]):
-            qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True))
-        return torch.cat([o.squeeze(0).transpose(0, 1) for o in outs])
+        return varlen_prefill_attention(q, k, v, meta.cu_seqlens, meta.max_prefill_len, scale)
+    bounds = meta.cu_seqlens.tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True))
+    return torch.cat([o.squeeze(0).transpose(0, 1) for o in outs])
+
+
+def decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """One new token per sequence against its cached context (the new token's K/V already stored)."""
     if q.is_cuda:  # reads the blocks in place instead of gathering them (paged_attention.py)
         from .paged_attention import paged_decode_attention, supports
 

@@ -40,8 +40,8 @@ class DecodeGraphs:
                 self.graphs[size] = graph
 
     def _meta(self, size: int) -> AttentionMetadata:
-        return AttentionMetadata(is_prefill=False, slot_mapping=self.slot_mapping[:size], cu_seqlens=[],
-                                 block_tables=self.block_tables[:size], context_lens=self.context_lens[:size])
+        return AttentionMetadata(slot_mapping=self.slot_mapping[:size], block_tables=self.block_tables[:size],
+                                 context_lens=self.context_lens[:size])
 
     def can_run(self, batch_size: int) -> bool:
         return batch_size <= self.batch_sizes[-1]

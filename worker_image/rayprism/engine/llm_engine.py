@@ -56,6 +56,7 @@ class LLMEngine:
         self.aborted: list[Sequence] = []
         self._arrivals = itertools.count()
         self.sleeping = False
+        self.num_steps = self.num_prefill_steps = 0  # steps run; those that prefilled (some also decode)
 
     def _eos_token_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -106,6 +107,8 @@ class LLMEngine:
             "num_waiting": len(self.scheduler.waiting),
             "kv_cache_usage": self.scheduler.block_manager.usage,
             "num_preemptions": self.scheduler.num_preemptions,
+            "num_steps": self.num_steps,
+            "num_prefill_steps": self.num_prefill_steps,
         }
 
     # --- stepping -----------------------------------------------------------------------------------
@@ -114,10 +117,13 @@ class LLMEngine:
         self.aborted = []
         if self.sleeping:  # requests wait (none are lost) until wake_up
             return outputs
-        seqs, is_prefill = self.scheduler.schedule()
+        seqs, num_prefill = self.scheduler.schedule()
         if not seqs:
             return outputs
-        logits = self.runner.call("execute_model", Batch.from_sequences(seqs, is_prefill, self.config.block_size))
+        self.num_steps += 1
+        self.num_prefill_steps += num_prefill > 0
+        batch = Batch.from_sequences(seqs, num_prefill, self.config.block_size)
+        logits = self.runner.call("execute_model", batch.pack())
         token_ids, logprobs = self.sampler(logits, seqs)
         for row, (seq, token_id) in enumerate(zip(seqs, token_ids)):
             seq.token_ids.append(token_id)
@@ -181,18 +187,23 @@ class LLMEngine:
     def load_weights(self, model: str, revision: str | None = None) -> None:
         """All ranks reload from disk; running requests are recomputed with the new weights."""
         self.runner.call("load_weights", model, revision)
-        self.scheduler.preempt_all()
+        self.recompute_running()
 
     def update_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Full HF-named tensors; every rank keeps its slice (the same loaders as disk loading)."""
         if self.runner.world_size > 1:  # tensors travel to the other ranks pickled over gloo
             named_tensors = [(name, t.detach().cpu()) for name, t in named_tensors]
         self.runner.call("load_named_tensors", named_tensors)
+        self.recompute_running()
+
+    def recompute_running(self) -> None:
+        """Send running requests back to be recomputed (prompt + tokens so far): after new weights, or to free
+        the KV cache."""
         self.scheduler.preempt_all()
 
     def sleep(self) -> None:
         """Free the KV cache and offload weights; running requests resume (recomputed) after wake_up."""
-        self.scheduler.preempt_all()
+        self.recompute_running()
         self.runner.call("sleep")
         self.sleeping = True
 

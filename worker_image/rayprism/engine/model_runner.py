@@ -1,13 +1,15 @@
 """ModelRunner: one per tensor-parallel rank. Holds this rank's weight slices and KV pool, runs the model.
 
 Rank 0 drives: `call(name, *args)` broadcasts (name, args) to the other ranks over a gloo group (so NCCL
-carries only tensors), then runs the method locally. Ranks > 0 sit in `serve_forever`.
+carries only the model's tensors), then runs the method locally. Ranks > 0 sit in `serve_forever`.
 """
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,38 +25,56 @@ from .sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
+CONTROL_TIMEOUT = timedelta(days=365)
 # On the CPU there is no "free device memory": the KV pool gets kv_cache_memory_fraction of this budget.
 CPU_KV_CACHE_BUDGET_BYTES = 2 << 30
 
 
 @dataclass
 class Batch:
-    """One forward pass, as plain lists (cheap to broadcast to the other ranks)."""
+    """One forward pass: the prefilled sequences first (each one's whole context), then one new token per
+    decoding sequence. Either part may be empty; a step with both (a mixed step) reads the weights once."""
 
-    is_prefill: bool
     input_ids: list[int]
     positions: list[int]
     slot_mapping: list[int]
-    cu_seqlens: list[int]
-    block_tables: list[list[int]]
-    context_lens: list[int]
+    cu_seqlens: list[int]  # prefill part: [0, n0, n0+n1, ...]
+    block_tables: list[list[int]]  # decode part, padded with -1 to the longest
+    context_lens: list[int]  # decode part
 
     @classmethod
-    def from_sequences(cls, seqs: list[Sequence], is_prefill: bool, block_size: int) -> Batch:
+    def from_sequences(cls, seqs: list[Sequence], num_prefill: int, block_size: int) -> Batch:
+        """seqs[:num_prefill] are prefilled, the rest decode."""
         input_ids, positions, slots, cu_seqlens = [], [], [], [0]
-        for seq in seqs:
-            new_positions = range(len(seq)) if is_prefill else [len(seq) - 1]
+        for i, seq in enumerate(seqs):
+            new_positions = range(len(seq)) if i < num_prefill else [len(seq) - 1]
             for pos in new_positions:
                 input_ids.append(seq.token_ids[pos])
                 positions.append(pos)
                 slots.append(seq.block_table[pos // block_size] * block_size + pos % block_size)
-            cu_seqlens.append(len(input_ids))
-        block_tables, context_lens = [], []
-        if not is_prefill:
-            width = max(len(seq.block_table) for seq in seqs)
-            block_tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs]
-            context_lens = [len(seq) for seq in seqs]
-        return cls(is_prefill, input_ids, positions, slots, cu_seqlens, block_tables, context_lens)
+            if i < num_prefill:
+                cu_seqlens.append(len(input_ids))
+        decode = seqs[num_prefill:]
+        width = max((len(seq.block_table) for seq in decode), default=0)
+        block_tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in decode]
+        return cls(input_ids, positions, slots, cu_seqlens, block_tables, [len(seq) for seq in decode])
+
+    def pack(self) -> torch.Tensor:
+        """One int64 CPU tensor, a header of sizes then every field: what rank 0 broadcasts to the other ranks,
+        and one host-to-device copy instead of one per field."""
+        prefill_lens = [end - start for start, end in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:])]
+        num_prefill_tokens = self.cu_seqlens[-1]
+        # Rows whose logits are sampled: each prefilled sequence's last token, then every decode token.
+        logits_rows = [end - 1 for end in self.cu_seqlens[1:]] + list(range(num_prefill_tokens, len(self.input_ids)))
+        width = len(self.block_tables[0]) if self.block_tables else 0
+        header = [len(self.input_ids), len(prefill_lens), len(self.context_lens), width, max(prefill_lens, default=0)]
+        return torch.tensor(header + self.input_ids + self.positions + self.slot_mapping + self.cu_seqlens
+                            + logits_rows + self.context_lens + [b for table in self.block_tables for b in table])
+
+
+PACK_HEADER = 5
+# Control messages from rank 0: a 2-int header (kind, payload length), then the payload.
+EXECUTE, CALL = 0, 1
 
 
 class ModelRunner:
@@ -69,7 +89,8 @@ class ModelRunner:
                     "and world size (gloo on CPU, nccl on CUDA) before ModelRunner is created"
                 )
             gloo = dist.get_backend() == "gloo"
-            self.control_group = dist.group.WORLD if gloo else dist.new_group(backend="gloo")
+            # Ranks > 0 wait on this group for rank 0's next command for as long as the replica is idle.
+            self.control_group = dist.group.WORLD if gloo else dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
         self.device = config.torch_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(rank % torch.cuda.device_count())
@@ -97,17 +118,26 @@ class ModelRunner:
 
     # --- driving the other ranks -------------------------------------------------------------------
     def call(self, name: str, *args):
-        """Run method `name` on every rank (only rank 0 calls this)."""
+        """Run method `name` on every rank (only rank 0 calls this). execute_model's packed batch travels as
+        a tensor; anything else pickled."""
         if self.world_size == 1:
             return getattr(self, name)(*args)
-        dist.broadcast_object_list([name, args], src=0, group=self.control_group)
+        if name == "execute_model":
+            kind, payload = EXECUTE, args[0]
+        else:
+            kind, payload = CALL, torch.frombuffer(bytearray(pickle.dumps((name, args))), dtype=torch.uint8)
+        dist.broadcast(torch.tensor([kind, payload.numel()]), src=0, group=self.control_group)
+        dist.broadcast(payload, src=0, group=self.control_group)
         return self._run_on_all_ranks(name, args)
 
     def serve_forever(self) -> None:
         while True:
-            message = [None, None]
-            dist.broadcast_object_list(message, src=0, group=self.control_group)
-            name, args = message
+            header = torch.empty(2, dtype=torch.long)
+            dist.broadcast(header, src=0, group=self.control_group)
+            kind, size = header.tolist()
+            payload = torch.empty(size, dtype=torch.long if kind == EXECUTE else torch.uint8)
+            dist.broadcast(payload, src=0, group=self.control_group)
+            name, args = ("execute_model", (payload,)) if kind == EXECUTE else pickle.loads(payload.numpy().tobytes())
             try:
                 self._run_on_all_ranks(name, args)
             except Exception:  # rank 0 raises the same failure to its caller; stay in the loop
@@ -230,24 +260,23 @@ class ModelRunner:
 
     # --- forward ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute_model(self, batch: Batch) -> torch.Tensor | None:
-        """Run one step; rank 0 gets the logits of each sequence's last token, other ranks None."""
-        def as_tensor(values):
-            return torch.tensor(values, dtype=torch.long, device=self.device)
-
-        meta = AttentionMetadata(
-            is_prefill=batch.is_prefill,
-            slot_mapping=as_tensor(batch.slot_mapping),
-            cu_seqlens=batch.cu_seqlens,
-            block_tables=None if batch.is_prefill else as_tensor(batch.block_tables),
-            context_lens=None if batch.is_prefill else as_tensor(batch.context_lens),
-        )
-        hidden = self.run_model(as_tensor(batch.input_ids), as_tensor(batch.positions), meta)
-        last_tokens = as_tensor(batch.cu_seqlens[1:]) - 1
-        return self.model.compute_logits(hidden[last_tokens])
+    def execute_model(self, packed: torch.Tensor) -> torch.Tensor | None:
+        """Run one step (a Batch.pack()); rank 0 gets the logits of each sequence's last token, other ranks None."""
+        num_tokens, num_prefill, num_decode, width, max_prefill_len = packed[:PACK_HEADER].tolist()
+        sizes = [num_tokens] * 3 + [num_prefill + 1, num_prefill + num_decode, num_decode, num_decode * width]
+        data = packed[PACK_HEADER:].to(self.device, non_blocking=True)
+        input_ids, positions, slots, cu_seqlens, logits_rows, context_lens, tables = data.split(sizes)
+        meta = AttentionMetadata(slot_mapping=slots)
+        if num_prefill:
+            meta.num_prefill_tokens = num_tokens - num_decode
+            meta.cu_seqlens, meta.max_prefill_len = cu_seqlens.to(torch.int32), max_prefill_len
+        if num_decode:
+            meta.block_tables, meta.context_lens = tables.view(num_decode, width), context_lens
+        hidden = self.run_model(input_ids, positions, meta)
+        return self.model.compute_logits(hidden[logits_rows])
 
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # The one place for decode CUDA graphs (config.enforce_eager turns them off).
-        if not meta.is_prefill and self.decode_graphs and self.decode_graphs.can_run(len(input_ids)):
+        if not meta.num_prefill_tokens and self.decode_graphs and self.decode_graphs.can_run(len(input_ids)):
             return self.decode_graphs.run(input_ids, positions, meta)
         return self.model(input_ids, positions, meta)

@@ -102,12 +102,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-def varlen_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int],
-                             scale: float) -> torch.Tensor:
+def varlen_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                             max_len: int, scale: float) -> torch.Tensor:
     """Causal attention of every prefilled sequence in one flash-attention launch (GQA native; bf16/fp16).
 
-    q: [tokens, heads, dim], k/v: [tokens, kv_heads, dim], sequences packed back to back at cu_seqlens."""
-    offsets = torch.tensor(cu_seqlens, dtype=torch.int32).to(q.device, non_blocking=True)
-    max_len = max(end - start for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]))
+    q: [tokens, heads, dim], k/v: [tokens, kv_heads, dim], sequences packed back to back at cu_seqlens (int32)."""
     return torch.ops.aten._flash_attention_forward(
-        q, k, v, offsets, offsets, max_len, max_len, 0.0, True, False, scale=scale)[0]
+        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale)[0]

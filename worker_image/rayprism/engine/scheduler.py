@@ -1,4 +1,5 @@
-"""Continuous batching: prefill waiting sequences when they fit, otherwise decode every running one.
+"""Continuous batching: every running sequence decodes one token per step, and waiting ones are prefilled in
+the same step when they fit.
 
 When the KV pool runs out during decode, the newest running sequences are preempted: their blocks are
 freed and they go back to the front of the queue, to be recomputed (prompt + tokens so far) later.
@@ -26,22 +27,14 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """Return (sequences to run, is_prefill)."""
-        prefill, num_tokens = [], 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if num_tokens + len(seq) > self.max_num_batched_tokens or not self.block_manager.can_allocate(seq):
-                break
-            self.waiting.popleft()
-            self.block_manager.allocate(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            prefill.append(seq)
-            num_tokens += len(seq)
-        if prefill:
-            return prefill, True
+    def schedule(self) -> tuple[list[Sequence], int]:
+        """Return (sequences to run, how many of them, at the front, are prefilled).
+
+        Every running sequence decodes one token; waiting ones are prefilled in the same step when the token
+        budget, max_num_seqs and the KV pool allow. Mixing them keeps the decode batch moving while requests
+        arrive one by one (a prefill alone reads all the weights, as a decode step does)."""
         decode = []
+        preemptions = self.num_preemptions
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted below to make room for an older sequence
@@ -54,7 +47,19 @@ class Scheduler:
                 continue
             self.block_manager.allocate(seq)
             decode.append(seq)
-        return decode, False
+        prefill, num_tokens = [], len(decode)
+        # After a preemption the pool is full: admitting anyone now would only preempt again.
+        while self.waiting and self.num_preemptions == preemptions and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if num_tokens + len(seq) > self.max_num_batched_tokens or not self.block_manager.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            prefill.append(seq)
+            num_tokens += len(seq)
+        return prefill + decode, len(prefill)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -178,8 +178,8 @@ class RayGPUWorker:
         self._runner.load_named_tensors(
             weight_sync.receive_broadcast(self._weight_group, names, dtypes, shapes, self._device))
         if self._engine is not None:
-            with self._engine_lock:   # running requests are recomputed with the new weights
-                self._engine.scheduler.preempt_all()
+            with self._engine_lock:
+                self._engine.recompute_running()
 
     # ---- teardown ----------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -30,6 +30,9 @@ class Metrics:
                                ("num_waiting", "rayprism_queue_depth", "Requests waiting in the engine's queue"),
                                ("kv_cache_usage", "rayprism_kv_cache_usage_ratio", "Used share of KV cache blocks"),
                                ("num_preemptions", "rayprism_preemptions", "Preemptions so far"),
+                               ("num_steps", "rayprism_engine_steps", "Engine steps (forward passes) so far"),
+                               ("num_prefill_steps", "rayprism_engine_prefill_steps",
+                                "Engine steps that prefilled new requests (alone or with decodes)"),
                                ("num_aborted", "rayprism_aborted_requests", "Requests aborted so far")):
             Gauge(name, doc, registry=r).set_function(lambda key=key: float(engine_stats().get(key, 0)))
 

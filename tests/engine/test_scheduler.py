@@ -1,0 +1,63 @@
+"""The scheduler alone (no model): which sequences each step runs, prefilled or decoded."""
+from __future__ import annotations
+
+import pytest
+
+from rayprism.engine.block_manager import BlockManager
+from rayprism.engine.sampling import SamplingParams
+from rayprism.engine.scheduler import Scheduler
+from rayprism.engine.sequence import Sequence, SequenceStatus
+
+BLOCK_SIZE = 4
+
+
+def make_seq(name: str, num_tokens: int, arrival: int) -> Sequence:
+    return Sequence(name, list(range(num_tokens)), SamplingParams(), arrival)
+
+
+def run_step(scheduler: Scheduler) -> tuple[list[str], list[str]]:
+    """One schedule; each scheduled sequence then gets one new token, as the engine does. Returns the
+    names (prefilled, decoded)."""
+    seqs, num_prefill = scheduler.schedule()
+    for seq in seqs:
+        seq.token_ids.append(0)
+    return [s.request_id for s in seqs[:num_prefill]], [s.request_id for s in seqs[num_prefill:]]
+
+
+@pytest.mark.parametrize(
+    "num_blocks, max_num_seqs, token_budget, running, arriving, expected",
+    [
+        # A request that arrives while others decode joins their step instead of stopping them.
+        (64, 8, 64, [3, 5], [6], (["new0"], ["run0", "run1"])),
+        # Several arrivals fill the token budget left after one token per decoding sequence, in order.
+        (64, 8, 12, [3, 5], [4, 4, 4], (["new0", "new1"], ["run0", "run1"])),
+        # max_num_seqs counts the running ones.
+        (64, 3, 64, [3, 5], [2, 2], (["new0"], ["run0", "run1"])),
+        # No room in the KV pool for the prompt: the running ones decode alone.
+        (4, 8, 64, [3, 5], [9], ([], ["run0", "run1"])),
+        # Nothing running: a prefill-only step.
+        (64, 8, 64, [], [3, 3], (["new0", "new1"], [])),
+    ],
+)
+def test_mixed_steps(num_blocks, max_num_seqs, token_budget, running, arriving, expected):
+    scheduler = Scheduler(max_num_seqs, token_budget, BlockManager(num_blocks, BLOCK_SIZE))
+    for i, n in enumerate(running):
+        scheduler.add(make_seq(f"run{i}", n, i))
+    assert run_step(scheduler) == ([f"run{i}" for i in range(len(running))], [])
+    for i, n in enumerate(arriving):
+        scheduler.add(make_seq(f"new{i}", n, len(running) + i))
+    assert run_step(scheduler) == expected
+
+
+def test_no_admission_in_a_step_that_preempted():
+    # 3 blocks of 4: two prompts of 4 tokens fill two blocks; their 5th tokens need two more, only one is left.
+    scheduler = Scheduler(8, 64, BlockManager(3, BLOCK_SIZE))
+    old, new = make_seq("old", 4, 0), make_seq("new", 4, 1)
+    scheduler.add(old)
+    scheduler.add(new)
+    assert run_step(scheduler) == (["old", "new"], [])  # one block each
+    scheduler.add(make_seq("late", 1, 2))
+    assert run_step(scheduler) == ([], ["old"])          # old takes the free block; new is preempted
+    assert scheduler.num_preemptions == 1
+    assert new.status is SequenceStatus.WAITING and not new.block_table
+    assert [s.request_id for s in scheduler.waiting] == ["new", "late"]  # the preempted one goes first
