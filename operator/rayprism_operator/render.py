@@ -31,6 +31,9 @@ ADMIN_TOKEN_KEY = "token"
 CACHE_DIR = "/var/cache/rayprism"
 MODELS_DIR = "/models"
 WORKER_GROUP = "workers"
+# The open-files soft limit raised to the hard limit, whatever the runtime set it to: a fixed number can
+# exceed the hard limit, and then `ulimit` fails.
+RAISE_OPEN_FILES = 'ulimit -n "$(ulimit -Hn)"; '
 
 
 @dataclass(frozen=True)
@@ -225,8 +228,8 @@ def head_command(spec: InferenceDeploymentSpec) -> str:
     # KubeRay puts its generated `ray start` (with --block) in KUBERAY_GEN_RAY_START_CMD when the
     # overwrite annotation is set; the head starts Ray in the background, then becomes the server.
     return (
-        "ulimit -n 65536; "
-        'ray_start="${KUBERAY_GEN_RAY_START_CMD//--block/}"; '
+        RAISE_OPEN_FILES
+        + 'ray_start="${KUBERAY_GEN_RAY_START_CMD//--block/}"; '
         '/bin/bash -c "$ray_start" || exit 1; '
         "exec rayprism serve "
         + shlex.join([*serve_args(spec), "--ray-address", "auto",
@@ -234,7 +237,7 @@ def head_command(spec: InferenceDeploymentSpec) -> str:
     )
 
 
-WORKER_COMMAND = 'ulimit -n 65536; exec /bin/bash -c "$KUBERAY_GEN_RAY_START_CMD"'
+WORKER_COMMAND = RAISE_OPEN_FILES + 'exec /bin/bash -c "$KUBERAY_GEN_RAY_START_CMD"'
 
 
 def _head_group(infd: InferenceDeployment, revision: str, options: RenderOptions) -> dict:

@@ -1,6 +1,7 @@
 """Rendering: topology, labels, ownership, the revision hash, and KubeRay's own schema."""
 
 import functools
+import subprocess
 
 import jsonschema
 import pytest
@@ -88,6 +89,22 @@ def test_head_runs_ray_then_the_server_without_gpus(llama):
     assert "--tensor-parallel-size 2" in script and "--served-model-name meta-llama/Llama-3.1-8B-Instruct" in script
     assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert {"name": "http", "containerPort": 8000} in container["ports"]
+
+
+def _containers(cluster: dict) -> list[dict]:
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    return [g["template"]["spec"]["containers"][0] for g in groups]
+
+
+@pytest.mark.parametrize("hard", [1024, 4096])
+def test_commands_raise_open_files_to_whatever_hard_limit_there_is(llama, hard):
+    """Run as rendered, up to the Ray start: no error and the soft limit at the hard one, even below 65536."""
+    for container in _containers(render.render_raycluster(_infd(llama), "abc", "x")):
+        script = container["args"][0]
+        prefix = script[:script.index("ray_start=") if "ray_start=" in script else script.index("exec ")]
+        result = subprocess.run(["bash", "-c", f"ulimit -Sn 256; ulimit -Hn {hard}; {prefix} ulimit -Sn"],
+                                capture_output=True, text=True, timeout=10)
+        assert (result.returncode, result.stderr, result.stdout) == (0, "", f"{hard}\n"), prefix
 
 
 def test_service_selects_ready_heads_of_every_replica(llama):

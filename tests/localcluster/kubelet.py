@@ -14,9 +14,8 @@ here: every process in the pod's namespace, which holds just that container in r
 
 What it does not: no image (the container runs this checkout's .venv, i.e. the image's packages, with the
 image's ENV from worker_image/Dockerfile), no cgroup limits, processes run as root (the interpreter lives
-under /root, unreadable to uid 1000), and the open-files limit stays this machine's hard limit (raising it
-is not permitted here, so the rendered `ulimit -n 65536` prints an error and the command goes on, as it
-would in a container whose hard limit is lower).
+under /root, unreadable to uid 1000), and the open-files hard limit is this machine's (the rendered
+commands raise the soft limit to it, as in a container).
 """
 
 from __future__ import annotations
