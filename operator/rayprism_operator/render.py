@@ -212,6 +212,8 @@ def _env() -> list[dict]:
     return [
         {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        # Ray renices its worker processes to 15; here they are the model ranks, the serving path itself.
+        {"name": "RAY_worker_niceness", "value": "0"},
     ]
 
 

@@ -96,6 +96,11 @@ def _containers(cluster: dict) -> list[dict]:
     return [g["template"]["spec"]["containers"][0] for g in groups]
 
 
+def test_ray_workers_keep_normal_priority(llama):
+    for container in _containers(render.render_raycluster(_infd(llama), "abc", "x")):
+        assert {"name": "RAY_worker_niceness", "value": "0"} in container["env"]
+
+
 @pytest.mark.parametrize("hard", [1024, 4096])
 def test_commands_raise_open_files_to_whatever_hard_limit_there_is(llama, hard):
     """Run as rendered, up to the Ray start: no error and the soft limit at the hard one, even below 65536."""
