@@ -193,7 +193,9 @@ class Resources(_Model):
     head_cpu: str = Field(default="2", pattern=QUANTITY, description="CPU of the head pod (Ray head and API server).")
     head_memory: str = Field(default="8Gi", pattern=QUANTITY, description="Memory of the head pod.")
     shared_memory: str = Field(
-        default="16Gi", pattern=QUANTITY, description="Size of /dev/shm in worker pods (NCCL and Ray's object store use it)."
+        default="16Gi", pattern=QUANTITY,
+        description="Size of /dev/shm in worker pods: Ray's object store takes 80% of it (at most 30% of memory), "
+        "NCCL uses the rest.",
     )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the pods.")

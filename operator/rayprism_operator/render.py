@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shlex
 from dataclasses import dataclass
+from decimal import Decimal
 
 from . import api
 from .api import InferenceDeployment, InferenceDeploymentSpec
@@ -31,6 +33,12 @@ ADMIN_TOKEN_KEY = "token"
 CACHE_DIR = "/var/cache/rayprism"
 MODELS_DIR = "/models"
 WORKER_GROUP = "workers"
+# Ray's object store in a worker pod: Ray's own default share of the pod's memory, but within this share
+# of /dev/shm (left to itself Ray takes up to 95% of it, leaving NCCL too little), and never below the
+# smallest store Ray accepts (its ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES).
+OBJECT_STORE_SHM_FRACTION = Decimal("0.8")
+OBJECT_STORE_MEMORY_FRACTION = Decimal("0.3")
+OBJECT_STORE_MIN_BYTES = 75 * 2**20
 # The open-files soft limit raised to the hard limit, whatever the runtime set it to: a fixed number can
 # exceed the hard limit, and then `ulimit` fails.
 RAISE_OPEN_FILES = 'ulimit -n "$(ulimit -Hn)"; '
@@ -53,6 +61,23 @@ class Topology:
     pods: int
     gpus_per_pod: int  # 0 on CPU-only replicas
     ranks_per_pod: int
+
+
+_QUANTITY_UNITS = {"": 1, "m": Decimal("0.001"), "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                   "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes quantity of the forms api.QUANTITY admits ("16Gi", "1.5G", "500M") in whole bytes."""
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", quantity).groups()
+    return int(Decimal(number) * _QUANTITY_UNITS[unit])
+
+
+def object_store_bytes(spec: InferenceDeploymentSpec) -> int:
+    """`ray start --object-store-memory` of the worker pods (see OBJECT_STORE_SHM_FRACTION)."""
+    resources = spec.resources
+    return max(OBJECT_STORE_MIN_BYTES, int(min(quantity_bytes(resources.shared_memory) * OBJECT_STORE_SHM_FRACTION,
+                                               quantity_bytes(resources.memory) * OBJECT_STORE_MEMORY_FRACTION)))
 
 
 def topology(spec: InferenceDeploymentSpec) -> Topology:
@@ -286,7 +311,7 @@ def _worker_group(infd: InferenceDeployment, revision: str, options: RenderOptio
     topo = topology(spec)
     volumes, mounts = _volumes_and_mounts(spec, None)
     limits = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
-    start_params = {}
+    start_params = {"object-store-memory": str(object_store_bytes(spec))}  # in the pod's /dev/shm volume
     if topo.gpus_per_pod:
         limits[spec.resources.gpu_resource_name] = str(topo.gpus_per_pod)
         start_params["num-gpus"] = str(topo.gpus_per_pod)

@@ -91,6 +91,36 @@ def test_head_runs_ray_then_the_server_without_gpus(llama):
     assert {"name": "http", "containerPort": 8000} in container["ports"]
 
 
+@pytest.mark.parametrize("quantity,expected", [
+    ("16Gi", 16 * 2**30), ("1.5Gi", 3 * 2**29), ("64Mi", 64 * 2**20), ("2Ki", 2048), ("1Ti", 2**40),
+    ("10G", 10**10), ("500M", 5 * 10**8), ("3k", 3000), ("1T", 10**12), ("4096", 4096), ("1500m", 1),
+])
+def test_quantity_bytes(quantity, expected):
+    assert render.quantity_bytes(quantity) == expected
+
+
+@pytest.mark.parametrize("memory,shared,store", [
+    ("128Gi", "16Gi", int(16 * 2**30 * 0.8)),   # the llama example: 80% of /dev/shm
+    ("4Gi", "1Gi", 858993459),                    # the smollm2 example: 80% of 1Gi
+    ("64G", "10G", 8 * 10**9),                    # decimal units
+    ("1Gi", "16Gi", 322122547),                   # /dev/shm above memory: Ray's 30% of memory instead
+    ("200Mi", "64Mi", 75 * 2**20),                # both smaller than the smallest store Ray accepts
+])
+def test_worker_object_store_fits_its_shared_memory(llama, memory, shared, store):
+    infd = _infd(with_changes(llama, **{"spec.resources.memory": memory, "spec.resources.sharedMemory": shared}))
+    cluster = render.render_raycluster(infd, "abc", "x")
+    [group] = cluster["spec"]["workerGroupSpecs"]
+    assert group["rayStartParams"]["object-store-memory"] == str(store)
+    pod = group["template"]["spec"]
+    [dshm] = [v for v in pod["volumes"] if v["name"] == "dshm"]
+    assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": shared}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    # The head runs no Ray workers (num-cpus 0): Ray sizes its store, no /dev/shm volume is rendered there.
+    head = cluster["spec"]["headGroupSpec"]
+    assert "object-store-memory" not in head["rayStartParams"]
+    assert "/dev/shm" not in [m["mountPath"] for m in head["template"]["spec"]["containers"][0]["volumeMounts"]]
+
+
 def _containers(cluster: dict) -> list[dict]:
     groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
     return [g["template"]["spec"]["containers"][0] for g in groups]

@@ -129,6 +129,34 @@ def running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def processes(kuberay, pod) -> list[tuple[list[str], int]]:
+    """(argv, niceness) of the pod's processes."""
+    out = []
+    for pid in kuberay.network.pids(pod.netns):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            nice = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
+        out.append((argv, nice))
+    return out
+
+
+def check_worker_pods_run_ray_as_rendered(k8s, kuberay) -> None:
+    """Ray's object store sits in the worker pod's /dev/shm at the rendered size (not in /tmp, where Ray
+    puts it when /dev/shm is too small), and the model ranks keep normal priority (Ray renices workers)."""
+    workers = [p for p in kuberay.pods() if p.labels["ray.io/node-type"] == "worker"]
+    assert workers
+    for pod in workers:
+        [group] = k8s.objects[RC, NS, pod.labels["ray.io/cluster"]].raw["spec"]["workerGroupSpecs"]
+        running_processes = processes(kuberay, pod)
+        [raylet] = [argv for argv, _ in running_processes if argv[0].endswith("/raylet")]
+        assert f"--object_store_memory={group['rayStartParams']['object-store-memory']}" in raylet, raylet
+        assert "--plasma_directory=/dev/shm" in raylet, raylet
+        ranks = [nice for argv, nice in running_processes if argv[0].startswith("ray::RayGPUWorker")]
+        assert ranks and set(ranks) == {0}, (pod.name, ranks)
+
+
 async def weights(endpoint: str, token: str) -> dict:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{endpoint}/admin/v1/weights", headers={"Authorization": f"Bearer {token}"}) as r:
@@ -161,6 +189,7 @@ async def test_smollm2_deployment_runs_scales_updates_weights_in_place_and_delet
     replicas = live_rayclusters(k8s)
     assert len(replicas) == 2
     assert status(k8s)["weightsRevision"] == "v1"
+    check_worker_pods_run_ray_as_rendered(k8s, kuberay)
     question = "Name a colour."
     [v1_answer] = {await chat(endpoint, question) for endpoint in endpoints(k8s, kuberay)}  # greedy: equal
 
