@@ -4,6 +4,8 @@ Rank 0 owns the LLMEngine and steps it in a background thread; each step broadca
 other ranks through torch.distributed (the engine does that), so Ray carries only request submissions and
 one batch of outputs per poll. Ranks > 0 run ModelRunner.serve_forever() in a thread.
 The actor is threaded (max_concurrency > 1) so a long poll does not block submissions or health pings.
+Only the step loop's thread touches the engine: submissions, weight loads and pauses are tasks it runs
+between two steps, so none waits behind a busy loop (a lock would be re-taken by the loop step after step).
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import os
 import socket
 import threading
 import traceback
+from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import timedelta
 
 import ray
@@ -36,7 +40,8 @@ class RayGPUWorker:
         self._fatal: str | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._engine_lock = threading.Lock()      # the step loop holds it while stepping
+        self._tasks: list[Callable[[], None]] = []  # run by the step loop between steps
+        self._tasks_lock = threading.Lock()
         self._paused = False                      # set during weight sync and sleep; the loop stops stepping
         self._has_work = threading.Event()
         self._outputs_ready = threading.Condition()
@@ -88,18 +93,41 @@ class RayGPUWorker:
     def _step_loop(self) -> None:
         try:
             while not self._stopping:
-                with self._engine_lock:
-                    busy = not self._paused and self._engine.has_unfinished_requests()
-                    outputs = self._engine.step() if busy else None
+                self._has_work.clear()  # before the checks below: a later set() ends the idle wait
+                with self._tasks_lock:
+                    tasks, self._tasks = self._tasks, []
+                for task in tasks:
+                    task()
+                busy = not self._paused and self._engine.has_unfinished_requests()
+                outputs = self._engine.step() if busy else None
                 if outputs:
                     with self._outputs_ready:
                         self._outputs.extend(outputs)
                         self._outputs_ready.notify_all()
                 if not busy:
                     self._has_work.wait(_IDLE_WAIT_S)
-                    self._has_work.clear()
         except BaseException:  # noqa: BLE001 - any failure makes the replica unhealthy; the driver reports it
             self._set_fatal(f"engine step failed on rank 0:\n{traceback.format_exc()}")
+
+    def _in_loop(self, fn: Callable[[], object]):
+        """Run fn on the step loop's thread before its next step; return its result or raise its error."""
+        future: Future = Future()
+
+        def task() -> None:
+            try:
+                future.set_result(fn())
+            except Exception as err:  # noqa: BLE001 - raised to the caller below
+                future.set_exception(err)
+
+        with self._tasks_lock:
+            self._tasks.append(task)
+        self._has_work.set()
+        while True:
+            try:
+                return future.result(timeout=_IDLE_WAIT_S)
+            except TimeoutError:
+                if self._fatal is not None or not self._thread.is_alive():
+                    raise RuntimeError(self._fatal or "the engine loop has stopped") from None
 
     def _follow_rank0(self) -> None:
         try:
@@ -117,8 +145,8 @@ class RayGPUWorker:
     def submit(self, adds: list[tuple], aborts: list[str]) -> list[tuple[str, str | None, str]]:
         """Adds (request_id, prompt, params) and aborts ids. Returns (request_id, param, message) per rejected
         request; param is None for an internal error (InvalidRequestError itself does not unpickle)."""
-        rejected = []
-        with self._engine_lock:
+        def apply() -> list[tuple[str, str | None, str]]:
+            rejected = []
             for request_id, prompt, params in adds:
                 try:
                     self._engine.add_request(request_id, prompt, params)
@@ -128,8 +156,9 @@ class RayGPUWorker:
                     rejected.append((request_id, None, f"{type(err).__name__}: {err}"))
             for request_id in aborts:
                 self._engine.abort(request_id)
-        self._has_work.set()
-        return rejected
+            return rejected
+
+        return self._in_loop(apply)
 
     def poll(self, timeout_s: float) -> tuple[list, dict, str | None]:
         """Every output produced since the last poll (waits up to timeout_s for one), engine stats, fatal error."""
@@ -144,25 +173,25 @@ class RayGPUWorker:
 
     # ---- weights and memory (rank 0 drives every rank through the engine) -------------------------
     def load_weights(self, model: str, revision: str | None) -> None:
-        with self._engine_lock:       # holding the lock pauses stepping; requests stay in the engine
-            self._engine.load_weights(model, revision)
+        self._in_loop(lambda: self._engine.load_weights(model, revision))  # requests stay in the engine
 
     def pause(self) -> None:
-        with self._engine_lock:       # waits for the step in progress, then the loop stays idle
-            self._paused = True
+        """Returns between two steps; the loop then stays idle (still taking submissions) until resume."""
+        self._in_loop(lambda: setattr(self, "_paused", True))
 
     def resume(self) -> None:
         self._paused = False
         self._has_work.set()
 
     def sleep(self) -> None:
-        with self._engine_lock:
+        def sleep() -> None:
             self._paused = True
             self._engine.sleep()
 
+        self._in_loop(sleep)
+
     def wake_up(self) -> None:
-        with self._engine_lock:
-            self._engine.wake_up()
+        self._in_loop(self._engine.wake_up)
         self.resume()
 
     # ---- weight sync from a trainer (every rank) ---------------------------------------------------
@@ -178,8 +207,7 @@ class RayGPUWorker:
         self._runner.load_named_tensors(
             weight_sync.receive_broadcast(self._weight_group, names, dtypes, shapes, self._device))
         if self._engine is not None:
-            with self._engine_lock:
-                self._engine.recompute_running()
+            self._in_loop(self._engine.recompute_running)
 
     # ---- teardown ----------------------------------------------------------------------------------
     def stop(self) -> None:
