@@ -169,7 +169,10 @@ def decode_bs1(engine: LLMEngine, work: Workload, vocab: int) -> dict:
     prompt = random_prompt(work.decode_prompt, vocab, torch.Generator().manual_seed(2))
     run_to_completion(engine, {"warmup": (prompt, greedy(8))})
     result = run_to_completion(engine, {"bs1": (prompt, greedy(work.decode_tokens))})
-    itl = [seconds for seconds, _ in result["step_times"][1:]]  # the first step is the prefill
+    # Every step after the one that returned the first token returns one more (steps are pipelined: that
+    # step also waited for the prefill).
+    first = next(i for i, (_, num_outputs) in enumerate(result["step_times"]) if num_outputs)
+    itl = [seconds for seconds, _ in result["step_times"][first + 1:]]
     return {"decode_bs1_tok_s": len(itl) / sum(itl), "itl_ms_median": 1e3 * statistics.median(itl),
             "itl_ms_p99": 1e3 * sorted(itl)[int(0.99 * (len(itl) - 1))]}
 
@@ -187,14 +190,15 @@ def ttft(engine: LLMEngine, work: Workload, vocab: int) -> dict:
 
 
 class StepTimer:
-    """Splits engine steps into model launch (runner.call), sampling (which waits for the GPU) and the rest,
-    the host's own work (scheduling, batch building, detokenising), by wrapping the engine's two calls."""
+    """Splits engine steps into launching the model (runner.call), sampling on the device, waiting for a step's
+    tokens (the device's time the host could not overlap) and the rest, the host's own work (scheduling,
+    batch building, detokenising), by wrapping the engine's calls."""
 
     def __init__(self, engine: LLMEngine):
-        self.engine, self.seconds = engine, {"runner_call": 0.0, "sampler": 0.0}
-        self.runner_call, self.sampler = engine.runner.call, engine.sampler
-        engine.runner.call, engine.sampler = self._timed("runner_call", self.runner_call), self._timed(
-            "sampler", self.sampler)
+        self.engine, self.seconds = engine, {"runner_call": 0.0, "sampler": 0.0, "wait": 0.0}
+        engine.runner.call = self._timed("runner_call", engine.runner.call)
+        engine.sampler = self._timed("sampler", engine.sampler)
+        engine._read_tokens = self._timed("wait", engine._read_tokens)
 
     def _timed(self, key, fn):
         def timed(*args):
@@ -203,11 +207,12 @@ class StepTimer:
                 return fn(*args)
             finally:
                 self.seconds[key] += time.perf_counter() - start
+        timed.__wrapped__ = fn
         return timed
 
     def close(self) -> None:
-        del self.engine.runner.call  # back to the class's method
-        self.engine.sampler = self.sampler
+        del self.engine.runner.call, self.engine._read_tokens  # back to the classes' methods
+        self.engine.sampler = self.engine.sampler.__wrapped__
 
 
 def throughput(engine: LLMEngine, prompt_len: int, output_len: int, num_prompts: int, vocab: int) -> dict:
@@ -221,11 +226,11 @@ def throughput(engine: LLMEngine, prompt_len: int, output_len: int, num_prompts:
     finally:
         timer.close()
     steps = sum(seconds for seconds, _ in result["step_times"])
-    host = steps - timer.seconds["runner_call"] - timer.seconds["sampler"]
+    host = steps - sum(timer.seconds.values())
     return {"tok_s": result["output_tokens"] / result["seconds"], "seconds": result["seconds"],
             "output_tokens": result["output_tokens"], "steps": len(result["step_times"]),
             "num_preemptions": engine.stats()["num_preemptions"] - preemptions,
-            "runner_call_s": timer.seconds["runner_call"], "sampler_s": timer.seconds["sampler"], "host_other_s": host}
+            **{f"{key}_s": seconds for key, seconds in timer.seconds.items()}, "host_other_s": host}
 
 
 def measured(results: dict, key: str, fn, *args):

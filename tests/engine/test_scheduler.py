@@ -9,6 +9,7 @@ from rayprism.engine.scheduler import Scheduler
 from rayprism.engine.sequence import Sequence, SequenceStatus
 
 BLOCK_SIZE = 4
+MAX_MODEL_LEN = 64
 
 
 def make_seq(name: str, num_tokens: int, arrival: int) -> Sequence:
@@ -40,7 +41,7 @@ def run_step(scheduler: Scheduler) -> tuple[list[str], list[str]]:
     ],
 )
 def test_mixed_steps(num_blocks, max_num_seqs, token_budget, running, arriving, expected):
-    scheduler = Scheduler(max_num_seqs, token_budget, BlockManager(num_blocks, BLOCK_SIZE))
+    scheduler = Scheduler(max_num_seqs, token_budget, BlockManager(num_blocks, BLOCK_SIZE), MAX_MODEL_LEN)
     for i, n in enumerate(running):
         scheduler.add(make_seq(f"run{i}", n, i))
     assert run_step(scheduler) == ([f"run{i}" for i in range(len(running))], [])
@@ -51,7 +52,7 @@ def test_mixed_steps(num_blocks, max_num_seqs, token_budget, running, arriving, 
 
 def test_no_admission_in_a_step_that_preempted():
     # 3 blocks of 4: two prompts of 4 tokens fill two blocks; their 5th tokens need two more, only one is left.
-    scheduler = Scheduler(8, 64, BlockManager(3, BLOCK_SIZE))
+    scheduler = Scheduler(8, 64, BlockManager(3, BLOCK_SIZE), MAX_MODEL_LEN)
     old, new = make_seq("old", 4, 0), make_seq("new", 4, 1)
     scheduler.add(old)
     scheduler.add(new)
@@ -61,3 +62,16 @@ def test_no_admission_in_a_step_that_preempted():
     assert scheduler.num_preemptions == 1
     assert new.status is SequenceStatus.WAITING and not new.block_table
     assert [s.request_id for s in scheduler.waiting] == ["new", "late"]  # the preempted one goes first
+
+
+def test_a_sequence_whose_last_token_is_in_flight_is_not_decoded_again():
+    # The engine appends each step's token before it is read back: at max_tokens or max_model_len that
+    # token is the last, so the sequence sits out until the engine finishes it.
+    scheduler = Scheduler(8, 128, BlockManager(64, BLOCK_SIZE), MAX_MODEL_LEN)
+    short = Sequence("short", [1, 2], SamplingParams(max_tokens=1), 0)
+    long = make_seq("long", MAX_MODEL_LEN - 1, 1)
+    other = make_seq("other", 3, 2)
+    for seq in (short, long, other):
+        scheduler.add(seq)
+    assert run_step(scheduler) == (["short", "long", "other"], [])
+    assert run_step(scheduler) == ([], ["other"])

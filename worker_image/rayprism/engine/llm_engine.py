@@ -1,6 +1,12 @@
 """LLMEngine: request bookkeeping, scheduling, sampling and detokenisation on tensor-parallel rank 0.
 
 Single-threaded: callers serialise add_request/step/abort (the server drives it from one loop).
+
+Steps are pipelined one deep: step() launches the next forward pass, with sampling on the device, before it
+reads back the previous pass's tokens, so the host's work (scheduling, batching, detokenising, stop checks)
+runs while the device computes. A decoding sequence's next input is then its previous token still on the
+device (sequence.PENDING in token_ids until read). A sequence that stops on a token (EOS, a stop string)
+has already been given one more step, whose token is dropped; length limits are known ahead and cost nothing.
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ from .model_runner import Batch, ModelRunner
 from .sampler import Sampler
 from .sampling import InvalidRequestError, SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import PENDING, Sequence, SequenceStatus
 
 # Prompt tokens decoded together with the first output tokens, so that tokenizers which drop a leading
 # space when decoding a lone token (sentencepiece) still produce the right text.
@@ -37,6 +43,15 @@ class RequestOutput:
     logprobs: list[dict] | None
 
 
+@dataclass
+class LaunchedStep:
+    """A forward pass queued on the device whose sampled tokens the host has not read yet."""
+
+    seqs: list[Sequence]
+    token_ids: torch.Tensor  # on the device
+    logits: torch.Tensor | None  # kept only when a sequence asked for logprobs
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, model_runner: ModelRunner | None = None):
         self.config = config
@@ -49,11 +64,14 @@ class LLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.eos_token_ids = self._eos_token_ids()
         self.scheduler = Scheduler(
-            config.max_num_seqs, config.max_num_batched_tokens, BlockManager(self.runner.num_kv_blocks, config.block_size)
+            config.max_num_seqs, config.max_num_batched_tokens, BlockManager(self.runner.num_kv_blocks, config.block_size),
+            self.max_model_len,
         )
         self.sampler = Sampler(self.runner.device, config.seed)
         self.requests: dict[str, Sequence] = {}
         self.aborted: list[Sequence] = []
+        self.in_flight: LaunchedStep | None = None
+        self.ready: list[RequestOutput] = []  # outputs of a step finished outside step() (see _drain)
         self._arrivals = itertools.count()
         self.sleeping = False
         self.num_steps = self.num_prefill_steps = 0  # steps run; those that prefilled (some also decode)
@@ -99,7 +117,7 @@ class LLMEngine:
         self.aborted.append(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests or self.aborted)
+        return bool(self.requests or self.aborted or self.ready)
 
     def stats(self) -> dict:
         return {
@@ -113,27 +131,62 @@ class LLMEngine:
 
     # --- stepping -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        outputs = [self._output(seq, [], "", None) for seq in self.aborted]
-        self.aborted = []
+        """Launch the next forward pass, then finish the previous one (its outputs are returned)."""
+        outputs = self.ready + [self._output(seq, [], "", None) for seq in self.aborted]
+        self.ready, self.aborted = [], []
         if self.sleeping:  # requests wait (none are lost) until wake_up
             return outputs
+        previous, self.in_flight = self.in_flight, self._launch()
+        if previous is not None:
+            outputs += self._finish(previous)
+        return outputs
+
+    def _launch(self) -> LaunchedStep | None:
         seqs, num_prefill = self.scheduler.schedule()
         if not seqs:
-            return outputs
+            return None
         self.num_steps += 1
         self.num_prefill_steps += num_prefill > 0
-        batch = Batch.from_sequences(seqs, num_prefill, self.config.block_size)
+        previous_rows = len(self.in_flight.seqs) if self.in_flight else 0
+        batch = Batch.from_sequences(seqs, num_prefill, self.config.block_size, previous_rows)
         logits = self.runner.call("execute_model", batch.pack())
-        token_ids, logprobs = self.sampler(logits, seqs)
-        for row, (seq, token_id) in enumerate(zip(seqs, token_ids)):
-            seq.token_ids.append(token_id)
+        token_ids = self.sampler(logits, seqs)
+        self.runner.previous_tokens = token_ids  # the next batch's pending inputs name rows of it
+        for row, seq in enumerate(seqs):
+            seq.token_ids.append(PENDING)
+            seq.num_pending += 1
+            seq.pending_row = row
+        wants_logprobs = any(seq.params.logprobs is not None for seq in seqs)
+        return LaunchedStep(seqs, token_ids, logits if wants_logprobs else None)
+
+    def _finish(self, step: LaunchedStep) -> list[RequestOutput]:
+        """Read back a launched step's tokens (waits for that step only) and turn them into outputs."""
+        token_ids = self._read_tokens(step)
+        logprobs = self.sampler.logprobs(step.logits, token_ids, step.seqs) if step.logits is not None else None
+        outputs = []
+        for row, (seq, token_id) in enumerate(zip(step.seqs, token_ids)):
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # aborted, or stopped by its previous token while this step was in flight
+            seq.token_ids[seq.num_known_tokens] = token_id
+            seq.num_pending -= 1
             new_text = self._process_token(seq, token_id)
             if seq.finish_reason:
+                seq.drop_pending()
                 self.scheduler.finish(seq, seq.finish_reason)
                 del self.requests[seq.request_id]
             token_logprobs = logprobs[row] if logprobs else None  # None for requests that did not ask
             outputs.append(self._output(seq, [token_id], new_text, [token_logprobs] if token_logprobs else None))
         return outputs
+
+    @staticmethod
+    def _read_tokens(step: LaunchedStep) -> list[int]:
+        return step.token_ids.tolist()
+
+    def _drain(self) -> None:
+        """Finish the step in flight now (before the running set changes); its outputs go out with the next step."""
+        if self.in_flight is not None:
+            step, self.in_flight = self.in_flight, None
+            self.ready += self._finish(step)
 
     def _process_token(self, seq: Sequence, token_id: int) -> str:
         """Detokenise, apply the stop conditions (sets seq.finish_reason) and return the text to emit."""
@@ -150,7 +203,7 @@ class LLMEngine:
                     seq.output_text = seq.output_text[: min(hits)]
                     seq.finish_reason = "stop"
         if not seq.finish_reason and (
-            seq.num_output_tokens >= params.max_tokens or len(seq) >= self.max_model_len
+            seq.num_output_tokens >= params.max_tokens or seq.num_known_tokens >= self.max_model_len
         ):
             seq.finish_reason = "length"
         # While running, hold back text that could be the start of a stop string.
@@ -162,7 +215,7 @@ class LLMEngine:
 
     def _detokenize(self, seq: Sequence) -> str:
         """Text added by the newest token; waits while the bytes decode to an incomplete character."""
-        ids = seq.token_ids
+        ids = seq.token_ids[: seq.num_known_tokens]
         before = self.tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=True)
         after = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
         if len(after) > len(before) and not after.endswith("\ufffd"):
@@ -199,6 +252,7 @@ class LLMEngine:
     def recompute_running(self) -> None:
         """Send running requests back to be recomputed (prompt + tokens so far): after new weights, or to free
         the KV cache."""
+        self._drain()
         self.scheduler.preempt_all()
 
     def sleep(self) -> None:

@@ -23,7 +23,7 @@ from .config import EngineConfig
 from .layers import Attention
 from .loader import CheckpointReader, resolve_model_path
 from .model import CausalLM
-from .sequence import Sequence
+from .sequence import PENDING, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +43,21 @@ class Batch:
     cu_seqlens: list[int]  # prefill part: [0, n0, n0+n1, ...]
     block_tables: list[list[int]]  # decode part, padded with -1 to the longest
     context_lens: list[int]  # decode part
+    previous_rows: int = 0  # > 0: negative input ids name rows of the previous step's sampled tokens
 
     @classmethod
-    def from_sequences(cls, seqs: list[Sequence], num_prefill: int, block_size: int) -> Batch:
-        """seqs[:num_prefill] are prefilled, the rest decode."""
+    def from_sequences(cls, seqs: list[Sequence], num_prefill: int, block_size: int, previous_rows: int = 0) -> Batch:
+        """seqs[:num_prefill] are prefilled, the rest decode. A decode input still pending on the device (the
+        previous step, of previous_rows rows, sampled it) is written as -1 - its row there."""
         input_ids, positions, slots, cu_seqlens = [], [], [], [0]
+        pending = False
         for i, seq in enumerate(seqs):
             new_positions = range(len(seq)) if i < num_prefill else [len(seq) - 1]
             for pos in new_positions:
-                input_ids.append(seq.token_ids[pos])
+                token = seq.token_ids[pos]
+                if token == PENDING:
+                    token, pending = -1 - seq.pending_row, True
+                input_ids.append(token)
                 positions.append(pos)
                 slots.append(seq.block_table[pos // block_size] * block_size + pos % block_size)
             if i < num_prefill:
@@ -59,7 +65,8 @@ class Batch:
         decode = seqs[num_prefill:]
         width = max((len(seq.block_table) for seq in decode), default=0)
         block_tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in decode]
-        return cls(input_ids, positions, slots, cu_seqlens, block_tables, [len(seq) for seq in decode])
+        return cls(input_ids, positions, slots, cu_seqlens, block_tables, [len(seq) for seq in decode],
+                   previous_rows if pending else 0)
 
     def pack(self) -> torch.Tensor:
         """One int64 CPU tensor, a header of sizes then every field: what rank 0 broadcasts to the other ranks,
@@ -69,14 +76,15 @@ class Batch:
         # Rows whose logits are sampled: each prefilled sequence's last token, then every decode token.
         logits_rows = [end - 1 for end in self.cu_seqlens[1:]] + list(range(num_prefill_tokens, len(self.input_ids)))
         width = len(self.block_tables[0]) if self.block_tables else 0
-        header = [len(self.input_ids), len(prefill_lens), len(self.context_lens), width, max(prefill_lens, default=0)]
+        header = [len(self.input_ids), len(prefill_lens), len(self.context_lens), width, max(prefill_lens, default=0),
+                  self.previous_rows]
         # array('q') converts in C; torch.tensor(list) takes several ms for the block tables of a large batch.
         fields = (header, self.input_ids, self.positions, self.slot_mapping, self.cu_seqlens, logits_rows,
                   self.context_lens, *self.block_tables)
         return torch.frombuffer(array.array("q", itertools.chain(*fields)), dtype=torch.int64)
 
 
-PACK_HEADER = 5
+PACK_HEADER = 6
 # Control messages from rank 0: a 2-int header (kind, payload length), then the payload.
 EXECUTE, CALL = 0, 1
 
@@ -119,6 +127,10 @@ class ModelRunner:
         self.max_model_len = self._max_model_len(max_positions)
         self.kv_cache: torch.Tensor | None = None
         self._allocate_kv_cache()
+        self.previous_tokens: torch.Tensor | None = None  # rank 0: set by the engine after each step's sampling
+        # Two pinned buffers, used in turn: the batch's copy to the device then never waits for the step in
+        # flight (a copy from pageable memory may), and a buffer is reused only once its copy has run.
+        self._staging = [torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)]
 
     # --- driving the other ranks -------------------------------------------------------------------
     def call(self, name: str, *args):
@@ -266,10 +278,16 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, packed: torch.Tensor) -> torch.Tensor | None:
         """Run one step (a Batch.pack()); rank 0 gets the logits of each sequence's last token, other ranks None."""
-        num_tokens, num_prefill, num_decode, width, max_prefill_len = packed[:PACK_HEADER].tolist()
+        num_tokens, num_prefill, num_decode, width, max_prefill_len, previous_rows = packed[:PACK_HEADER].tolist()
         sizes = [num_tokens] * 3 + [num_prefill + 1, num_prefill + num_decode, num_decode, num_decode * width]
-        data = packed[PACK_HEADER:].to(self.device, non_blocking=True)
+        data = self._to_device(packed[PACK_HEADER:])
         input_ids, positions, slots, cu_seqlens, logits_rows, context_lens, tables = data.split(sizes)
+        if previous_rows:  # inputs sampled by the previous step and never read back: take them on the device
+            if self.world_size > 1:  # only rank 0 samples
+                if self.rank > 0:
+                    self.previous_tokens = torch.empty(previous_rows, dtype=torch.long, device=self.device)
+                dist.broadcast(self.previous_tokens, src=0)
+            input_ids = torch.where(input_ids < 0, self.previous_tokens[(-1 - input_ids).clamp(min=0)], input_ids)
         meta = AttentionMetadata(slot_mapping=slots)
         if num_prefill:
             meta.num_prefill_tokens = num_tokens - num_decode
@@ -278,6 +296,16 @@ class ModelRunner:
             meta.block_tables, meta.context_lens = tables.view(num_decode, width), context_lens
         hidden = self.run_model(input_ids, positions, meta)
         return self.model.compute_logits(hidden[logits_rows])
+
+    def _to_device(self, data: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return data
+        self._staging.reverse()
+        if self._staging[0].numel() < data.numel():
+            self._staging[0] = torch.empty(2 * data.numel(), dtype=torch.long, pin_memory=True)
+        staged = self._staging[0][: data.numel()]
+        staged.copy_(data)
+        return staged.to(self.device, non_blocking=True)
 
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # The one place for decode CUDA graphs (config.enforce_eager turns them off).

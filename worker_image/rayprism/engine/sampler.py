@@ -19,8 +19,9 @@ class Sampler:
         return seq.generator
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict] | None]:
-        """logits: [batch, vocab] for the last token of each sequence. Returns (token ids, logprobs or None)."""
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """logits: [batch, vocab] for the last token of each sequence. Returns the token ids, on the device
+        and without waiting for it (a greedy batch issues no host-device copy at all)."""
         logits = logits.float()
         params = [s.params for s in seqs]
         greedy = logits.argmax(dim=-1)
@@ -35,10 +36,7 @@ class Sampler:
                 noise[row].exponential_(generator=self.generator_for(seq))
             is_greedy = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
             sampled = torch.where(is_greedy, greedy, (probs / noise).argmax(dim=-1))
-        token_ids = sampled.tolist()
-        if all(p.logprobs is None for p in params):
-            return token_ids, None
-        return token_ids, self._logprobs(logits, token_ids, params)
+        return sampled
 
     @staticmethod
     def _filter(logits: torch.Tensor, params) -> torch.Tensor:
@@ -58,8 +56,13 @@ class Sampler:
         return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
     @staticmethod
-    def _logprobs(logits: torch.Tensor, token_ids: list[int], params) -> list[dict | None]:
-        logprobs = logits.log_softmax(dim=-1)
+    @torch.inference_mode()
+    def logprobs(logits: torch.Tensor, token_ids: list[int], seqs: list[Sequence]) -> list[dict | None] | None:
+        """Per row: the chosen token's logprob and the top ones, for the sequences that asked (else None)."""
+        params = [s.params for s in seqs]
+        if all(p.logprobs is None for p in params):
+            return None
+        logprobs = logits.float().log_softmax(dim=-1)
         max_k = max(p.logprobs or 0 for p in params)
         top_values, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (None, None)
         chosen = logprobs.gather(-1, torch.tensor(token_ids, device=logits.device)[:, None]).squeeze(-1).tolist()

@@ -13,8 +13,10 @@ from .sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager):
+    def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, block_manager: BlockManager,
+                 max_model_len: int):
         self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
@@ -38,6 +40,8 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted below to make room for an older sequence
+            if len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+                continue  # its last token is still in flight (LLMEngine.step): nothing more to compute
             while not self.block_manager.can_allocate(seq) and self.running[-1] is not seq:
                 self._preempt(self.running[-1])
                 self.num_preemptions += 1

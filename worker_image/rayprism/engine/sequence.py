@@ -8,6 +8,10 @@ import torch
 from .sampling import SamplingParams
 
 
+# Stands in token_ids for a token sampled on the device and not yet read back (see LLMEngine.step).
+PENDING = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -25,6 +29,8 @@ class Sequence:
         self.block_table: list[int] = []
         self.generator: torch.Generator | None = None  # per-request RNG when params.seed is set
         self.finish_reason: str | None = None
+        self.num_pending = 0   # trailing PENDING tokens (one per step in flight)
+        self.pending_row = 0   # the newest pending token's row in its step's sampled tokens
         # Incremental detokenisation state (see LLMEngine._detokenize).
         self.output_text = ""
         self.num_emitted_chars = 0
@@ -32,12 +38,19 @@ class Sequence:
         self.read_offset = 0
 
     def __len__(self) -> int:
+        """Tokens in the KV cache once the steps in flight are done (pending ones included)."""
         return len(self.token_ids)
 
     @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+    def num_known_tokens(self) -> int:
+        """Tokens read back to the host: the prompt and the output so far."""
+        return len(self.token_ids) - self.num_pending
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+    def num_output_tokens(self) -> int:
+        return self.num_known_tokens - self.num_prompt_tokens
+
+    def drop_pending(self) -> None:
+        """Forget tokens of steps still in flight (the sequence has finished)."""
+        del self.token_ids[self.num_known_tokens:]
+        self.num_pending = 0
