@@ -48,7 +48,8 @@ class LaunchedStep:
     """A forward pass queued on the device whose sampled tokens the host has not read yet."""
 
     seqs: list[Sequence]
-    token_ids: torch.Tensor  # on the device
+    token_ids: torch.Tensor  # host memory (pinned on CUDA), filled once `sampled` has passed
+    sampled: torch.cuda.Event | None  # None on the CPU, where the tokens are there at once
     logits: torch.Tensor | None  # kept only when a sequence asked for logprobs
 
 
@@ -152,12 +153,18 @@ class LLMEngine:
         logits = self.runner.call("execute_model", batch.pack())
         token_ids = self.sampler(logits, seqs)
         self.runner.previous_tokens = token_ids  # the next batch's pending inputs name rows of it
+        sampled = None
+        if token_ids.is_cuda:  # a copy and an event: reading them back will not wait for later steps
+            host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+            token_ids = host.copy_(token_ids, non_blocking=True)
+            sampled = torch.cuda.Event()
+            sampled.record()
         for row, seq in enumerate(seqs):
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
             seq.pending_row = row
         wants_logprobs = any(seq.params.logprobs is not None for seq in seqs)
-        return LaunchedStep(seqs, token_ids, logits if wants_logprobs else None)
+        return LaunchedStep(seqs, token_ids, sampled, logits if wants_logprobs else None)
 
     def _finish(self, step: LaunchedStep) -> list[RequestOutput]:
         """Read back a launched step's tokens (waits for that step only) and turn them into outputs."""
@@ -180,6 +187,8 @@ class LLMEngine:
 
     @staticmethod
     def _read_tokens(step: LaunchedStep) -> list[int]:
+        if step.sampled is not None:
+            step.sampled.synchronize()  # that step only (tolist() on a device tensor waits for the whole stream)
         return step.token_ids.tolist()
 
     def _drain(self) -> None:
