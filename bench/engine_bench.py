@@ -198,7 +198,10 @@ class StepTimer:
         self.engine, self.seconds = engine, {"runner_call": 0.0, "sampler": 0.0, "wait": 0.0}
         engine.runner.call = self._timed("runner_call", engine.runner.call)
         engine.sampler = self._timed("sampler", engine.sampler)
-        engine._read_tokens = self._timed("wait", engine._read_tokens)
+        # Engines from before pipelined steps (bench/throughput_ab.py runs old trees) have no _read_tokens.
+        self.pipelined = hasattr(engine, "_read_tokens")
+        if self.pipelined:
+            engine._read_tokens = self._timed("wait", engine._read_tokens)
 
     def _timed(self, key, fn):
         def timed(*args):
@@ -211,7 +214,9 @@ class StepTimer:
         return timed
 
     def close(self) -> None:
-        del self.engine.runner.call, self.engine._read_tokens  # back to the classes' methods
+        del self.engine.runner.call  # back to the class's method
+        if self.pipelined:
+            del self.engine._read_tokens
         self.engine.sampler = self.engine.sampler.__wrapped__
 
 
