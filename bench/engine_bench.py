@@ -3,8 +3,8 @@
 In one run it measures the copy bandwidth (-> the batch-1 decode roofline), Hugging Face generate() at
 batch 1 (the baseline), rayprism batch-1 decode and inter-token latency, time to first token at 128/1k/4k
 prompt tokens, offline throughput at 128/128 and 1k/1k with up to 256 sequences in flight, and peak GPU
-memory; with --tp 2 the batch-1 speed-up of tensor parallel 2, with --serve the 128/128 workload through
-`rayprism serve` and 64 concurrent HTTP streams. One JSON per run goes to bench/results/.
+memory; with --tp 2 the same again with tensor parallel 2 and its batch-1 speed-up, with --serve the 128/128
+workload through `rayprism serve` and 64 concurrent HTTP streams. One JSON per run goes to bench/results/.
 
     python bench/engine_bench.py                     # on a GPU host
     python bench/engine_bench.py --tp 2 --serve      # on a 2-GPU host
@@ -253,19 +253,26 @@ def measured(results: dict, key: str, fn, *args):
 
 
 # --- tensor parallel 2 -----------------------------------------------------------------------------
-def tp_worker(rank: int, port: int, config: EngineConfig, work: Workload, vocab: int, out_file: str) -> None:
+def tp_worker(rank: int, port: int, config: EngineConfig, work: Workload, vocab: int, skip_1k: bool,
+              out_file: str) -> None:
     import torch.distributed as dist
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if config.device == "cuda":
+        torch.cuda.set_device(rank)
+    backend = "nccl" if config.device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         runner = ModelRunner(config, rank=rank, world_size=2)
         if rank > 0:
             runner.serve_forever()
             return
         engine = LLMEngine(config, runner)
+        results = {"decode": decode_bs1(engine, work, vocab), "ttft_ms": ttft(engine, work, vocab)}
+        for name, prompt_len, output_len, num_prompts in work.throughput:
+            if not (name == "1k_1k" and skip_1k):
+                results[f"throughput_{name}"] = throughput(engine, prompt_len, output_len, num_prompts, vocab)
         with open(out_file, "w") as f:
-            json.dump(decode_bs1(engine, work, vocab), f)
+            json.dump(results, f)
         engine.shutdown()
     finally:
         dist.destroy_process_group()
@@ -277,14 +284,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tp2_decode(config: EngineConfig, work: Workload, vocab: int) -> dict:
+def tensor_parallel_2(config: EngineConfig, work: Workload, vocab: int, skip_1k: bool) -> dict:
+    """The single-GPU measurements again with tensor parallel 2 (two processes: NCCL on CUDA, gloo on the CPU)."""
     import dataclasses
 
     import torch.multiprocessing as mp
 
     out_file = tempfile.mktemp(suffix=".json")
     tp_config = dataclasses.replace(config, tensor_parallel_size=2)
-    mp.spawn(tp_worker, args=(free_port(), tp_config, work, vocab, out_file), nprocs=2, join=True)
+    mp.spawn(tp_worker, args=(free_port(), tp_config, work, vocab, skip_1k, out_file), nprocs=2, join=True)
     with open(out_file) as f:
         return json.load(f)
 
@@ -373,7 +381,8 @@ async def _drive_server(url: str, server: subprocess.Popen, work: Workload, voca
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny random Llama on the CPU (checks the code)")
-    parser.add_argument("--tp", type=int, choices=[1, 2], default=1, help="2: also tensor parallel 2 at batch 1")
+    parser.add_argument("--tp", type=int, choices=[1, 2], default=1,
+                        help="2: also every engine figure again with tensor parallel 2, and its batch-1 speed-up")
     parser.add_argument("--serve", action="store_true", help="also 128/128 through `rayprism serve` over HTTP")
     parser.add_argument("--skip-hf", action="store_true", help="skip the Hugging Face generate() baseline")
     parser.add_argument("--skip-1k", action="store_true", help="skip the 1k/1k throughput workload")
@@ -441,10 +450,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
 
     if args.tp == 2:
-        tp2 = measured(results, "tp2_decode", tp2_decode, config, work, vocab)
-        if tp2 and decode:
-            results["tp2_bs1_tok_s"] = tp2["decode_bs1_tok_s"]
-            results["tp2_bs1_speedup"] = tp2["decode_bs1_tok_s"] / decode["decode_bs1_tok_s"]
+        tp2 = measured(results, "tp2", tensor_parallel_2, config, work, vocab, args.skip_1k)
+        if tp2:
+            results["tp2_bs1_tok_s"] = tp2["decode"]["decode_bs1_tok_s"]
+            for name in ("128_128", "1k_1k"):
+                if f"throughput_{name}" in tp2:
+                    results[f"tp2_throughput_{name}_tok_s"] = tp2[f"throughput_{name}"]["tok_s"]
+            if decode:
+                results["tp2_bs1_speedup"] = results["tp2_bs1_tok_s"] / decode["decode_bs1_tok_s"]
     if args.serve:
         _, prompt_len, output_len, _ = work.throughput[0]
         served = measured(results, "serve_128_128", serve_throughput, model_dir, work, vocab, prompt_len,
@@ -471,6 +484,8 @@ def print_table(results: dict) -> None:
     rows = [("roofline (copy bandwidth / weight bytes)", roofline), ("HF generate() bs1", baseline),
             ("rayprism decode bs1", results.get("decode_bs1_tok_s")),
             ("rayprism tp2 decode bs1", results.get("tp2_bs1_tok_s")),
+            ("tp2 offline 128/128", results.get("tp2_throughput_128_128_tok_s")),
+            ("tp2 offline 1k/1k", results.get("tp2_throughput_1k_1k_tok_s")),
             ("offline 128/128 (256 in flight)", results.get("throughput_128_128_tok_s")),
             ("offline 1k/1k (256 in flight)", results.get("throughput_1k_1k_tok_s")),
             ("serve 128/128 over HTTP", results.get("serve_128_128_tok_s"))]

@@ -1,32 +1,36 @@
 """bench/engine_bench.py --cpu-smoke: every measurement of the GPU benchmark runs end to end on a tiny model."""
-import importlib.util
+import importlib
 import json
 import os
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("engine_bench", os.path.join(REPO, "bench", "engine_bench.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # Imported by name (not from a file spec): the tensor-parallel workers it spawns unpickle its functions.
+    if os.path.join(REPO, "bench") not in sys.path:
+        sys.path.insert(0, os.path.join(REPO, "bench"))
+    return importlib.import_module("engine_bench")
 
 
 def test_cpu_smoke_writes_every_figure(tmp_path, capsys):
     bench = load_bench()
-    assert bench.main(["--cpu-smoke", "--output-dir", str(tmp_path), "--model-dir", str(tmp_path / "model")]) == 0
+    assert bench.main(["--cpu-smoke", "--tp", "2", "--output-dir", str(tmp_path),
+                       "--model-dir", str(tmp_path / "model")]) == 0
     (path,) = tmp_path.glob("engine_cpu-smoke_*.json")
     results = json.loads(path.read_text())
     assert "errors" not in results, results["errors"]
     for key in ("gpu", "torch", "commit", "date"):
         assert results[key]
     for key in ("roofline_tok_s", "hf_bs1_tok_s", "decode_bs1_tok_s", "throughput_128_128_tok_s",
-                "throughput_1k_1k_tok_s"):
+                "throughput_1k_1k_tok_s", "tp2_bs1_tok_s", "tp2_bs1_speedup", "tp2_throughput_128_128_tok_s",
+                "tp2_throughput_1k_1k_tok_s"):
         assert results[key] > 0, key
     assert set(results["ttft_ms"]) == {"16", "64"} and all(ms > 0 for ms in results["ttft_ms"].values())
     # 6 prompts x 8 tokens each: the output-token count is exact, so the throughput divides the right total
-    assert results["throughput_128_128"]["output_tokens"] == 48
+    assert results["throughput_128_128"]["output_tokens"] == results["tp2"]["throughput_128_128"]["output_tokens"] == 48
+    assert set(results["tp2"]["ttft_ms"]) == {"16", "64"}
     assert "x roofline" in capsys.readouterr().out
 
 
