@@ -211,9 +211,7 @@ class LLMEngine:
                 if hits:
                     seq.output_text = seq.output_text[: min(hits)]
                     seq.finish_reason = "stop"
-        if not seq.finish_reason and (
-            seq.num_output_tokens >= params.max_tokens or seq.num_known_tokens >= self.max_model_len
-        ):
+        if not seq.finish_reason and seq.reaches_length_limit(seq.num_known_tokens, self.max_model_len):
             seq.finish_reason = "length"
         # While running, hold back text that could be the start of a stop string.
         hold = 0 if seq.finish_reason or not params.stop else max(map(len, params.stop)) - 1

@@ -40,7 +40,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted below to make room for an older sequence
-            if len(seq) - seq.num_prompt_tokens >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+            if seq.reaches_length_limit(len(seq), self.max_model_len):
                 continue  # its last token is still in flight (LLMEngine.step): nothing more to compute
             while not self.block_manager.can_allocate(seq) and self.running[-1] is not seq:
                 self._preempt(self.running[-1])

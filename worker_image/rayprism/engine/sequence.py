@@ -50,6 +50,11 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return self.num_known_tokens - self.num_prompt_tokens
 
+    def reaches_length_limit(self, num_tokens: int, max_model_len: int) -> bool:
+        """Whether num_tokens of this sequence leave no room for another token (max_tokens or max_model_len).
+        The engine finishes a sequence by it and the scheduler stops decoding one by it: they must agree."""
+        return num_tokens - self.num_prompt_tokens >= self.params.max_tokens or num_tokens >= max_model_len
+
     def drop_pending(self) -> None:
         """Forget tokens of steps still in flight (the sequence has finished)."""
         del self.token_ids[self.num_known_tokens:]
