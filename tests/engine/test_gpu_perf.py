@@ -52,22 +52,40 @@ def test_paged_decode_matches_reference(dtype, heads, kv_heads, head_dim):
     assert error < (1e-5 if dtype == torch.float32 else 1e-2), error
 
 
-def test_store_kv_writes_slots_and_skips_padding():
-    from rayprism.engine.paged_attention import store_kv
+@pytest.mark.parametrize("dtype,heads,kv_heads,head_dim", [
+    (torch.bfloat16, 32, 8, 128), (torch.float32, 9, 3, 64), (torch.bfloat16, 6, 2, 48)])
+def test_rotary_store_kv_matches_eager_and_skips_padding(dtype, heads, kv_heads, head_dim):
+    """Bit for bit the eager rotary (transformers' roundings) and the cache write; slot -1 writes nothing; an
+    empty cache (no KV pool) only rotates. head_dim 48 is not a power of two (masked lanes)."""
+    from rayprism.engine.layers import rotate_half
+    from rayprism.engine.paged_attention import rotary_store_kv
 
-    k_cache = torch.randn(8, 16, 2, 64, device="cuda")
+    torch.manual_seed(0)
+    tokens = 5
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device="cuda")
+    q, k, v = (part.view(tokens, -1, head_dim)  # strided rows, as split from the fused projection
+               for part in qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
+    cos, sin = torch.randn(300, head_dim, device="cuda"), torch.randn(300, head_dim, device="cuda")
+    positions = torch.tensor([0, 7, 299, 3, 100], device="cuda")
+    k_cache = torch.randn(8, 16, kv_heads, head_dim, dtype=dtype, device="cuda")
     v_cache = torch.randn_like(k_cache)
     before_k, before_v = k_cache.clone(), v_cache.clone()
-    qkv = torch.randn(4, 3 * 128, device="cuda")  # strided rows, as split from a fused projection
-    k, v = qkv[:, 128:256].view(4, 2, 64), qkv[:, 256:].view(4, 2, 64)
-    slots = torch.tensor([5, -1, 100, 127], device="cuda")
-    store_kv(k, v, k_cache, v_cache, slots)
-    flat_k, flat_v = k_cache.view(-1, 2, 64), v_cache.view(-1, 2, 64)
-    for row, slot in [(0, 5), (2, 100), (3, 127)]:
-        assert torch.equal(flat_k[slot], k[row]) and torch.equal(flat_v[slot], v[row])
-    untouched = [s for s in range(128) if s not in (5, 100, 127)]
-    assert torch.equal(flat_k[untouched], before_k.view(-1, 2, 64)[untouched])
-    assert torch.equal(flat_v[untouched], before_v.view(-1, 2, 64)[untouched])
+    slots = torch.tensor([5, -1, 100, 127, 64], device="cuda")
+    q_rot, k_rot = rotary_store_kv(positions, q, k, v, cos, sin, k_cache, v_cache, slots)
+    c, s = cos[positions].to(dtype).unsqueeze(1), sin[positions].to(dtype).unsqueeze(1)
+    # bf16 rounds after each op in both; in float32 the compiler may fuse a multiply-add (one rounding fewer).
+    same = torch.equal if dtype == torch.bfloat16 else (lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-6))
+    assert same(q_rot, q * c + rotate_half(q) * s) and same(k_rot, k * c + rotate_half(k) * s)
+    flat_k, flat_v = k_cache.view(128, kv_heads, head_dim), v_cache.view(128, kv_heads, head_dim)
+    written = {5: 0, 100: 2, 127: 3, 64: 4}
+    for slot, row in written.items():
+        assert torch.equal(flat_k[slot], k_rot[row]) and torch.equal(flat_v[slot], v[row])
+    untouched = [slot for slot in range(128) if slot not in written]
+    assert torch.equal(flat_k[untouched], before_k.view(128, kv_heads, head_dim)[untouched])
+    assert torch.equal(flat_v[untouched], before_v.view(128, kv_heads, head_dim)[untouched])
+    empty = torch.empty(0, dtype=dtype, device="cuda")
+    q_only, k_only = rotary_store_kv(positions, q, k, v, cos, sin, empty, empty, slots)
+    assert torch.equal(q_only, q_rot) and torch.equal(k_only, k_rot)
 
 
 @pytest.fixture(scope="module")
@@ -127,21 +145,21 @@ def test_graph_decode_bf16_follows_transformers(llama_dir, staggered):
 
 def test_fused_ops_match_eager_ops():
     from rayprism.engine import fused_ops
-    from rayprism.engine.layers import rotate_half
 
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(7, 4096, dtype=dtype, device="cuda")
+        residual = torch.randn(7, 4096, dtype=dtype, device="cuda")
         weight = torch.randn(4096, dtype=dtype, device="cuda")
-        x32 = x.float()
-        expected = weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
-        torch.testing.assert_close(fused_ops.rms_norm(x, weight, 1e-5), expected)
-        qkv = torch.randn(7, 48 * 128, dtype=dtype, device="cuda")
-        q = qkv[:, : 32 * 128].view(7, 32, 128)  # strided rows, as split from the fused projection
-        cos, sin = torch.randn(300, 128, device="cuda"), torch.randn(300, 128, device="cuda")
-        positions = torch.tensor([0, 7, 299, 3, 3, 100, 1], device="cuda")
-        c, s = cos[positions].to(dtype).unsqueeze(1), sin[positions].to(dtype).unsqueeze(1)
-        torch.testing.assert_close(fused_ops.apply_rotary(positions, q, cos, sin), q * c + rotate_half(q) * s)
+
+        def norm(t):
+            t32 = t.float()
+            return weight * (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+
+        torch.testing.assert_close(fused_ops.rms_norm(x, weight, 1e-5), norm(x))
+        normed, summed = fused_ops.rms_norm(x, weight, 1e-5, residual)
+        assert torch.equal(summed, x + residual)  # the residual stream itself is exact
+        torch.testing.assert_close(normed, norm(x + residual))
         gate_up = torch.randn(7, 2 * 14336, dtype=dtype, device="cuda")
         gate, up = gate_up.chunk(2, dim=-1)
         torch.testing.assert_close(fused_ops.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up)

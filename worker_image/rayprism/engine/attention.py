@@ -25,10 +25,7 @@ class AttentionMetadata:
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    if k.is_cuda:  # one Triton launch for K and V; skips the padding slots (-1) of CUDA-graph batches
-        from .paged_attention import store_kv as store_kv_triton
-
-        return store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    """(CUDA writes the cache in paged_attention.rotary_store_kv, fused with the rotary embedding.)"""
     k_cache.view(-1, *k.shape[1:])[slot_mapping] = k
     v_cache.view(-1, *v.shape[1:])[slot_mapping] = v
 

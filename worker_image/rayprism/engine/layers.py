@@ -167,15 +167,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.weight.weight_loader = default_weight_loader
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual` (the decoder's residual stream): s = x + residual, returns (norm(s), s)."""
         # Same arithmetic as transformers' LlamaRMSNorm: normalise in float32, scale in the model dtype.
-        if x.is_cuda:  # one fused launch (fused_ops.py), same roundings
+        if x.is_cuda:  # one fused launch (fused_ops.py), the residual add included, same roundings
             from .fused_ops import rms_norm
 
-            return rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        normed = self.weight * x32.to(x.dtype)
+        return normed if residual is None else (normed, x)
 
 
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -205,11 +209,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
-        if q.is_cuda:  # one fused launch each for q and k (fused_ops.py), same roundings
-            from .fused_ops import apply_rotary
-
-            return apply_rotary(positions, q, self.cos, self.sin), apply_rotary(positions, k, self.cos, self.sin)
+        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]. (CUDA applies the tables in
+        paged_attention.rotary_store_kv, fused with the KV-cache write.)"""
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
@@ -221,21 +222,30 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Writes this step's K/V into the paged cache, then attends over each sequence's cached context."""
+    """Applies the rotary embedding, writes this step's K/V into the paged cache, then attends over each
+    sequence's cached context."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, rotary: RotaryEmbedding):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
+        self.rotary = rotary
         # Views into the runner's KV pool: [num_blocks, block_size, num_kv_heads, head_dim]; set by ModelRunner.
         self.k_cache = self.v_cache = torch.empty(0)
 
-    def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.k_cache.numel():
-            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if q.is_cuda:  # rotary and the cache write in one launch
+            from .paged_attention import rotary_store_kv
+
+            q, k = rotary_store_kv(positions, q, k, v, self.rotary.cos, self.rotary.sin, self.k_cache, self.v_cache,
+                                   meta.slot_mapping)
+        else:
+            q, k = self.rotary(positions, q, k)
+            if self.k_cache.numel():
+                store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return out.reshape(-1, self.num_heads * self.head_dim)
 

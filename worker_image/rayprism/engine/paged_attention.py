@@ -1,7 +1,7 @@
 """CUDA attention over the paged KV cache (Triton kernels and flash attention) (the CPU keeps attention.py's plain path).
 
-- store_kv: one launch writes this step's K and V rows into their slots; slot -1 (a padding row of a
-  CUDA-graph batch) is skipped.
+- rotary_store_kv: one launch applies the rotary embedding to this step's q and k and writes the rotated K
+  and V rows into their slots; slot -1 (a padding row of a CUDA-graph batch) is skipped.
 - paged_decode_attention: one program per (sequence, KV head) walks the sequence's block table and reads
   the cached K/V in place (no gather into a [batch, max_len] copy), with an online softmax. The query
   heads of a GQA group share each K/V load.
@@ -17,16 +17,46 @@ TILE = 64  # cached tokens per loop iteration
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_stride, v_stride,
-                     ROW: tl.constexpr, ROW_PAD: tl.constexpr):
+def _rotate_heads(src_ptr, dst_ptr, cos, sin, heads, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  DIM_PAD: tl.constexpr):
+    """Neox rotary on one token's heads (each row contiguous); stores to dst and returns the rotated rows."""
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, DIM_PAD)[None, :]
+    mask = (h < heads) & (d < HEAD_DIM)
+    dtype = dst_ptr.dtype.element_ty
+    x = tl.load(src_ptr + h * HEAD_DIM + d, mask=mask, other=0.0).to(tl.float32)
+    # rotate_half(x) = cat(-x2, x1): element d reads d + D/2 (negated) in the first half, d - D/2 in the second
+    half = HEAD_DIM // 2
+    partner = tl.load(src_ptr + h * HEAD_DIM + (d + half) % HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
+    rotated = tl.where(d < half, -partner, partner)
+    out = ((x * cos).to(dtype).to(tl.float32) + (rotated * sin).to(dtype).to(tl.float32)).to(dtype)
+    tl.store(dst_ptr + h * HEAD_DIM + d, out, mask=mask)
+    return out
+
+
+@triton.jit
+def _rotary_store_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, positions_ptr,
+                            slot_ptr, cos_ptr, sin_ptr, q_stride, k_stride, v_stride, heads, kv_heads,
+                            HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            DIM_PAD: tl.constexpr, STORE: tl.constexpr):
     token = tl.program_id(0)
-    slot = tl.load(slot_ptr + token).to(tl.int64)
-    cols = tl.arange(0, ROW_PAD)
-    mask = cols < tl.where(slot >= 0, ROW, 0)
-    k = tl.load(k_ptr + token * k_stride + cols, mask=mask)
-    v = tl.load(v_ptr + token * v_stride + cols, mask=mask)
-    tl.store(k_cache_ptr + slot * ROW + cols, k, mask=mask)
-    tl.store(v_cache_ptr + slot * ROW + cols, v, mask=mask)
+    position = tl.load(positions_ptr + token)
+    d = tl.arange(0, DIM_PAD)[None, :]
+    dtype = q_out_ptr.dtype.element_ty
+    # The tables are float32; the eager path casts them to the model dtype first (as transformers does).
+    cos = tl.load(cos_ptr + position * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0).to(dtype).to(tl.float32)
+    sin = tl.load(sin_ptr + position * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0).to(dtype).to(tl.float32)
+    _rotate_heads(q_ptr + token * q_stride, q_out_ptr + token * heads * HEAD_DIM, cos, sin, heads, HEADS_PAD,
+                  HEAD_DIM, DIM_PAD)
+    k = _rotate_heads(k_ptr + token * k_stride, k_out_ptr + token * kv_heads * HEAD_DIM, cos, sin, kv_heads,
+                      KV_HEADS_PAD, HEAD_DIM, DIM_PAD)
+    if STORE:
+        slot = tl.load(slot_ptr + token).to(tl.int64)
+        h = tl.arange(0, KV_HEADS_PAD)[:, None]
+        mask = (h < tl.where(slot >= 0, kv_heads, 0)) & (d < HEAD_DIM)  # slot -1: a padding row, no write
+        offsets = slot * kv_heads * HEAD_DIM + h * HEAD_DIM + d
+        tl.store(k_cache_ptr + offsets, k, mask=mask)
+        tl.store(v_cache_ptr + offsets, tl.load(v_ptr + token * v_stride + h * HEAD_DIM + d, mask=mask), mask=mask)
 
 
 @triton.jit
@@ -75,14 +105,25 @@ def supports(head_dim: int) -> bool:
     return triton.next_power_of_2(head_dim) == head_dim and head_dim >= 16
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k, v: [tokens, kv_heads, head_dim] (rows may be strided, each row contiguous)."""
-    tokens, kv_heads, head_dim = k.shape
-    assert k.stride(2) == v.stride(2) == 1 and k.stride(1) == v.stride(1) == head_dim
-    row = kv_heads * head_dim
-    _store_kv_kernel[(tokens,)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                                ROW=row, ROW_PAD=triton.next_power_of_2(row))
+def rotary_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor):
+    """Rotary embedding of q and k, and the rotated k plus v written to their cache slots, in one launch.
+
+    q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] (rows may be strided, as split from the fused
+    projection); cos/sin: float32 [max_positions, head_dim]. An empty cache stores nothing. Returns the rotated
+    q and k (contiguous)."""
+    tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        assert t.stride(2) == 1 and t.stride(1) == head_dim, f"{name}: each token's heads must be contiguous"
+    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
+                                                                                     device=k.device)
+    _rotary_store_kv_kernel[(tokens,)](
+        q, k, v, q_out, k_out, k_cache, v_cache, positions, slot_mapping, cos, sin, q.stride(0), k.stride(0),
+        v.stride(0), heads, kv_heads, HEADS_PAD=triton.next_power_of_2(heads),
+        KV_HEADS_PAD=triton.next_power_of_2(kv_heads), HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
+        STORE=k_cache.numel() > 0)
+    return q_out, k_out
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
