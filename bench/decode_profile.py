@@ -13,8 +13,10 @@ import collections
 import dataclasses
 import datetime
 import itertools
+import gzip
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -69,9 +71,9 @@ def summarise(trace_file: str, num_steps: int, wall_s: float) -> dict:
     }
 
 
-def profile_steps(runner: ModelRunner, out_file: str) -> None:
+def profile_steps(runner: ModelRunner, out_file: str, trace_file: str | None) -> None:
     """Profile execute_model calls FIRST_STEP .. FIRST_STEP + NUM_STEPS on this rank (the same calls on every rank:
-    each step runs once everywhere); the summary goes to out_file."""
+    each step runs once everywhere); the summary goes to out_file, the gzipped trace to trace_file if given."""
     original, calls, state = runner.execute_model, itertools.count(), {}
 
     def execute_model(packed):
@@ -89,6 +91,9 @@ def profile_steps(runner: ModelRunner, out_file: str) -> None:
             state["profiler"].export_chrome_trace(trace)
             with open(out_file, "w") as f:
                 json.dump(summarise(trace, NUM_STEPS, wall), f)
+            if trace_file:
+                with open(trace, "rb") as src, gzip.open(trace_file, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
         return original(packed)
 
     runner.execute_model = execute_model
@@ -101,7 +106,8 @@ def decode(engine: LLMEngine) -> None:
         engine.step()
 
 
-def rank_main(rank: int, world_size: int, port: int, config: EngineConfig, out_dir: str) -> None:
+def rank_main(rank: int, world_size: int, port: int, config: EngineConfig, out_dir: str,
+              trace_dir: str | None) -> None:
     import torch.distributed as dist
 
     torch.cuda.set_device(rank)
@@ -109,7 +115,8 @@ def rank_main(rank: int, world_size: int, port: int, config: EngineConfig, out_d
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         runner = ModelRunner(config, rank=rank, world_size=world_size)
-        profile_steps(runner, os.path.join(out_dir, f"rank{rank}.json"))
+        trace = os.path.join(trace_dir, f"trace_tp{world_size}_rank{rank}.json.gz") if trace_dir else None
+        profile_steps(runner, os.path.join(out_dir, f"rank{rank}.json"), trace)
         if rank > 0:
             runner.serve_forever()
             return
@@ -121,12 +128,12 @@ def rank_main(rank: int, world_size: int, port: int, config: EngineConfig, out_d
             dist.destroy_process_group()
 
 
-def profile(config: EngineConfig, world_size: int) -> list[dict]:
+def profile(config: EngineConfig, world_size: int, trace_dir: str | None) -> list[dict]:
     import torch.multiprocessing as mp
 
     out_dir = tempfile.mkdtemp()
     config = dataclasses.replace(config, tensor_parallel_size=world_size)
-    mp.spawn(rank_main, args=(world_size, free_port(), config, out_dir), nprocs=world_size, join=True)
+    mp.spawn(rank_main, args=(world_size, free_port(), config, out_dir, trace_dir), nprocs=world_size, join=True)
     ranks = []
     for rank in range(world_size):
         with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, nargs="+", default=[1], help="tensor-parallel sizes to profile")
     parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--label", default="")
+    parser.add_argument("--traces", default=None, help="also keep each rank's trace here (gzipped Chrome JSON)")
     parser.add_argument("--commit", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                "steps": f"decode steps {FIRST_STEP}..{FIRST_STEP + NUM_STEPS - 1} of a 128-token prompt"}
     config = EngineConfig(model=args.model_dir, device="cuda", max_model_len=8192, max_num_seqs=256)
     for tp in args.tp:
-        results[f"tp{tp}"] = profile(config, tp)
+        results[f"tp{tp}"] = profile(config, tp, args.traces)
         for rank, summary in enumerate(results[f"tp{tp}"]):
             print_rank(tp, rank, summary)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -29,9 +29,12 @@ def reference_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
     return torch.stack(outs)
 
 
+@pytest.mark.parametrize("splits", [None, 1, 4, 16])  # None: num_splits() picks (16 here: 6 x kv_heads programs)
 @pytest.mark.parametrize("dtype,heads,kv_heads,head_dim", [
     (torch.bfloat16, 32, 8, 128), (torch.float32, 8, 2, 64), (torch.bfloat16, 4, 4, 64)])
-def test_paged_decode_matches_reference(dtype, heads, kv_heads, head_dim):
+def test_paged_decode_matches_reference(dtype, heads, kv_heads, head_dim, splits):
+    """Contexts of 1 token, exactly one block, one past it, and long ones; with 16 splits most programs of the
+    short contexts get no tile."""
     from rayprism.engine.paged_attention import paged_decode_attention
 
     torch.manual_seed(0)
@@ -46,7 +49,7 @@ def test_paged_decode_matches_reference(dtype, heads, kv_heads, head_dim):
         block_tables[i, :n] = torch.tensor(free[:n])
         free = free[n:]
     q = torch.randn(6, heads, head_dim, dtype=dtype, device="cuda")
-    out = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, head_dim ** -0.5)
+    out = paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, head_dim ** -0.5, splits)
     expected = reference_decode(q, k_cache, v_cache, block_tables, context_lens, head_dim ** -0.5)
     error = (out.double() - expected).norm() / expected.norm()
     assert error < (1e-5 if dtype == torch.float32 else 1e-2), error
@@ -75,7 +78,10 @@ def test_rotary_store_kv_matches_eager_and_skips_padding(dtype, heads, kv_heads,
     c, s = cos[positions].to(dtype).unsqueeze(1), sin[positions].to(dtype).unsqueeze(1)
     # bf16 rounds after each op in both; in float32 the compiler may fuse a multiply-add (one rounding fewer).
     same = torch.equal if dtype == torch.bfloat16 else (lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-6))
-    assert same(q_rot, q * c + rotate_half(q) * s) and same(k_rot, k * c + rotate_half(k) * s)
+    for got, x in ((q_rot, q), (k_rot, k)):
+        expected = x * c + rotate_half(x) * s
+        assert same(got, expected), (f"{(got != expected).sum().item()} of {got.numel()} differ, by up to "
+                                     f"{(got.float() - expected.float()).abs().max().item()}")
     flat_k, flat_v = k_cache.view(128, kv_heads, head_dim), v_cache.view(128, kv_heads, head_dim)
     written = {5: 0, 100: 2, 127: 3, 64: 4}
     for slot, row in written.items():

@@ -2,9 +2,10 @@
 
 - rotary_store_kv: one launch applies the rotary embedding to this step's q and k and writes the rotated K
   and V rows into their slots; slot -1 (a padding row of a CUDA-graph batch) is skipped.
-- paged_decode_attention: one program per (sequence, KV head) walks the sequence's block table and reads
-  the cached K/V in place (no gather into a [batch, max_len] copy), with an online softmax. The query
-  heads of a GQA group share each K/V load.
+- paged_decode_attention: programs per (sequence, KV head) walk the sequence's block table and read the
+  cached K/V in place (no gather into a [batch, max_len] copy), with an online softmax. The query heads of
+  a GQA group share each K/V load. Small batches split each context over several programs (flash decoding)
+  and combine their partial softmaxes in a second launch.
 - varlen_prefill_attention: the prefill of a whole batch in one flash-attention call (not one per sequence).
 """
 from __future__ import annotations
@@ -60,13 +61,18 @@ def _rotary_store_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_p
 
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, scale,
-                         q_stride, table_stride, cache_block_stride, cache_slot_stride,
+def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, partial_ptr,
+                         scale, q_stride, table_stride, cache_block_stride, cache_slot_stride,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq)
+    # This program's share of the context: whole tiles, the splits taking turns in order.
+    tiles_per_split = tl.cdiv(tl.cdiv(context_len, TILE), SPLITS)
+    first = split * tiles_per_split * TILE
+    last = tl.minimum(first + tiles_per_split * TILE, context_len)
     rows = tl.arange(0, GROUP_PAD)  # the query heads of this KV head, padded to a dot's minimum size
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + rows
@@ -75,9 +81,9 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    for start in range(0, context_len, TILE):
+    for start in range(first, last, TILE):
         positions = start + tl.arange(0, TILE)
-        valid = positions < context_len
+        valid = positions < last
         blocks = tl.load(block_tables_ptr + seq * table_stride + positions // BLOCK_SIZE, mask=valid, other=0)
         offsets = (blocks.to(tl.int64) * cache_block_stride + (positions % BLOCK_SIZE) * cache_slot_stride
                    + kv_head * HEAD_DIM)
@@ -97,8 +103,32 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # a padding row (context 0) gets zeros
-    tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < GROUP)
+    head_mask = rows[:, None] < GROUP
+    if SPLITS == 1:
+        out = acc / tl.where(l > 0, l, 1.0)[:, None]  # a padding row (context 0) gets zeros
+        tl.store(out_ptr + q_offsets, out.to(out_ptr.dtype.element_ty), mask=head_mask)
+    else:  # float32 [batch, heads, SPLITS, HEAD_DIM + 2]: the unnormalised sum, then m and l
+        row = ((seq * tl.num_programs(1) * GROUP + heads) * SPLITS + split) * (HEAD_DIM + 2)
+        tl.store(partial_ptr + row[:, None] + dims[None, :], acc, mask=head_mask)
+        tl.store(partial_ptr + row + HEAD_DIM, m, mask=rows < GROUP)
+        tl.store(partial_ptr + row + HEAD_DIM + 1, l, mask=rows < GROUP)
+
+
+@triton.jit
+def _combine_splits_kernel(partial_ptr, out_ptr, q_stride, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    """One (sequence, head): the splits' partial softmax sums rescaled to their common maximum and added."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS)
+    dims = tl.arange(0, HEAD_DIM)
+    rows = ((seq * tl.num_programs(1) + head) * SPLITS + splits) * (HEAD_DIM + 2)
+    m = tl.load(partial_ptr + rows + HEAD_DIM)
+    l = tl.load(partial_ptr + rows + HEAD_DIM + 1)
+    weight = tl.where(l > 0, tl.exp(m - tl.max(m, 0)), 0.0)  # an empty split (m = -inf) weighs nothing
+    acc = tl.sum(tl.load(partial_ptr + rows[:, None] + dims[None, :]) * weight[:, None], 0)
+    total = tl.sum(l * weight, 0)
+    out = acc / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * q_stride + head * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
 
 
 def supports(head_dim: int) -> bool:
@@ -126,20 +156,49 @@ def rotary_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     return q_out, k_out
 
 
+MAX_SPLITS = 16
+
+
+def num_splits(batch: int, num_kv_heads: int, device: torch.device) -> int:
+    """How many programs share one sequence's context: enough to give every SM work when batch x KV heads is
+    small (batch 1 of an 8B model is 8 programs on 132 SMs), a power of two, at most MAX_SPLITS. A function of
+    the batch shape only, so a CUDA graph captured for a batch size keeps fitting as contexts grow."""
+    per_program = _sm_count(device) // (batch * num_kv_heads)
+    return min(MAX_SPLITS, 1 << (per_program.bit_length() - 1)) if per_program > 1 else 1
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [batch, heads, head_dim], one new token per sequence; the cache already holds that token's K/V."""
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           splits: int | None = None) -> torch.Tensor:
+    """q: [batch, heads, head_dim], one new token per sequence; the cache already holds that token's K/V.
+    splits: programs per (sequence, KV head) along the context (default num_splits()); above 1 a second
+    launch combines their partial softmaxes (flash decoding)."""
     q = q.contiguous()
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
+    splits = splits or num_splits(batch, num_kv_heads, q.device)
     out = torch.empty_like(q)
-    _paged_decode_kernel[(batch, num_kv_heads)](
-        q, k_cache, v_cache, block_tables, context_lens, out, scale,
+    partial = torch.empty(batch, num_heads, splits, head_dim + 2, dtype=torch.float32, device=q.device) \
+        if splits > 1 else out
+    _paged_decode_kernel[(batch, num_kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, partial, scale,
         q.stride(0), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_cache.shape[1], TILE=TILE, IEEE=q.dtype == torch.float32,
+        BLOCK_SIZE=k_cache.shape[1], TILE=TILE, IEEE=q.dtype == torch.float32, SPLITS=splits,
     )
+    if splits > 1:
+        _combine_splits_kernel[(batch, num_heads)](partial, out, q.stride(0), HEAD_DIM=head_dim, SPLITS=splits)
     return out
 
 
