@@ -88,6 +88,68 @@ def test_symmetric_memory_all_reduce_matches_nccl():
     _spawn(_check)
 
 
+def _check_fused_norm(rank: int) -> None:
+    """all_reduce_rms_norm = NCCL all-reduce, then the residual add and RMSNorm; the same bits on both ranks;
+    chained calls (the halves take turns) eagerly and in CUDA graphs of different row counts, interleaved."""
+    from rayprism.engine import fused_ops
+
+    device = torch.device("cuda", rank)
+    assert comm.setup_tensor_parallel_comm(device)
+    mine, shared = torch.Generator(device).manual_seed(rank), torch.Generator(device).manual_seed(99)
+
+    def reference(x, residual, weight):
+        return fused_ops.rms_norm(_nccl(x), weight, 1e-5, residual)
+
+    def same_on_all_ranks(t):
+        parts = [torch.empty_like(t) for _ in range(2)]
+        dist.all_gather(parts, t)
+        assert torch.equal(parts[0], parts[1])
+
+    for dtype in (torch.bfloat16, torch.float32):
+        weight = torch.randn(HIDDEN, device=device, generator=shared).to(dtype)
+        for rows in (1, 3, 32, 33, 128, 129):  # 129: over FUSED_MAX_ROWS, the unfused path
+            residual = torch.randn(rows, HIDDEN, device=device, generator=shared).to(dtype)
+            for _ in range(3):  # consecutive calls use alternate halves
+                x = torch.randn(rows, HIDDEN, device=device, generator=mine).to(dtype)
+                normed, summed = comm.all_reduce_rms_norm(x, residual, weight, 1e-5)
+                expected_normed, expected_summed = reference(x, residual, weight)
+                torch.testing.assert_close(summed, expected_summed, rtol=0, atol=0)
+                torch.testing.assert_close(normed, expected_normed)
+                same_on_all_ranks(normed)
+                residual = summed
+
+    # Graphs of 1 and 33 rows, each chaining 3 fused calls (an odd count: the halves' turns run across graphs).
+    graphs = {}
+    weight = torch.randn(HIDDEN, device=device, generator=shared).to(torch.bfloat16)
+    for rows in (1, 33):
+        static_x = torch.zeros(3, rows, HIDDEN, device=device, dtype=torch.bfloat16)
+        static_residual = torch.zeros(rows, HIDDEN, device=device, dtype=torch.bfloat16)
+        comm.all_reduce_rms_norm(static_x[0], static_residual, weight, 1e-5)  # warm-up (compiles) before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            residual, outs = static_residual, []
+            for i in range(3):
+                normed, residual = comm.all_reduce_rms_norm(static_x[i], residual, weight, 1e-5)
+                outs.append(normed)
+        graphs[rows] = (graph, static_x, static_residual, outs)
+    for rows in (1, 33, 33, 1, 1, 33):
+        graph, static_x, static_residual, outs = graphs[rows]
+        static_x.copy_(torch.randn(static_x.shape, device=device, generator=mine).to(torch.bfloat16))
+        static_residual.copy_(torch.randn(static_residual.shape, device=device, generator=shared).to(torch.bfloat16))
+        graph.replay()
+        residual = static_residual
+        for i in range(3):
+            expected, residual = reference(static_x[i], residual, weight)
+            torch.testing.assert_close(outs[i], expected)
+            same_on_all_ranks(outs[i])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fused_all_reduce_rms_norm_matches_unfused():
+    _spawn(_check_fused_norm)
+
+
 # --- micro-benchmark -------------------------------------------------------------------------------------
 BENCH_SIZES = [8 * KiB, 16 * KiB, 32 * KiB, 64 * KiB, 128 * KiB, 256 * KiB, 512 * KiB, MiB, 2 * MiB, 4 * MiB,
                8 * MiB, 16 * MiB]

@@ -10,6 +10,13 @@ multicast (multimem) is never used. Numbers: bench/results/allreduce_*.json.
 
     setup_tensor_parallel_comm(device)   # once per rank, after torch.distributed is initialised (collective)
     out = all_reduce(x)                  # sum over the ranks; use the return value (x may be left as is)
+    normed, summed = all_reduce_rms_norm(x, residual, weight, eps)   # a decoder layer's reduce + add + norm
+
+all_reduce_rms_norm fuses the row-parallel layer's all-reduce with the residual add and the RMSNorm that follow
+it, in one Triton launch (up to FUSED_MAX_ROWS rows): each rank writes its partial rows into its own symmetric
+buffer, meets the peers at a barrier, sums every rank's rows in rank order (so every rank gets the same bits),
+adds the residual and normalises. The two halves of that buffer take turns from call to call, so a call never
+overwrites rows a peer may still be reading from the previous one, and one barrier per call is enough.
 
 Anything else - CPU/gloo, world size 1, fp16, messages over the buffer, setup failure - goes to
 `dist.all_reduce`; why symmetric memory is off is logged once. RAYPRISM_SYMM_MEM=0 turns it off.
@@ -32,9 +39,13 @@ ONE_SHOT_MAX_BYTES = 1 << 20  # one-shot vs two-shot crossover on 2 x H200: betw
 TWO_SHOT_WORLD_SIZES = (2, 4, 8)  # two_shot_all_reduce_out is built for these; others stay one-shot
 SYMM_DTYPES = (torch.bfloat16, torch.float32)  # the dtypes the one-shot kernel is built for
 
+FUSED_MAX_ROWS = 128  # rows per fused all-reduce + norm call (decode batches); more take the unfused path
+FUSED_PROGRAMS = 32  # fixed grid: row i is always handled by program i % 32 (the halves' safety depends on it)
+
 _buffer: torch.Tensor | None = None  # this rank's symmetric buffer (bytes), mapped by every peer
 _group = None  # the process group it was set up for (the default group)
 _group_name = ""
+_fused: "_FusedNorm | None" = None  # the fused all-reduce + norm's own symmetric buffer, signal pads and turns
 
 
 def setup_tensor_parallel_comm(device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES) -> bool:
@@ -42,18 +53,19 @@ def setup_tensor_parallel_comm(device: torch.device, max_bytes: int = DEFAULT_MA
 
     Collective: every rank calls it with the same arguments. Calling again on the same group is a no-op.
     """
-    global _buffer, _group, _group_name
+    global _buffer, _group, _group_name, _fused
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return False
     if _group is dist.group.WORLD:
         return _buffer is not None
-    _buffer, _group, _group_name = None, dist.group.WORLD, dist.group.WORLD.group_name
+    _buffer, _fused, _group, _group_name = None, None, dist.group.WORLD, dist.group.WORLD.group_name
     device = torch.device(device)
     reason = _unsupported_reason(device)
     ok = reason is None
     if ok:
         try:
             _buffer = _rendezvous(device, max_bytes)
+            _fused = _FusedNorm(device)
         except Exception as exc:  # no P2P between the GPUs, old torch, ...
             reason, ok = f"setup failed: {exc!r}", False
     if device.type == "cuda" and dist.get_backend() == "nccl":  # every rank takes the same path, or none
@@ -62,7 +74,7 @@ def setup_tensor_parallel_comm(device: torch.device, max_bytes: int = DEFAULT_MA
         if ok and not agreed.item():
             reason, ok = "another rank could not set it up", False
     if not ok:
-        _buffer = None
+        _buffer = _fused = None
         logger.warning("tensor-parallel all-reduce: symmetric memory off (%s); using dist.all_reduce", reason)
         return False
     logger.info("tensor-parallel all-reduce: symmetric memory up to %d bytes (one-shot up to %d)", max_bytes,
@@ -124,3 +136,36 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
         return torch.ops.symm_mem.one_shot_all_reduce_copy_out(symm, x, "sum", _group_name, torch.empty_like(x))
     symm.copy_(x)
     return torch.ops.symm_mem.two_shot_all_reduce_out(symm, "sum", _group_name, torch.empty_like(x))
+
+
+class _FusedNorm:
+    """State of all_reduce_rms_norm on this rank: a symmetric buffer of two halves, its signal pads, and each
+    program's count of calls (its half is that count's parity; every rank makes the same calls)."""
+
+    def __init__(self, device: torch.device, half_bytes: int = ONE_SHOT_MAX_BYTES):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.half_bytes = half_bytes
+        self.buffer = symm_mem.empty(2 * half_bytes, dtype=torch.uint8, device=device)
+        self.handle = symm_mem.rendezvous(self.buffer, _group_name)
+        self.rank, self.world_size = self.handle.rank, self.handle.world_size
+        self.calls = torch.zeros(FUSED_PROGRAMS, dtype=torch.int32, device=device)
+        # The signal pads start zeroed on every rank before any peer may signal (the barrier needs it).
+        self.handle.barrier()
+
+    def fits(self, x: torch.Tensor) -> bool:
+        rows = x.numel() // x.shape[-1]
+        return (x.is_cuda and x.dtype in SYMM_DTYPES and x.is_contiguous() and rows <= FUSED_MAX_ROWS
+                and x.numel() * x.element_size() <= self.half_bytes)
+
+
+def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """x summed over the ranks (x: this rank's partial output of a row-parallel layer), plus residual, then
+    RMSNorm'd: returns (norm(s), s) with s = all_reduce(x) + residual, rounded as the unfused ops round."""
+    from . import fused_ops
+
+    if _fused is None or not _fused.fits(x) or not dist.is_initialized() or dist.get_world_size() == 1:
+        return fused_ops.rms_norm(all_reduce(x), weight, eps, residual)
+    return fused_ops.all_reduce_rms_norm(
+        x, residual, weight, eps, _fused.handle.buffer_ptrs_dev, _fused.handle.signal_pad_ptrs_dev, _fused.calls,
+        _fused.half_bytes // x.element_size(), _fused.rank, _fused.world_size)

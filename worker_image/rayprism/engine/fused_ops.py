@@ -68,3 +68,67 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n, block))](rows, out, rows.stride(0), n, BLOCK=block)
     return out.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _barrier(signal_pad_ptrs, program, RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Program `program` of every rank meets here. Slot [program * WORLD + r] of a rank's signal pad is set
+    (0 -> 1, release) by rank r and reset (1 -> 0, acquire) by its owner, so the pads are zeroed again after
+    each barrier (CUDA-graph safe: no counter from the host)."""
+    pads = signal_pad_ptrs.to(tl.pointer_type(tl.uint64))
+    mine = tl.load(pads + RANK).to(tl.pointer_type(tl.int32))
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            theirs = tl.load(pads + peer).to(tl.pointer_type(tl.int32))
+            while tl.atomic_cas(theirs + program * WORLD + RANK, 0, 1, sem="release", scope="sys") != 0:
+                pass
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            while tl.atomic_cas(mine + program * WORLD + peer, 1, 0, sem="acquire", scope="sys") != 1:
+                pass
+
+
+@triton.jit
+def _all_reduce_rms_norm_kernel(buffer_ptrs, signal_pad_ptrs, calls_ptr, x_ptr, residual_ptr, w_ptr, out_ptr,
+                                summed_ptr, rows, n, eps, half_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
+                                BLOCK: tl.constexpr):
+    program = tl.program_id(0)
+    programs = tl.num_programs(0)
+    dtype = x_ptr.dtype.element_ty
+    calls = tl.load(calls_ptr + program)
+    half = (calls % 2) * half_elems  # this call's half of every rank's buffer
+    buffers = buffer_ptrs.to(tl.pointer_type(tl.uint64))
+    mine = tl.load(buffers + RANK).to(tl.pointer_type(dtype)) + half
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    for row in range(program, rows, programs):
+        tl.store(mine + row * n + cols, tl.load(x_ptr + row * n + cols, mask=mask), mask=mask)
+    tl.debug_barrier()  # every thread's rows are written before the release below
+    _barrier(signal_pad_ptrs, program, RANK, WORLD)
+    tl.debug_barrier()  # ... and the acquire is done before any thread reads a peer's rows
+    for row in range(program, rows, programs):
+        total = tl.zeros([BLOCK], tl.float32)
+        for peer in tl.static_range(WORLD):  # rank order: the same sum, bit for bit, on every rank
+            theirs = tl.load(buffers + peer).to(tl.pointer_type(dtype)) + half
+            total += tl.load(theirs + row * n + cols, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
+        residual = tl.load(residual_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+        summed = (total.to(dtype).to(tl.float32) + residual).to(dtype)  # all_reduce's rounding, then the add's
+        tl.store(summed_ptr + row * n + cols, summed, mask=mask)
+        s = summed.to(tl.float32)
+        normed = (s * tl.math.rsqrt(tl.sum(s * s, 0) / n + eps)).to(dtype)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row * n + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=mask)
+    tl.store(calls_ptr + program, calls + 1)
+
+
+def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, buffer_ptrs: int,
+                        signal_pad_ptrs: int, calls: torch.Tensor, half_elems: int, rank: int, world_size: int):
+    """comm.all_reduce_rms_norm's fused path (comm.py holds the symmetric memory): returns (norm(s), s) with
+    s = sum of x over the ranks + residual. Row i is always handled by program i % len(calls)."""
+    rows = x.reshape(-1, x.shape[-1])
+    out, summed = torch.empty_like(rows), torch.empty_like(rows)
+    _all_reduce_rms_norm_kernel[(calls.numel(),)](
+        buffer_ptrs, signal_pad_ptrs, calls, rows, residual.reshape(rows.shape).contiguous(), weight, out, summed,
+        rows.shape[0], rows.shape[1], eps, half_elems, RANK=rank, WORLD=world_size,
+        BLOCK=triton.next_power_of_2(rows.shape[1]))
+    return out.view(x.shape), summed.view(x.shape)

@@ -138,10 +138,12 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """Input features split across ranks; one all-reduce sums the partial outputs."""
+    """Input features split across ranks; one all-reduce sums the partial outputs. With reduce_results=False
+    each rank returns its partial sum and the caller reduces (the decoder's RMSNorm does, fused with its add)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True):
         super().__init__()
+        self.reduce_results = reduce_results
         assert input_size % tp_size() == 0, f"input size {input_size} not divisible by tp {tp_size()}"
         self.input_size_per_rank = input_size // tp_size()
         self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank), requires_grad=False)
@@ -157,7 +159,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias if tp_rank() == 0 else None)
-        return comm.all_reduce(out) if tp_size() > 1 else out
+        return comm.all_reduce(out) if self.reduce_results and tp_size() > 1 else out
 
 
 class RMSNorm(nn.Module):
@@ -168,14 +170,19 @@ class RMSNorm(nn.Module):
         self.weight.weight_loader = default_weight_loader
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x); with `residual` (the decoder's residual stream): s = x + residual, returns (norm(s), s)."""
+        """norm(x); with `residual` (the decoder's residual stream): s = x + residual, returns (norm(s), s).
+
+        With a residual, x is the output of a row-parallel layer that left its all-reduce to this norm: under
+        tensor parallelism x is this rank's partial sum, and the reduce, the add and the norm run fused."""
         # Same arithmetic as transformers' LlamaRMSNorm: normalise in float32, scale in the model dtype.
-        if x.is_cuda:  # one fused launch (fused_ops.py), the residual add included, same roundings
+        if x.is_cuda:  # one fused launch (fused_ops.py / comm.py), the residual add included, same roundings
             from .fused_ops import rms_norm
 
+            if residual is not None and tp_size() > 1:
+                return comm.all_reduce_rms_norm(x, residual, self.weight, self.eps)
             return rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
-            x = x + residual
+            x = (comm.all_reduce(x) if tp_size() > 1 else x) + residual
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         normed = self.weight * x32.to(x.dtype)

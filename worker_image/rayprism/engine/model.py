@@ -47,8 +47,8 @@ class DecoderAttention(nn.Module):
         )
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
-        self.o_proj = RowParallelLinear(
-            cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=attention_bias and not qwen2
+        self.o_proj = RowParallelLinear(  # its all-reduce runs in the next norm (DecoderLayer)
+            cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=attention_bias and not qwen2, reduce_results=False
         )
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, rotary)
 
@@ -64,7 +64,7 @@ class MLP(nn.Module):
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only silu)")
         bias = bool(getattr(cfg, "mlp_bias", False))
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias, reduce_results=False)
 
     def forward(self, x):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -80,7 +80,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, meta):
         """Returns (this layer's output, the residual stream before it): the next norm adds them, in the same
-        launch on CUDA. The first layer gets residual None."""
+        launch on CUDA. The first layer gets residual None. Under tensor parallelism the attention's and the MLP's
+        outputs are each rank's partial sums: the norm after each all-reduces them (RMSNorm.forward)."""
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
