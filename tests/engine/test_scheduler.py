@@ -75,3 +75,28 @@ def test_a_sequence_whose_last_token_is_in_flight_is_not_decoded_again():
         scheduler.add(seq)
     assert run_step(scheduler) == (["short", "long", "other"], [])
     assert run_step(scheduler) == ([], ["other"])
+
+
+@pytest.mark.parametrize("prompt_lens", [[3], [3, 4], [5, 2, 7], [1, 1, 1, 1]])
+def test_packed_batch_round_trips_with_every_field_aligned(prompt_lens):
+    """What rank 0 broadcasts unpacks to the batch's fields, each starting 16-byte aligned whatever the odd sizes
+    (Triton compiles a kernel per alignment of its pointers)."""
+    import torch
+
+    from rayprism.engine.model_runner import PACK_HEADER, Batch, unpack
+
+    manager = BlockManager(num_blocks=32, block_size=BLOCK_SIZE)
+    seqs = [make_seq(f"s{i}", n, i) for i, n in enumerate(prompt_lens)]
+    for seq in seqs:
+        manager.allocate(seq)
+    num_prefill = 1  # the first is prefilled, the others decode their last token
+    batch = Batch.from_sequences(seqs, num_prefill, BLOCK_SIZE)
+    packed = batch.pack()
+    num_tokens, n_prefill, num_decode, width, _, _ = packed[:PACK_HEADER].tolist()
+    sizes = [num_tokens] * 3 + [n_prefill + 1, n_prefill + num_decode, num_decode, num_decode * width]
+    data = packed[PACK_HEADER:].clone()  # a fresh (aligned) buffer, as on the device
+    fields = unpack(data, sizes)
+    assert [t.tolist() for t in fields[:4]] == [batch.input_ids, batch.positions, batch.slot_mapping, batch.cu_seqlens]
+    assert fields[5].tolist() == batch.context_lens
+    assert fields[6].view(num_decode, width).tolist() == batch.block_tables
+    assert all(t.data_ptr() % 16 == 0 for t in fields)

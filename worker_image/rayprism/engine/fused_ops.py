@@ -88,7 +88,7 @@ def _barrier(signal_pad_ptrs, program, RANK: tl.constexpr, WORLD: tl.constexpr):
                 pass
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])  # batch 1 and others: one compile
 def _all_reduce_rms_norm_kernel(buffer_ptrs, signal_pad_ptrs, calls_ptr, x_ptr, residual_ptr, w_ptr, out_ptr,
                                 summed_ptr, rows, n, eps, half_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
                                 BLOCK: tl.constexpr):

@@ -79,9 +79,20 @@ class Batch:
         header = [len(self.input_ids), len(prefill_lens), len(self.context_lens), width, max(prefill_lens, default=0),
                   self.previous_rows]
         # array('q') converts in C; torch.tensor(list) takes several ms for the block tables of a large batch.
-        fields = (header, self.input_ids, self.positions, self.slot_mapping, self.cu_seqlens, logits_rows,
-                  self.context_lens, *self.block_tables)
-        return torch.frombuffer(array.array("q", itertools.chain(*fields)), dtype=torch.int64)
+        packed = array.array("q", header)
+        for field in (self.input_ids, self.positions, self.slot_mapping, self.cu_seqlens, logits_rows,
+                      self.context_lens, itertools.chain(*self.block_tables)):
+            packed.extend(field)
+            if len(packed) % 2:  # every field starts 16-byte aligned (see unpack)
+                packed.append(0)
+        return torch.frombuffer(packed, dtype=torch.int64)
+
+
+def unpack(data: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """The fields of a packed batch (after its header). Each starts 16-byte aligned: Triton compiles a kernel
+    once per alignment of its pointer arguments, and views at batch-dependent offsets made serving compile new
+    kernel variants for minutes."""
+    return [part[:size] for part, size in zip(data.split([size + size % 2 for size in sizes]), sizes)]
 
 
 PACK_HEADER = 6
@@ -281,7 +292,7 @@ class ModelRunner:
         num_tokens, num_prefill, num_decode, width, max_prefill_len, previous_rows = packed[:PACK_HEADER].tolist()
         sizes = [num_tokens] * 3 + [num_prefill + 1, num_prefill + num_decode, num_decode, num_decode * width]
         data = self._to_device(packed[PACK_HEADER:])
-        input_ids, positions, slots, cu_seqlens, logits_rows, context_lens, tables = data.split(sizes)
+        input_ids, positions, slots, cu_seqlens, logits_rows, context_lens, tables = unpack(data, sizes)
         if previous_rows:  # inputs sampled by the previous step and never read back: take them on the device
             if self.world_size > 1:  # only rank 0 samples
                 if self.rank > 0:

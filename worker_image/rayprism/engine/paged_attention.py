@@ -60,7 +60,7 @@ def _rotary_store_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_p
         tl.store(v_cache_ptr + offsets, tl.load(v_ptr + token * v_stride + h * HEAD_DIM + d, mask=mask), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["table_stride"])  # the longest sequence's block count: one compile, not three
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, partial_ptr,
                          scale, q_stride, table_stride, cache_block_stride, cache_slot_stride,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
