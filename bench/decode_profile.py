@@ -32,7 +32,7 @@ from rayprism.engine import EngineConfig, LLMEngine, ModelRunner  # noqa: E402
 KINDS = [
     ("all-reduce", ("all_reduce", "allreduce", "nccl")),
     ("rotary+kv store", ("_rotary_store_kv",)),
-    ("attention", ("_paged_decode", "flash")),
+    ("attention", ("_paged_decode", "_combine_splits", "flash")),
     ("norm(+residual)", ("_rms_norm",)),
     ("silu*mul", ("_silu_and_mul",)),
     ("gemm", ("gemm", "gemv", "cutlass", "sm90_", "nvjet", "splitk", "cublas")),
