@@ -38,3 +38,24 @@ def test_roofline_bytes_match_llama_8b():
     bench = load_bench()
     # 8.03e9 parameters less the 0.525e9 of the input embedding, two bytes each (the issue's 223 tok/s at 3.35 TB/s)
     assert abs(bench.roofline_bytes(bench.LLAMA_8B) / 2 - 7.50e9) < 0.01e9
+
+
+def test_decode_profile_summarises_a_trace(tmp_path):
+    """bench/decode_profile.py needs CUDA to record; its summary of a trace is plain arithmetic, checked here on a
+    hand-made trace of 2 steps (kernels by kind, busy time, span, kernels per step; CPU events ignored)."""
+    load_bench()  # decode_profile imports engine_bench by name
+    profile = importlib.import_module("decode_profile")
+    kernels = [("nvjet_sm90_tst_64x8_64x16_2x1_v_bz_TNT", 0, 30), ("_all_reduce_rms_norm_kernel", 31, 8),
+               ("_paged_decode_kernel", 40, 4), ("_combine_splits_kernel", 45, 2), ("Memcpy HtoD", 50, 3),
+               ("triton_poi_something", 60, 2)]
+    events = [{"cat": "kernel" if "Memcpy" not in name else "gpu_memcpy", "name": name, "ts": ts, "dur": dur}
+              for name, ts, dur in kernels] + [{"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500}]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    summary = profile.summarise(str(trace), num_steps=2, wall_s=0.002)
+    assert summary["wall_ms_per_step"] == 1.0
+    assert summary["kernels_per_step"] == 3.0
+    assert abs(summary["gpu_busy_ms_per_step"] - 49 / 2e3) < 1e-9
+    assert abs(summary["gpu_span_ms_per_step"] - 62 / 2e3) < 1e-9
+    assert summary["ms_per_step_by_kind"] == {"gemm": 0.015, "all-reduce": 0.004, "attention": 0.003,
+                                              "copy/fill": 0.0015, "other": 0.001}
