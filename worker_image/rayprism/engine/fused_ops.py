@@ -5,6 +5,9 @@ at decode batch sizes each is a few microseconds of launch gap even inside a CUD
 several milliseconds per 8B decode step. Each function here is one launch and rounds where the PyTorch ops it
 replaces round (to the model dtype after each op), so results match the eager path. (The rotary embedding is
 fused with the KV-cache write: paged_attention.rotary_store_kv.)
+
+Under tensor parallelism, all_reduce_rms_norm also takes in the all-reduce before the norm, reading the peers'
+rows over symmetric memory; comm.all_reduce_rms_norm owns that memory and decides when the fused path applies.
 """
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ def unpack(data: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return [part[:size] for part, size in zip(data.split([size + size % 2 for size in sizes]), sizes)]
 
 
-PACK_HEADER = 6
+PACK_HEADER = 6  # even, so the fields after the header stay 16-byte aligned (Batch.pack, unpack)
 # Control messages from rank 0: a 2-int header (kind, payload length), then the payload.
 EXECUTE, CALL = 0, 1
 
