@@ -146,8 +146,8 @@ def rotary_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     kv_heads = k.shape[1]
     for name, t in (("q", q), ("k", k), ("v", v)):
         assert t.stride(2) == 1 and t.stride(1) == head_dim, f"{name}: each token's heads must be contiguous"
-    q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype,
-                                                                                     device=k.device)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     _rotary_store_kv_kernel[(tokens,)](
         q, k, v, q_out, k_out, k_cache, v_cache, positions, slot_mapping, cos, sin, q.stride(0), k.stride(0),
         v.stride(0), heads, kv_heads, HEADS_PAD=triton.next_power_of_2(heads),
