@@ -81,3 +81,16 @@ def generate(engine, prompts, params, staggered: bool = False) -> dict[str, dict
     while engine.has_unfinished_requests():
         step()
     return results
+
+
+def reference_decode(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
+    """Paged decode attention the slow, plain way: each sequence's context gathered and attended in float64."""
+    outs = []
+    block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
+    for i, length in enumerate(context_lens.tolist()):
+        slots = [block_tables[i, t // block_size].item() * block_size + t % block_size for t in range(length)]
+        k = k_cache.reshape(-1, *k_cache.shape[2:])[slots].double().repeat_interleave(group, dim=1)
+        v = v_cache.reshape(-1, *v_cache.shape[2:])[slots].double().repeat_interleave(group, dim=1)
+        weights = torch.einsum("hd,thd->ht", q[i].double(), k).mul(scale).softmax(-1)
+        outs.append(torch.einsum("ht,thd->hd", weights, v))
+    return torch.stack(outs)

@@ -16,6 +16,8 @@ from rayprism.engine import fused_ops, paged_attention
 from rayprism.engine.attention import store_kv
 from rayprism.engine.layers import rotate_half
 
+from .helpers import reference_decode
+
 
 def close(got: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-6) -> None:
     error = (got.double() - expected.double()).abs().max().item()
@@ -66,19 +68,6 @@ def rotary_and_cache_write() -> None:
         empty = torch.empty(0)
         q_only, k_only = paged_attention.rotary_store_kv(positions, q, k, v, cos, sin, empty, empty, slots)
         assert torch.equal(q_only, q_rot) and torch.equal(k_only, k_rot), "no KV pool: rotates only"
-
-
-def reference_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """Each sequence's context gathered and attended in float64."""
-    outs = []
-    block_size, group = k_cache.shape[1], q.shape[1] // k_cache.shape[2]
-    for i, length in enumerate(context_lens.tolist()):
-        slots = [block_tables[i, t // block_size].item() * block_size + t % block_size for t in range(length)]
-        k = k_cache.reshape(-1, *k_cache.shape[2:])[slots].double().repeat_interleave(group, dim=1)
-        v = v_cache.reshape(-1, *v_cache.shape[2:])[slots].double().repeat_interleave(group, dim=1)
-        weights = torch.einsum("hd,thd->ht", q[i].double(), k).mul(scale).softmax(-1)
-        outs.append(torch.einsum("ht,thd->hd", weights, v))
-    return torch.stack(outs)
 
 
 def paged_decode_splits() -> None:

@@ -5,7 +5,7 @@ import torch
 
 from rayprism.engine import EngineConfig, LLMEngine, SamplingParams
 
-from .helpers import generate
+from .helpers import generate, reference_decode
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -13,20 +13,6 @@ if not torch.cuda.is_available():
 
 PROMPTS = [[5, 17, 99, 3], list(range(40, 90)), [7] * 19]  # 3 sequences: a padded graph batch of 4
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-
-
-def reference_decode(q, k_cache, v_cache, block_tables, context_lens, scale):
-    """Gather each sequence's context and attend in float64."""
-    outs = []
-    group = q.shape[1] // k_cache.shape[2]
-    for i, length in enumerate(context_lens.tolist()):
-        slots = [block_tables[i, t // k_cache.shape[1]].item() * k_cache.shape[1] + t % k_cache.shape[1]
-                 for t in range(length)]
-        k = k_cache.reshape(-1, *k_cache.shape[2:])[slots].double().repeat_interleave(group, dim=1)
-        v = v_cache.reshape(-1, *v_cache.shape[2:])[slots].double().repeat_interleave(group, dim=1)
-        weights = torch.einsum("hd,thd->ht", q[i].double(), k).mul(scale).softmax(-1)
-        outs.append(torch.einsum("ht,thd->hd", weights, v))
-    return torch.stack(outs)
 
 
 @pytest.mark.parametrize("splits", [None, 1, 4, 16])  # None: num_splits() picks (16 here: 6 x kv_heads programs)

@@ -17,21 +17,34 @@ import triton.language as tl
 
 
 @triton.jit
+def _add_residual(x, residual_ptr, summed_ptr, cols, mask):
+    """The residual stream's add, rounded to the model dtype as `x + residual` is; stored to summed_ptr."""
+    summed = (x.to(tl.float32) + tl.load(residual_ptr + cols, mask=mask, other=0.0).to(tl.float32)).to(
+        summed_ptr.dtype.element_ty)
+    tl.store(summed_ptr + cols, summed, mask=mask)
+    return summed
+
+
+@triton.jit
+def _store_norm(x, w_ptr, out_ptr, cols, mask, n, eps):
+    """weight * (x normalised in float32, cast to the model dtype): LlamaRMSNorm's roundings."""
+    dtype = out_ptr.dtype.element_ty
+    x = x.to(tl.float32)
+    normed = (x * tl.math.rsqrt(tl.sum(x * x, 0) / n + eps)).to(dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=mask)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, w_ptr, out_ptr, residual_out_ptr, x_stride, residual_stride, out_stride,
                      n, eps, ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
-    dtype = out_ptr.dtype.element_ty
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0)
-    if ADD_RESIDUAL:  # the residual stream's add, rounded to the model dtype as `x + residual` is
-        x = (x.to(tl.float32) + tl.load(residual_ptr + row * residual_stride + cols, mask=mask, other=0.0).to(
-            tl.float32)).to(dtype)
-        tl.store(residual_out_ptr + row * n + cols, x, mask=mask)
-    x = x.to(tl.float32)
-    normed = (x * tl.math.rsqrt(tl.sum(x * x, 0) / n + eps)).to(dtype)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * out_stride + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=mask)
+    if ADD_RESIDUAL:
+        x = _add_residual(x, residual_ptr + row * residual_stride, residual_out_ptr + row * n, cols, mask)
+    _store_norm(x, w_ptr, out_ptr + row * out_stride, cols, mask, n, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -114,13 +127,9 @@ def _all_reduce_rms_norm_kernel(buffer_ptrs, signal_pad_ptrs, calls_ptr, x_ptr, 
         for peer in tl.static_range(WORLD):  # rank order: the same sum, bit for bit, on every rank
             theirs = tl.load(buffers + peer).to(tl.pointer_type(dtype)) + half
             total += tl.load(theirs + row * n + cols, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
-        residual = tl.load(residual_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
-        summed = (total.to(dtype).to(tl.float32) + residual).to(dtype)  # all_reduce's rounding, then the add's
-        tl.store(summed_ptr + row * n + cols, summed, mask=mask)
-        s = summed.to(tl.float32)
-        normed = (s * tl.math.rsqrt(tl.sum(s * s, 0) / n + eps)).to(dtype)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        tl.store(out_ptr + row * n + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(dtype), mask=mask)
+        # all_reduce's rounding to the model dtype, then the add's, then the norm's
+        summed = _add_residual(total.to(dtype), residual_ptr + row * n, summed_ptr + row * n, cols, mask)
+        _store_norm(summed, w_ptr, out_ptr + row * n, cols, mask, n, eps)
     tl.store(calls_ptr + program, calls + 1)
 
 
