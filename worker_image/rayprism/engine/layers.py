@@ -39,6 +39,17 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
     param.data.copy_(loaded[:])
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False):
+    """F.linear; with `gated`, x is [gate | up] and the layer's input is silu(gate) * up. On CUDA, decode batches
+    of up to gemv.GEMV_MAX_ROWS rows take the weight-streaming GEMV kernel (the SiLU fused into it)."""
+    if x.is_cuda:
+        from .gemv import GEMV_MAX_ROWS, gemv
+
+        if 0 < x.numel() // x.shape[-1] <= GEMV_MAX_ROWS and x.is_contiguous():
+            return gemv(x, weight, bias, gated)
+    return F.linear(silu_and_mul(x) if gated else x, weight, bias)
+
+
 class VocabParallelEmbedding(nn.Module):
     """Vocabulary rows split across ranks (padded to a multiple of the world size)."""
 
@@ -68,7 +79,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Vocab-parallel output projection; rank 0 receives the full logits, other ranks get None."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if tp_size() == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(tp_size())] if tp_rank() == 0 else None
@@ -95,7 +106,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(read_part(loaded, 0, tp_rank() * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -157,8 +168,9 @@ class RowParallelLinear(nn.Module):
         size = self.input_size_per_rank
         param.data.copy_(read_part(loaded, 1, tp_rank() * size, size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias if tp_rank() == 0 else None)
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """gated: x is [gate | up] (this rank's part of each) and the input is silu(gate) * up (see linear)."""
+        out = linear(x, self.weight, self.bias if tp_rank() == 0 else None, gated)
         return comm.all_reduce(out) if self.reduce_results and tp_size() > 1 else out
 
 

@@ -1,0 +1,140 @@
+"""The decode-size linear layers of the 8B model: cuBLAS (F.linear) against rayprism's GEMV kernel (gemv.py),
+per weight shape of tensor parallel 1 and 2 and per batch of 1-8 rows, and a sweep of the kernel's launch
+configs (the data behind gemv.launch_config).
+
+    python3 bench/gemv_bench.py                      # on a GPU host; writes bench/results/gemv_<date>.json
+
+Each figure is a CUDA graph of back-to-back launches over enough copies of the weight that none is in L2 when
+read (as in a decode step, where every layer has its own weights), so it includes the gaps between kernels.
+The down projection is timed with its input's SiLU: silu_and_mul + F.linear against the gated GEMV.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from engine_bench import LLAMA_8B, git_commit  # noqa: E402
+
+from rayprism.engine import fused_ops, gemv  # noqa: E402
+
+COLD_BYTES = 512 << 20  # weight copies per graph: at least this many bytes, ~10x an H100's or H200's L2
+CONFIGS = [(block_n, block_k, warps, stages) for block_n, block_k, warps, stages in
+           itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8), (1, 3))]
+
+
+def shapes(tp: int) -> dict[str, tuple[int, int, bool]]:
+    """name -> (out features, in features, gated) of one rank's weights."""
+    h, i, heads, kv = (LLAMA_8B[key] for key in
+                       ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"))
+    head_dim = h // heads
+    return {"qkv_proj": ((heads + 2 * kv) * head_dim // tp, h, False), "o_proj": (h, h // tp, False),
+            "gate_up_proj": (2 * i // tp, h, False), "down_proj": (h, i // tp, True),
+            "lm_head": (LLAMA_8B["vocab_size"] // tp, h, False)}
+
+
+def graph_us(launch, copies: int, repeats: int = 20) -> float:
+    """Microseconds per launch: `launch(c)` for every copy c, captured in one graph, replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in range(copies):
+            launch(c)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in range(copies):
+            launch(c)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (repeats * copies)
+
+
+def measure_shape(n: int, k: int, gated: bool, batches: list[int], sweep: bool) -> dict:
+    """Every batch size against cuBLAS; with `sweep`, every config at batch 1 and the six best of those at the
+    other batch sizes up to GEMV_MAX_ROWS."""
+    weight_bytes = n * k * 2
+    copies = max(2, -(-COLD_BYTES // weight_bytes))
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
+    result = {"n": n, "k": k, "gated": gated, "weight_mib": weight_bytes / 2**20, "batches": {}}
+    for m in batches:
+        x = torch.randn(m, 2 * k if gated else k, device="cuda", dtype=torch.bfloat16)
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+
+        def cublas(c):
+            F.linear(fused_ops.silu_and_mul(x) if gated else x, weights[c])
+
+        def ours(config):
+            return lambda c: gemv.launch(x, weights[c], None, out, gated, config)
+
+        reference = F.linear(fused_ops.silu_and_mul(x) if gated else x, weights[0]).float()
+        gemv.launch(x, weights[0], None, out, gated, gemv.launch_config(n, k))
+        entry = {"cublas_us": graph_us(cublas, copies),
+                 "max_abs_error_vs_cublas": (out.float() - reference).abs().max().item()}
+        entry["gemv_us"] = graph_us(ours(gemv.launch_config(n, k)), copies)
+        if sweep and m <= gemv.GEMV_MAX_ROWS:
+            timings = {}
+            for config in CONFIGS if m == batches[0] else candidates:
+                try:
+                    timings[config] = graph_us(ours(config), copies)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory / registers: skip it
+                    print(f"  {n}x{k} m={m} {config}: {type(exc).__name__}", flush=True)
+            best = min(timings, key=timings.get)
+            if m == batches[0]:
+                candidates = sorted(timings, key=timings.get)[:6]
+            entry["sweep_best"], entry["sweep_best_us"] = list(best), timings[best]
+            entry["sweep"] = {",".join(map(str, c)): round(t, 2) for c, t in sorted(timings.items(), key=lambda i: i[1])}
+        for key in ("cublas_us", "gemv_us", "sweep_best_us"):
+            if key in entry:
+                entry[key.replace("_us", "_tb_s")] = weight_bytes / entry[key] / 1e6
+        result["batches"][str(m)] = entry
+        print(f"{n:6d}x{k:5d}{' gated' if gated else '      '} m={m}: cublas {entry['cublas_us']:6.2f} us "
+              f"({entry['cublas_tb_s']:.2f} TB/s), gemv {entry['gemv_us']:6.2f} us ({entry['gemv_tb_s']:.2f} TB/s)"
+              + (f", sweep best {entry['sweep_best']} {entry['sweep_best_us']:.2f} us" if "sweep" in entry else ""),
+              flush=True)
+    del weights
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--sweep", action="store_true", help="also every launch config in CONFIGS")
+    parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--label", default="")
+    parser.add_argument("--commit", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": args.commit or git_commit(),
+               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "command": " ".join(["gemv_bench.py"] + sys.argv[1:]), "shapes": {}}
+    for tp in args.tp:
+        for name, (n, k, gated) in shapes(tp).items():
+            results["shapes"][f"tp{tp}_{name}"] = measure_shape(n, k, gated, args.batches, args.sweep)
+    os.makedirs(args.output_dir, exist_ok=True)
+    stamp = results["date"].replace(":", "").replace("-", "")[:15]
+    path = os.path.join(args.output_dir, f"gemv_{stamp}{'_' + args.label if args.label else ''}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
