@@ -1,6 +1,7 @@
-"""The decode-size linear layers of the 8B model: cuBLAS (F.linear) against rayprism's GEMV kernel (gemv.py),
-per weight shape of tensor parallel 1 and 2 and per batch of 1-8 rows, and a sweep of the kernel's launch
-configs (the data behind gemv.launch_config).
+"""The batch-1 linear layers of the 8B model: cuBLAS (F.linear) against rayprism's GEMV kernel (gemv.py), per
+weight shape of tensor parallel 1 and 2, and a sweep of the kernel's launch configs (the data behind
+gemv.launch_config). gemv_20261127T054216.json, from the bench at 2a039ca, also has batches of 2-8 rows, where
+cuBLAS was as fast or faster.
 
     python3 bench/gemv_bench.py                      # on a GPU host; writes bench/results/gemv_<date>.json
 
@@ -63,48 +64,40 @@ def graph_us(launch, copies: int, repeats: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (repeats * copies)
 
 
-def measure_shape(n: int, k: int, gated: bool, batches: list[int], sweep: bool) -> dict:
-    """Every batch size against cuBLAS; with `sweep`, every config at batch 1 and the six best of those at the
-    other batch sizes up to GEMV_MAX_ROWS."""
+def measure_shape(n: int, k: int, gated: bool, sweep: bool) -> dict:
     weight_bytes = n * k * 2
     copies = max(2, -(-COLD_BYTES // weight_bytes))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
-    result = {"n": n, "k": k, "gated": gated, "weight_mib": weight_bytes / 2**20, "batches": {}}
-    for m in batches:
-        x = torch.randn(m, 2 * k if gated else k, device="cuda", dtype=torch.bfloat16)
-        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, 2 * k if gated else k, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
 
-        def cublas(c):
-            F.linear(fused_ops.silu_and_mul(x) if gated else x, weights[c])
+    def cublas(c):
+        F.linear(fused_ops.silu_and_mul(x) if gated else x, weights[c])
 
-        def ours(config):
-            return lambda c: gemv.launch(x, weights[c], None, out, gated, config)
+    def ours(config):
+        return lambda c: gemv.launch(x, weights[c], None, out, gated, config)
 
-        reference = F.linear(fused_ops.silu_and_mul(x) if gated else x, weights[0]).float()
-        gemv.launch(x, weights[0], None, out, gated, gemv.launch_config(n, k))
-        entry = {"cublas_us": graph_us(cublas, copies),
-                 "max_abs_error_vs_cublas": (out.float() - reference).abs().max().item()}
-        entry["gemv_us"] = graph_us(ours(gemv.launch_config(n, k)), copies)
-        if sweep and m <= gemv.GEMV_MAX_ROWS:
-            timings = {}
-            for config in CONFIGS if m == batches[0] else candidates:
-                try:
-                    timings[config] = graph_us(ours(config), copies)
-                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory / registers: skip it
-                    print(f"  {n}x{k} m={m} {config}: {type(exc).__name__}", flush=True)
-            best = min(timings, key=timings.get)
-            if m == batches[0]:
-                candidates = sorted(timings, key=timings.get)[:6]
-            entry["sweep_best"], entry["sweep_best_us"] = list(best), timings[best]
-            entry["sweep"] = {",".join(map(str, c)): round(t, 2) for c, t in sorted(timings.items(), key=lambda i: i[1])}
-        for key in ("cublas_us", "gemv_us", "sweep_best_us"):
-            if key in entry:
-                entry[key.replace("_us", "_tb_s")] = weight_bytes / entry[key] / 1e6
-        result["batches"][str(m)] = entry
-        print(f"{n:6d}x{k:5d}{' gated' if gated else '      '} m={m}: cublas {entry['cublas_us']:6.2f} us "
-              f"({entry['cublas_tb_s']:.2f} TB/s), gemv {entry['gemv_us']:6.2f} us ({entry['gemv_tb_s']:.2f} TB/s)"
-              + (f", sweep best {entry['sweep_best']} {entry['sweep_best_us']:.2f} us" if "sweep" in entry else ""),
-              flush=True)
+    reference = F.linear(fused_ops.silu_and_mul(x) if gated else x, weights[0]).float()
+    gemv.launch(x, weights[0], None, out, gated, gemv.launch_config(n, k, gated))
+    result = {"n": n, "k": k, "gated": gated, "weight_mib": weight_bytes / 2**20,
+              "max_abs_error_vs_cublas": (out.float() - reference).abs().max().item(),
+              "cublas_us": graph_us(cublas, copies), "gemv_us": graph_us(ours(gemv.launch_config(n, k, gated)), copies)}
+    if sweep:
+        timings = {}
+        for config in CONFIGS:
+            try:
+                timings[config] = graph_us(ours(config), copies)
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory / registers: skip it
+                print(f"  {n}x{k} {config}: {type(exc).__name__}", flush=True)
+        best = min(timings, key=timings.get)
+        result["sweep_best"], result["sweep_best_us"] = list(best), timings[best]
+        result["sweep"] = {",".join(map(str, c)): round(t, 2) for c, t in sorted(timings.items(), key=lambda i: i[1])}
+    for key in ("cublas_us", "gemv_us", "sweep_best_us"):
+        if key in result:
+            result[key.replace("_us", "_tb_s")] = weight_bytes / result[key] / 1e6
+    print(f"{n:6d}x{k:5d}{' gated' if gated else '      '}: cublas {result['cublas_us']:6.2f} us "
+          f"({result['cublas_tb_s']:.2f} TB/s), gemv {result['gemv_us']:6.2f} us ({result['gemv_tb_s']:.2f} TB/s)"
+          + (f", sweep best {result['sweep_best']} {result['sweep_best_us']:.2f} us" if sweep else ""), flush=True)
     del weights
     torch.cuda.empty_cache()
     return result
@@ -113,7 +106,6 @@ def measure_shape(n: int, k: int, gated: bool, batches: list[int], sweep: bool) 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--sweep", action="store_true", help="also every launch config in CONFIGS")
     parser.add_argument("--output-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     parser.add_argument("--label", default="")
@@ -126,7 +118,7 @@ def main() -> int:
                "command": " ".join(["gemv_bench.py"] + sys.argv[1:]), "shapes": {}}
     for tp in args.tp:
         for name, (n, k, gated) in shapes(tp).items():
-            results["shapes"][f"tp{tp}_{name}"] = measure_shape(n, k, gated, args.batches, args.sweep)
+            results["shapes"][f"tp{tp}_{name}"] = measure_shape(n, k, gated, args.sweep)
     os.makedirs(args.output_dir, exist_ok=True)
     stamp = results["date"].replace(":", "").replace("-", "")[:15]
     path = os.path.join(args.output_dir, f"gemv_{stamp}{'_' + args.label if args.label else ''}.json")

@@ -40,13 +40,12 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False):
-    """F.linear; with `gated`, x is [gate | up] and the layer's input is silu(gate) * up. On CUDA, decode batches
-    of up to gemv.GEMV_MAX_ROWS rows take the weight-streaming GEMV kernel (the SiLU fused into it)."""
-    if x.is_cuda:
-        from .gemv import GEMV_MAX_ROWS, gemv
+    """F.linear; with `gated`, x is [gate | up] and the layer's input is silu(gate) * up. On CUDA a single row
+    (batch-1 decode) takes the weight-streaming GEMV kernel, the SiLU fused into it (gemv.py)."""
+    if x.is_cuda and x.numel() == x.shape[-1] and x.is_contiguous():
+        from .gemv import gemv
 
-        if 0 < x.numel() // x.shape[-1] <= GEMV_MAX_ROWS and x.is_contiguous():
-            return gemv(x, weight, bias, gated)
+        return gemv(x, weight, bias, gated)
     return F.linear(silu_and_mul(x) if gated else x, weight, bias)
 
 
