@@ -13,10 +13,12 @@ multicast (multimem) is never used. Numbers: bench/results/allreduce_*.json.
     normed, summed = all_reduce_rms_norm(x, residual, weight, eps)   # a decoder layer's reduce + add + norm
 
 all_reduce_rms_norm fuses the row-parallel layer's all-reduce with the residual add and the RMSNorm that follow
-it, in one Triton launch (up to FUSED_MAX_ROWS rows): each rank writes its partial rows into its own symmetric
-buffer, meets the peers at a barrier, sums every rank's rows in rank order (so every rank gets the same bits),
-adds the residual and normalises. The two halves of that buffer take turns from call to call, so a call never
-overwrites rows a peer may still be reading from the previous one, and one barrier per call is enough.
+it, in one Triton launch (up to FUSED_MAX_ROWS rows): each rank writes its partial rows into its own slot of every
+rank's symmetric buffer and raises its flag on every peer, waits for the peers' flags in its own memory, then
+sums the slots of its own buffer in rank order (so every rank gets the same bits), adds the residual and
+normalises. Only writes cross NVLink, and no rank waits on an answer from a peer: the one wait is for the last
+peer's flag. The two halves of the buffer take turns from call to call, so a call never overwrites rows a peer
+may still be reading from the previous one.
 
 Anything else - CPU/gloo, world size 1, fp16, messages over the buffer, setup failure - goes to
 `dist.all_reduce`; why symmetric memory is off is logged once. RAYPRISM_SYMM_MEM=0 turns it off.
@@ -139,24 +141,25 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 
 class _FusedNorm:
-    """State of all_reduce_rms_norm on this rank: a symmetric buffer of two halves, its signal pads, and each
-    program's count of calls (its half is that count's parity; every rank makes the same calls)."""
+    """State of all_reduce_rms_norm on this rank: a symmetric buffer of two halves with a slot per rank in each,
+    its signal pads, and each program's count of calls (its half is that count's parity and its flags' epoch the
+    count + 1; every rank makes the same calls)."""
 
-    def __init__(self, device: torch.device, half_bytes: int = ONE_SHOT_MAX_BYTES):
+    def __init__(self, device: torch.device, slot_bytes: int = ONE_SHOT_MAX_BYTES):
         import torch.distributed._symmetric_memory as symm_mem
 
-        self.half_bytes = half_bytes
-        self.buffer = symm_mem.empty(2 * half_bytes, dtype=torch.uint8, device=device)
+        self.slot_bytes = slot_bytes
+        self.buffer = symm_mem.empty(2 * dist.get_world_size() * slot_bytes, dtype=torch.uint8, device=device)
         self.handle = symm_mem.rendezvous(self.buffer, _group_name)
         self.rank, self.world_size = self.handle.rank, self.handle.world_size
         self.calls = torch.zeros(FUSED_PROGRAMS, dtype=torch.int32, device=device)
-        # The signal pads start zeroed on every rank before any peer may signal (the barrier needs it).
+        # The signal pads start zeroed (epoch 0) on every rank before any peer may signal.
         self.handle.barrier()
 
     def fits(self, x: torch.Tensor) -> bool:
         rows = x.numel() // x.shape[-1]
         return (x.is_cuda and x.dtype in SYMM_DTYPES and x.is_contiguous() and rows <= FUSED_MAX_ROWS
-                and x.numel() * x.element_size() <= self.half_bytes)
+                and x.numel() * x.element_size() <= self.slot_bytes)
 
 
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -168,4 +171,4 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
         return fused_ops.rms_norm(all_reduce(x), weight, eps, residual)
     return fused_ops.all_reduce_rms_norm(
         x, residual, weight, eps, _fused.handle.buffer_ptrs_dev, _fused.handle.signal_pad_ptrs_dev, _fused.calls,
-        _fused.half_bytes // x.element_size(), _fused.rank, _fused.world_size)
+        _fused.slot_bytes // x.element_size(), _fused.rank, _fused.world_size)

@@ -87,46 +87,50 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _barrier(signal_pad_ptrs, program, RANK: tl.constexpr, WORLD: tl.constexpr):
-    """Program `program` of every rank meets here. Slot [program * WORLD + r] of a rank's signal pad is set
-    (0 -> 1, release) by rank r and reset (1 -> 0, acquire) by its owner, so the pads are zeroed again after
-    each barrier (CUDA-graph safe: no counter from the host)."""
+def _signal_and_wait(signal_pad_ptrs, program, epoch, RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Program `program` of every rank meets here for call `epoch`. Slot [program * WORLD + r] of a rank's
+    signal pad holds the last epoch rank r reached: each rank writes it on every peer's pad (release: after its
+    rows) without waiting for an answer, then waits on its own pad, in its own memory, until every peer has
+    reached this epoch (acquire). Epochs only grow (compared by wrapping difference), so nothing is reset and
+    CUDA graphs replay it as they are."""
     pads = signal_pad_ptrs.to(tl.pointer_type(tl.uint64))
-    mine = tl.load(pads + RANK).to(tl.pointer_type(tl.int32))
     for peer in tl.static_range(WORLD):
         if peer != RANK:
             theirs = tl.load(pads + peer).to(tl.pointer_type(tl.int32))
-            while tl.atomic_cas(theirs + program * WORLD + RANK, 0, 1, sem="release", scope="sys") != 0:
-                pass
+            tl.atomic_xchg(theirs + program * WORLD + RANK, epoch, sem="release", scope="sys")
+    mine = tl.load(pads + RANK).to(tl.pointer_type(tl.int32))
     for peer in tl.static_range(WORLD):
         if peer != RANK:
-            while tl.atomic_cas(mine + program * WORLD + peer, 1, 0, sem="acquire", scope="sys") != 1:
+            while tl.atomic_add(mine + program * WORLD + peer, 0, sem="acquire", scope="sys") - epoch < 0:
                 pass
 
 
 @triton.jit(do_not_specialize=["rows"])  # batch 1 and others: one compile
 def _all_reduce_rms_norm_kernel(buffer_ptrs, signal_pad_ptrs, calls_ptr, x_ptr, residual_ptr, w_ptr, out_ptr,
-                                summed_ptr, rows, n, eps, half_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
+                                summed_ptr, rows, n, eps, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
                                 BLOCK: tl.constexpr):
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     dtype = x_ptr.dtype.element_ty
     calls = tl.load(calls_ptr + program)
-    half = (calls % 2) * half_elems  # this call's half of every rank's buffer
+    half = (calls & 1) * (WORLD * slot_elems)  # this call's half of every rank's buffer: a slot per rank
     buffers = buffer_ptrs.to(tl.pointer_type(tl.uint64))
-    mine = tl.load(buffers + RANK).to(tl.pointer_type(dtype)) + half
     cols = tl.arange(0, BLOCK)
     mask = cols < n
-    for row in range(program, rows, programs):
-        tl.store(mine + row * n + cols, tl.load(x_ptr + row * n + cols, mask=mask), mask=mask)
+    for row in range(program, rows, programs):  # push this rank's rows into its slot of every rank's buffer
+        x = tl.load(x_ptr + row * n + cols, mask=mask)
+        for peer in tl.static_range(WORLD):
+            slot = tl.load(buffers + peer).to(tl.pointer_type(dtype)) + half + RANK * slot_elems
+            tl.store(slot + row * n + cols, x, mask=mask)
     tl.debug_barrier()  # every thread's rows are written before the release below
-    _barrier(signal_pad_ptrs, program, RANK, WORLD)
-    tl.debug_barrier()  # ... and the acquire is done before any thread reads a peer's rows
+    _signal_and_wait(signal_pad_ptrs, program, calls + 1, RANK, WORLD)
+    tl.debug_barrier()  # ... and the acquire is done before any thread reads the peers' rows
+    mine = tl.load(buffers + RANK).to(tl.pointer_type(dtype)) + half
     for row in range(program, rows, programs):
         total = tl.zeros([BLOCK], tl.float32)
         for peer in tl.static_range(WORLD):  # rank order: the same sum, bit for bit, on every rank
-            theirs = tl.load(buffers + peer).to(tl.pointer_type(dtype)) + half
-            total += tl.load(theirs + row * n + cols, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
+            total += tl.load(mine + peer * slot_elems + row * n + cols, mask=mask, other=0.0,
+                             cache_modifier=".cv").to(tl.float32)
         # all_reduce's rounding to the model dtype, then the add's, then the norm's
         summed = _add_residual(total.to(dtype), residual_ptr + row * n, summed_ptr + row * n, cols, mask)
         _store_norm(summed, w_ptr, out_ptr + row * n, cols, mask, n, eps)
@@ -134,13 +138,13 @@ def _all_reduce_rms_norm_kernel(buffer_ptrs, signal_pad_ptrs, calls_ptr, x_ptr, 
 
 
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, buffer_ptrs: int,
-                        signal_pad_ptrs: int, calls: torch.Tensor, half_elems: int, rank: int, world_size: int):
+                        signal_pad_ptrs: int, calls: torch.Tensor, slot_elems: int, rank: int, world_size: int):
     """comm.all_reduce_rms_norm's fused path (comm.py holds the symmetric memory): returns (norm(s), s) with
     s = sum of x over the ranks + residual. Row i is always handled by program i % len(calls)."""
     rows = x.reshape(-1, x.shape[-1])
     out, summed = torch.empty_like(rows), torch.empty_like(rows)
     _all_reduce_rms_norm_kernel[(calls.numel(),)](
         buffer_ptrs, signal_pad_ptrs, calls, rows, residual.reshape(rows.shape).contiguous(), weight, out, summed,
-        rows.shape[0], rows.shape[1], eps, half_elems, RANK=rank, WORLD=world_size,
+        rows.shape[0], rows.shape[1], eps, slot_elems, RANK=rank, WORLD=world_size,
         BLOCK=triton.next_power_of_2(rows.shape[1]))
     return out.view(x.shape), summed.view(x.shape)
