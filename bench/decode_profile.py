@@ -54,8 +54,10 @@ def summarise(trace_file: str, num_steps: int, wall_s: float) -> dict:
     counts = collections.Counter()
     for e in events:
         by_kind[kind_of(e["name"])] += e["dur"]
-        by_name[e["name"][:90]] += e["dur"]
-        counts[e["name"][:90]] += 1
+        # one kernel on several shapes (the GEMV on every weight) is told apart by its grid
+        name = f"{e['name'][:90]} grid={e.get('args', {}).get('grid')}"
+        by_name[name] += e["dur"]
+        counts[name] += 1
     busy_us = sum(by_kind.values())
     span_us = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events) if events else 0.0
     per_step = lambda us: us / 1e3 / num_steps  # noqa: E731 - ms per step
@@ -67,7 +69,7 @@ def summarise(trace_file: str, num_steps: int, wall_s: float) -> dict:
         "kernels_per_step": len(events) / num_steps,
         "ms_per_step_by_kind": {kind: per_step(us) for kind, us in by_kind.most_common()},
         "top_kernels": [{"name": name, "ms_per_step": per_step(us), "per_step": counts[name] / num_steps}
-                        for name, us in by_name.most_common(12)],
+                        for name, us in by_name.most_common(16)],
     }
 
 
@@ -147,7 +149,7 @@ def print_rank(tp: int, rank: int, summary: dict) -> None:
           f"{summary['kernels_per_step']:.0f} kernels/step")
     for kind, ms in summary["ms_per_step_by_kind"].items():
         print(f"  {kind:<18} {ms:7.3f} ms")
-    for kernel in summary["top_kernels"][:6]:
+    for kernel in summary["top_kernels"][:10]:
         print(f"  {kernel['ms_per_step']:7.3f} ms  x{kernel['per_step']:<5.1f} {kernel['name']}")
 
 
