@@ -7,7 +7,10 @@ cuBLAS was as fast or faster.
 
 Each figure is a CUDA graph of back-to-back launches over enough copies of the weight that none is in L2 when
 read (as in a decode step, where every layer has its own weights), so it includes the gaps between kernels.
-The down projection is timed with its input's SiLU: silu_and_mul + F.linear against the gated GEMV.
+Launched back to back, the GEMV's programmatic dependent launch (fused_ops.pdl) lets each launch start streaming
+its weights during the previous one, so these figures are the best case; decode_profile.py measures the kernels
+as the model runs them. (At 2a039ca the down projection's GEMV also took in the SiLU: fast here, 30-47% slower
+than the unfused pair in the model, decode_profile_20261127T055830/055945 and T055310.)
 """
 from __future__ import annotations
 
@@ -24,21 +27,20 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from engine_bench import LLAMA_8B, git_commit  # noqa: E402
 
-from rayprism.engine import fused_ops, gemv  # noqa: E402
+from rayprism.engine import gemv  # noqa: E402
 
 COLD_BYTES = 512 << 20  # weight copies per graph: at least this many bytes, ~10x an H100's or H200's L2
 CONFIGS = [(block_n, block_k, warps, stages) for block_n, block_k, warps, stages in
            itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8), (1, 3))]
 
 
-def shapes(tp: int) -> dict[str, tuple[int, int, bool]]:
-    """name -> (out features, in features, gated) of one rank's weights."""
+def shapes(tp: int) -> dict[str, tuple[int, int]]:
+    """name -> (out features, in features) of one rank's weights."""
     h, i, heads, kv = (LLAMA_8B[key] for key in
                        ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"))
     head_dim = h // heads
-    return {"qkv_proj": ((heads + 2 * kv) * head_dim // tp, h, False), "o_proj": (h, h // tp, False),
-            "gate_up_proj": (2 * i // tp, h, False), "down_proj": (h, i // tp, True),
-            "lm_head": (LLAMA_8B["vocab_size"] // tp, h, False)}
+    return {"qkv_proj": ((heads + 2 * kv) * head_dim // tp, h), "o_proj": (h, h // tp),
+            "gate_up_proj": (2 * i // tp, h), "down_proj": (h, i // tp), "lm_head": (LLAMA_8B["vocab_size"] // tp, h)}
 
 
 def graph_us(launch, copies: int, repeats: int = 20) -> float:
@@ -64,24 +66,24 @@ def graph_us(launch, copies: int, repeats: int = 20) -> float:
     return start.elapsed_time(end) * 1e3 / (repeats * copies)
 
 
-def measure_shape(n: int, k: int, gated: bool, sweep: bool) -> dict:
+def measure_shape(n: int, k: int, sweep: bool) -> dict:
     weight_bytes = n * k * 2
     copies = max(2, -(-COLD_BYTES // weight_bytes))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
-    x = torch.randn(1, 2 * k if gated else k, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
 
     def cublas(c):
-        F.linear(fused_ops.silu_and_mul(x) if gated else x, weights[c])
+        F.linear(x, weights[c])
 
     def ours(config):
-        return lambda c: gemv.launch(x, weights[c], None, out, gated, config)
+        return lambda c: gemv.launch(x, weights[c], None, out, config)
 
-    reference = F.linear(fused_ops.silu_and_mul(x) if gated else x, weights[0]).float()
-    gemv.launch(x, weights[0], None, out, gated, gemv.launch_config(n, k, gated))
-    result = {"n": n, "k": k, "gated": gated, "weight_mib": weight_bytes / 2**20,
+    reference = F.linear(x, weights[0]).float()
+    gemv.launch(x, weights[0], None, out, gemv.launch_config(n, k))
+    result = {"n": n, "k": k, "weight_mib": weight_bytes / 2**20,
               "max_abs_error_vs_cublas": (out.float() - reference).abs().max().item(),
-              "cublas_us": graph_us(cublas, copies), "gemv_us": graph_us(ours(gemv.launch_config(n, k, gated)), copies)}
+              "cublas_us": graph_us(cublas, copies), "gemv_us": graph_us(ours(gemv.launch_config(n, k)), copies)}
     if sweep:
         timings = {}
         for config in CONFIGS:
@@ -95,7 +97,7 @@ def measure_shape(n: int, k: int, gated: bool, sweep: bool) -> dict:
     for key in ("cublas_us", "gemv_us", "sweep_best_us"):
         if key in result:
             result[key.replace("_us", "_tb_s")] = weight_bytes / result[key] / 1e6
-    print(f"{n:6d}x{k:5d}{' gated' if gated else '      '}: cublas {result['cublas_us']:6.2f} us "
+    print(f"{n:6d}x{k:5d}: cublas {result['cublas_us']:6.2f} us "
           f"({result['cublas_tb_s']:.2f} TB/s), gemv {result['gemv_us']:6.2f} us ({result['gemv_tb_s']:.2f} TB/s)"
           + (f", sweep best {result['sweep_best']} {result['sweep_best_us']:.2f} us" if sweep else ""), flush=True)
     del weights
@@ -117,8 +119,8 @@ def main() -> int:
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "command": " ".join(["gemv_bench.py"] + sys.argv[1:]), "shapes": {}}
     for tp in args.tp:
-        for name, (n, k, gated) in shapes(tp).items():
-            results["shapes"][f"tp{tp}_{name}"] = measure_shape(n, k, gated, args.sweep)
+        for name, (n, k) in shapes(tp).items():
+            results["shapes"][f"tp{tp}_{name}"] = measure_shape(n, k, args.sweep)
     os.makedirs(args.output_dir, exist_ok=True)
     stamp = results["date"].replace(":", "").replace("-", "")[:15]
     path = os.path.join(args.output_dir, f"gemv_{stamp}{'_' + args.label if args.label else ''}.json")

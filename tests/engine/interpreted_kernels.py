@@ -94,17 +94,13 @@ def paged_decode_splits() -> None:
     assert [paged_attention.num_splits(b, 8, cuda0) for b in (1, 2, 4, 8, 16, 64)] == [16, 8, 4, 2, 1, 1]
 
 
-def gemv_bias_and_gate() -> None:
+def gemv_and_bias() -> None:
     generator = torch.Generator().manual_seed(3)
     for n, k in ((24, 40), (16, 2048), (13, 1500)):  # 13 x 1500: partial blocks along both n and k
         weight, bias = torch.randn(n, k, generator=generator), torch.randn(n, generator=generator)
         x = torch.randn(1, k, generator=generator)
         close(gemv.gemv(x, weight), x.double() @ weight.double().T, f"gemv {k} @ {k}x{n}", rtol=1e-5)
         close(gemv.gemv(x, weight, bias), x.double() @ weight.double().T + bias.double(), "gemv + bias", 1e-5)
-        gate_up = torch.randn(1, 2 * k, generator=generator)
-        gate, up = gate_up.double().chunk(2, dim=-1)
-        close(gemv.gemv(gate_up, weight, gated=True), (torch.nn.functional.silu(gate) * up) @ weight.double().T,
-              "gated gemv", rtol=1e-5)
     try:
         gemv.gemv(torch.randn(2, 40), torch.randn(24, 40))
     except ValueError as err:
@@ -114,7 +110,7 @@ def gemv_bias_and_gate() -> None:
 
 
 CHECKS = {fn.__name__: fn for fn in (norm_and_silu, rotary_and_cache_write, paged_decode_splits,
-                                     gemv_bias_and_gate)}
+                                     gemv_and_bias)}
 
 if __name__ == "__main__":
     CHECKS[sys.argv[1]]()

@@ -166,19 +166,16 @@ def test_fused_ops_match_eager_ops():
 
 @pytest.mark.parametrize("n,k", [(3072, 4096), (4096, 2048), (13, 1500)])  # tp2 qkv, tp2 o_proj, partial blocks
 def test_gemv_matches_cublas(n, k):
-    """bf16 GEMV against cuBLAS (both accumulate in float32: only the order of the sum differs), with a bias and
-    with the gated input of the down projection."""
-    from rayprism.engine import fused_ops, gemv
+    """bf16 GEMV against cuBLAS (both accumulate in float32: only the order of the sum differs), with and without
+    a bias; launched with programmatic dependent launch on Hopper, as in the model."""
+    from rayprism.engine import gemv
 
     torch.manual_seed(0)
     weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
     bias = torch.randn(n, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
-    gate_up = torch.randn(1, 2 * k, dtype=torch.bfloat16, device="cuda")
     for got, expected in ((gemv.gemv(x, weight), torch.nn.functional.linear(x, weight)),
-                          (gemv.gemv(x, weight, bias), torch.nn.functional.linear(x, weight, bias)),
-                          (gemv.gemv(gate_up, weight, gated=True),
-                           torch.nn.functional.linear(fused_ops.silu_and_mul(gate_up), weight))):
+                          (gemv.gemv(x, weight, bias), torch.nn.functional.linear(x, weight, bias))):
         # one bf16 rounding of the output apart at most (outputs are ~N(0, 1))
         torch.testing.assert_close(got, expected, rtol=8e-3, atol=1e-2)
 

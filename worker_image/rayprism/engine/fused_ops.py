@@ -8,12 +8,41 @@ fused with the KV-cache write: paged_attention.rotary_store_kv.)
 
 Under tensor parallelism, all_reduce_rms_norm also takes in the all-reduce before the norm, reading the peers'
 rows over symmetric memory; comm.all_reduce_rms_norm owns that memory and decides when the fused path applies.
+
+Every decode-path kernel (these, gemv.py's and paged_attention.py's) is launched with programmatic dependent
+launch on Hopper and newer (`pdl`): it lets the next kernel launch at its start, and waits for the previous one
+(gdc_wait) before it reads any activation or writes anything. At batch 1 the next kernel's launch and start-up
+then overlap this one, and the GEMV streams weights during it. Every such kernel waits before it ends, so a
+kernel that starts early still runs after everything before the previous one.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
+
+
+@functools.cache
+def _pdl_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl(t: torch.Tensor) -> dict:
+    """Launch options for a kernel with a USE_PDL flag, on t's device: programmatic dependent launch on Hopper and
+    newer; off elsewhere (older GPUs, and Triton's CPU interpreter)."""
+    on = t.is_cuda and _pdl_capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}
+
+
+@triton.jit
+def pdl_prologue(USE_PDL: tl.constexpr):
+    """A PDL kernel's prologue: let the next kernel launch, then wait until the previous one's writes are
+    visible (see the module docstring)."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -37,7 +66,8 @@ def _store_norm(x, w_ptr, out_ptr, cols, mask, n, eps):
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, w_ptr, out_ptr, residual_out_ptr, x_stride, residual_stride, out_stride,
-                     n, eps, ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     n, eps, ADD_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -58,14 +88,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     res = residual.reshape(rows.shape) if residual is not None else rows
     _rms_norm_kernel[(rows.shape[0],)](rows, res, weight, out, summed, rows.stride(0), res.stride(0), out.stride(0),
                                        rows.shape[1], eps, ADD_RESIDUAL=residual is not None,
-                                       BLOCK=triton.next_power_of_2(rows.shape[1]))
+                                       BLOCK=triton.next_power_of_2(rows.shape[1]), **pdl(x))
     if residual is None:
         return out.view(x.shape)
     return out.view(x.shape), summed.view(x.shape)
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, n, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n
@@ -82,7 +113,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     n = rows.shape[1] // 2
     out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
     block = 1024
-    _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n, block))](rows, out, rows.stride(0), n, BLOCK=block)
+    _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n, block))](rows, out, rows.stride(0), n, BLOCK=block, **pdl(x))
     return out.view(*x.shape[:-1], n)
 
 
@@ -108,7 +139,8 @@ def _signal_and_wait(signal_pad_ptrs, program, epoch, RANK: tl.constexpr, WORLD:
 @triton.jit(do_not_specialize=["rows"])  # batch 1 and others: one compile
 def _all_reduce_rms_norm_kernel(buffer_ptrs, signal_pad_ptrs, calls_ptr, x_ptr, residual_ptr, w_ptr, out_ptr,
                                 summed_ptr, rows, n, eps, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
-                                BLOCK: tl.constexpr):
+                                BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_prologue(USE_PDL)  # the next GEMV streams its weights while this kernel waits on the peers
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     dtype = x_ptr.dtype.element_ty
@@ -146,5 +178,5 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     _all_reduce_rms_norm_kernel[(calls.numel(),)](
         buffer_ptrs, signal_pad_ptrs, calls, rows, residual.reshape(rows.shape).contiguous(), weight, out, summed,
         rows.shape[0], rows.shape[1], eps, slot_elems, RANK=rank, WORLD=world_size,
-        BLOCK=triton.next_power_of_2(rows.shape[1]))
+        BLOCK=triton.next_power_of_2(rows.shape[1]), **pdl(x))
     return out.view(x.shape), summed.view(x.shape)

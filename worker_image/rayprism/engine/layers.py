@@ -39,14 +39,13 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
     param.data.copy_(loaded[:])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False):
-    """F.linear; with `gated`, x is [gate | up] and the layer's input is silu(gate) * up. On CUDA a single row
-    (batch-1 decode) takes the weight-streaming GEMV kernel, the SiLU fused into it (gemv.py)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; on CUDA a single row (batch-1 decode) takes the weight-streaming GEMV kernel (gemv.py)."""
     if x.is_cuda and x.numel() == x.shape[-1] and x.is_contiguous():
         from .gemv import gemv
 
-        return gemv(x, weight, bias, gated)
-    return F.linear(silu_and_mul(x) if gated else x, weight, bias)
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -167,9 +166,8 @@ class RowParallelLinear(nn.Module):
         size = self.input_size_per_rank
         param.data.copy_(read_part(loaded, 1, tp_rank() * size, size))
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """gated: x is [gate | up] (this rank's part of each) and the input is silu(gate) * up (see linear)."""
-        out = linear(x, self.weight, self.bias if tp_rank() == 0 else None, gated)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = linear(x, self.weight, self.bias if tp_rank() == 0 else None)
         return comm.all_reduce(out) if self.reduce_results and tp_size() > 1 else out
 
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fused_ops import pdl, pdl_prologue
+
 TILE = 64  # cached tokens per loop iteration
 
 
@@ -39,7 +41,8 @@ def _rotate_heads(src_ptr, dst_ptr, cos, sin, heads, HEADS_PAD: tl.constexpr, HE
 def _rotary_store_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, positions_ptr,
                             slot_ptr, cos_ptr, sin_ptr, q_stride, k_stride, v_stride, heads, kv_heads,
                             HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            DIM_PAD: tl.constexpr, STORE: tl.constexpr):
+                            DIM_PAD: tl.constexpr, STORE: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_prologue(USE_PDL)
     token = tl.program_id(0)
     position = tl.load(positions_ptr + token)
     d = tl.arange(0, DIM_PAD)[None, :]
@@ -64,7 +67,9 @@ def _rotary_store_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_p
 def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, partial_ptr,
                          scale, q_stride, table_stride, cache_block_stride, cache_slot_stride,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -115,8 +120,10 @@ def _paged_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
 
 
 @triton.jit
-def _combine_splits_kernel(partial_ptr, out_ptr, q_stride, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+def _combine_splits_kernel(partial_ptr, out_ptr, q_stride, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+                           USE_PDL: tl.constexpr):
     """One (sequence, head): the splits' partial softmax sums rescaled to their common maximum and added."""
+    pdl_prologue(USE_PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, SPLITS)
@@ -152,7 +159,7 @@ def rotary_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         q, k, v, q_out, k_out, k_cache, v_cache, positions, slot_mapping, cos, sin, q.stride(0), k.stride(0),
         v.stride(0), heads, kv_heads, HEADS_PAD=triton.next_power_of_2(heads),
         KV_HEADS_PAD=triton.next_power_of_2(kv_heads), HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
-        STORE=k_cache.numel() > 0)
+        STORE=k_cache.numel() > 0, **pdl(q))
     return q_out, k_out
 
 
@@ -195,10 +202,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_tables, context_lens, out, partial, scale,
         q.stride(0), block_tables.stride(0), k_cache.stride(0), k_cache.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_cache.shape[1], TILE=TILE, IEEE=q.dtype == torch.float32, SPLITS=splits,
+        BLOCK_SIZE=k_cache.shape[1], TILE=TILE, IEEE=q.dtype == torch.float32, SPLITS=splits, **pdl(q),
     )
     if splits > 1:
-        _combine_splits_kernel[(batch, num_heads)](partial, out, q.stride(0), HEAD_DIM=head_dim, SPLITS=splits)
+        _combine_splits_kernel[(batch, num_heads)](partial, out, q.stride(0), HEAD_DIM=head_dim, SPLITS=splits,
+                                                   **pdl(q))
     return out
 
 
