@@ -96,7 +96,7 @@ def paged_decode_splits() -> None:
 
 def gemv_and_bias() -> None:
     generator = torch.Generator().manual_seed(3)
-    for n, k in ((24, 40), (16, 2048), (13, 1500)):  # 13 x 1500: partial blocks along both n and k
+    for n, k in ((24, 40), (16, 2048), (13, 1500), (5, 8)):  # partial blocks along n and k; k under one block
         weight, bias = torch.randn(n, k, generator=generator), torch.randn(n, generator=generator)
         x = torch.randn(1, k, generator=generator)
         close(gemv.gemv(x, weight), x.double() @ weight.double().T, f"gemv {k} @ {k}x{n}", rtol=1e-5)

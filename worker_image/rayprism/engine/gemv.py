@@ -48,7 +48,7 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, n, k, HAS_BIAS: tl.constexpr, 
 def launch_config(n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages): the best of bench/gemv_bench.py's sweep, or within 3% of it, for
     every 8B weight at tensor parallel 1 and 2 on an H200 (gemv_20261127T054216.json)."""
-    return 4, min(2048, triton.next_power_of_2(k) // 2), 4, 1
+    return 4, max(16, min(2048, triton.next_power_of_2(k) // 2)), 4, 1
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
