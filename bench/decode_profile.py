@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import datetime
 import itertools
 import gzip
 import json
@@ -24,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine_bench import LLAMA_8B, free_port, git_commit, greedy, make_model_dir, random_prompt  # noqa: E402
+from engine_bench import LLAMA_8B, free_port, greedy, make_model_dir, new_record, random_prompt, write_record  # noqa: E402
 
 from rayprism.engine import EngineConfig, LLMEngine, ModelRunner  # noqa: E402
 
@@ -167,21 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.exists(os.path.join(args.model_dir, "config.json")):
         make_model_dir(args.model_dir, LLAMA_8B, torch.device("cuda"))  # returns the HF model: dropped at once
         torch.cuda.empty_cache()
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": args.commit or git_commit(),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "command": " ".join(["decode_profile.py"] + (argv or sys.argv[1:])), "label": args.label,
-               "steps": f"decode steps {FIRST_STEP}..{FIRST_STEP + NUM_STEPS - 1} of a 128-token prompt"}
+    results = new_record("decode_profile.py", argv or sys.argv[1:], args.commit, args.label, torch.device("cuda"))
+    results["steps"] = f"decode steps {FIRST_STEP}..{FIRST_STEP + NUM_STEPS - 1} of a 128-token prompt"
     config = EngineConfig(model=args.model_dir, device="cuda", max_model_len=8192, max_num_seqs=256)
     for tp in args.tp:
         results[f"tp{tp}"] = profile(config, tp, args.traces)
         for rank, summary in enumerate(results[f"tp{tp}"]):
             print_rank(tp, rank, summary)
-    os.makedirs(args.output_dir, exist_ok=True)
-    stamp = results["date"].replace(":", "").replace("-", "")[:15]
-    path = os.path.join(args.output_dir, f"decode_profile_{stamp}{'_' + args.label if args.label else ''}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {path}")
+    write_record(results, args.output_dir, "decode_profile")
     return 0
 
 

@@ -71,6 +71,25 @@ def git_commit() -> str:
         return "unknown"
 
 
+def new_record(script: str, argv: list[str], commit: str | None, label: str, device: torch.device) -> dict:
+    """The fields every bench JSON starts with: card, torch, commit, date, label and the command."""
+    return {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "commit": commit or git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "label": label, "command": " ".join([script, *argv])}
+
+
+def write_record(record: dict, output_dir: str, prefix: str) -> str:
+    """Writes output_dir/<prefix>_<date>[_<label>].json; returns its path."""
+    os.makedirs(output_dir, exist_ok=True)
+    stamp = record["date"].replace(":", "").replace("-", "")[:15]
+    path = os.path.join(output_dir, f"{prefix}_{stamp}{'_' + record['label'] if record['label'] else ''}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {path}")
+    return path
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -398,13 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU host, or pass --cpu-smoke")
     vocab = work.model["vocab_size"]
-    results = {
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "commit": args.commit or git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "label": args.label, "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-        "model": "Llama-3.1-8B shape, random weights" if not args.cpu_smoke else "tiny random Llama",
-    }
+    results = new_record("engine_bench.py", argv or sys.argv[1:], args.commit, args.label, device)
+    results["model"] = "Llama-3.1-8B shape, random weights" if not args.cpu_smoke else "tiny random Llama"
     model_dir = args.model_dir or tempfile.mkdtemp(prefix="rayprism-bench-")
 
     bandwidth = copy_bandwidth(device, work.copy_bytes)
@@ -468,14 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             if "throughput_128_128_tok_s" in results:
                 results["serve_fraction_of_256_in_flight"] = served["tok_s"] / results["throughput_128_128_tok_s"]
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    stamp = results["date"].replace(":", "").replace("-", "")[:15]
-    name = f"engine_{'cpu-smoke' if args.cpu_smoke else 'gpu'}_{stamp}{'_' + args.label if args.label else ''}.json"
-    path = os.path.join(args.output_dir, name)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
     print_table(results)
-    print(f"wrote {path}")
+    write_record(results, args.output_dir, f"engine_{'cpu-smoke' if args.cpu_smoke else 'gpu'}")
     return 0
 
 

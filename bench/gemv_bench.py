@@ -15,9 +15,7 @@ than the unfused pair in the model, decode_profile_20261127T055830/055945 and T0
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
 import os
 import sys
 
@@ -25,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine_bench import LLAMA_8B, git_commit  # noqa: E402
+from engine_bench import LLAMA_8B, new_record, write_record  # noqa: E402
 
 from rayprism.engine import gemv  # noqa: E402
 
@@ -100,8 +98,6 @@ def measure_shape(n: int, k: int, sweep: bool) -> dict:
     print(f"{n:6d}x{k:5d}: cublas {result['cublas_us']:6.2f} us "
           f"({result['cublas_tb_s']:.2f} TB/s), gemv {result['gemv_us']:6.2f} us ({result['gemv_tb_s']:.2f} TB/s)"
           + (f", sweep best {result['sweep_best']} {result['sweep_best_us']:.2f} us" if sweep else ""), flush=True)
-    del weights
-    torch.cuda.empty_cache()
     return result
 
 
@@ -115,18 +111,13 @@ def main() -> int:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": args.commit or git_commit(),
-               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "command": " ".join(["gemv_bench.py"] + sys.argv[1:]), "shapes": {}}
+    results = new_record("gemv_bench.py", sys.argv[1:], args.commit, args.label, torch.device("cuda"))
+    results["shapes"] = {}
     for tp in args.tp:
         for name, (n, k) in shapes(tp).items():
             results["shapes"][f"tp{tp}_{name}"] = measure_shape(n, k, args.sweep)
-    os.makedirs(args.output_dir, exist_ok=True)
-    stamp = results["date"].replace(":", "").replace("-", "")[:15]
-    path = os.path.join(args.output_dir, f"gemv_{stamp}{'_' + args.label if args.label else ''}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {path}")
+            torch.cuda.empty_cache()  # that shape's weight copies
+    write_record(results, args.output_dir, "gemv")
     return 0
 
 

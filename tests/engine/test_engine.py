@@ -1,6 +1,5 @@
 """Engine behaviour on the random tiny Llama: batching, preemption, sampling, stops, aborts, validation."""
 import pytest
-import torch
 
 from rayprism.engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
 

@@ -9,7 +9,7 @@ from rayprism.engine import EngineConfig, LLMEngine, SamplingParams
 
 from .helpers import generate, prefill_logits
 from .test_smollm2 import PROMPTS
-from .test_tensor_parallel import PROBE_IDS, free_port, run_model, tp_worker
+from .test_tensor_parallel import free_port, run_model, tp_worker
 
 # bfloat16 keeps ~3 significant digits and our kernels sum in a different order than transformers':
 # logits may differ by up to 2% + 0.3 (they range over about +-30), and greedy paths may part at a

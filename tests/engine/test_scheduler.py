@@ -81,8 +81,6 @@ def test_a_sequence_whose_last_token_is_in_flight_is_not_decoded_again():
 def test_packed_batch_round_trips_with_every_field_aligned(prompt_lens):
     """What rank 0 broadcasts unpacks to the batch's fields, each starting 16-byte aligned whatever the odd sizes
     (Triton compiles a kernel per alignment of its pointers)."""
-    import torch
-
     from rayprism.engine.model_runner import PACK_HEADER, Batch, unpack
 
     manager = BlockManager(num_blocks=32, block_size=BLOCK_SIZE)
