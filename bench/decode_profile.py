@@ -23,7 +23,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from engine_bench import LLAMA_8B, free_port, greedy, make_model_dir, new_record, random_prompt, write_record  # noqa: E402
+from engine_bench import (LLAMA_8B, free_port, greedy, make_model_dir, new_record,  # noqa: E402
+                          random_prompt, write_record)
 
 from rayprism.engine import EngineConfig, LLMEngine, ModelRunner  # noqa: E402
 

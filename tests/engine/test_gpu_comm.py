@@ -90,7 +90,8 @@ def test_symmetric_memory_all_reduce_matches_nccl():
 
 def _check_fused_norm(rank: int) -> None:
     """all_reduce_rms_norm = NCCL all-reduce, then the residual add and RMSNorm; the same bits on both ranks;
-    chained calls (the halves take turns) eagerly and in CUDA graphs of different row counts, interleaved."""
+    chained calls (the halves take turns) eagerly and in CUDA graphs of different row counts, interleaved; ranks
+    out of step across the counters' int32 wrap."""
     from rayprism.engine import fused_ops
 
     device = torch.device("cuda", rank)
@@ -142,6 +143,33 @@ def _check_fused_norm(rank: int) -> None:
             expected, residual = reference(static_x[i], residual, weight)
             torch.testing.assert_close(outs[i], expected)
             same_on_all_ranks(outs[i])
+
+    # Ranks out of step, across the int32 wrap of the call counters (the flags' epochs): a graph of 64 chained
+    # calls where one rank or the other sleeps before each call, so the other arrives first and must wait, and a
+    # rank a call ahead writes the buffer half its peer is not reading.
+    comm._fused.calls.fill_(2**31 - 5)  # every earlier call has finished on both ranks (the all_gather above)
+    chain = 64
+    static_x = torch.zeros(chain, 1, HIDDEN, device=device, dtype=torch.bfloat16)
+    static_residual = torch.zeros(1, HIDDEN, device=device, dtype=torch.bfloat16)
+    comm.all_reduce_rms_norm(static_x[0], static_residual, weight, 1e-5)  # warm-up, on both ranks
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        residual, outs = static_residual, []
+        for i in range(chain):
+            if i % 2 == rank:
+                torch.cuda._sleep(20_000)  # ~10 us at H100/H200 clocks
+            normed, residual = comm.all_reduce_rms_norm(static_x[i], residual, weight, 1e-5)
+            outs.append(normed)
+    for _ in range(2):
+        static_x.copy_(torch.randn(static_x.shape, device=device, generator=mine).to(torch.bfloat16))
+        static_residual.copy_(torch.randn(static_residual.shape, device=device, generator=shared).to(torch.bfloat16))
+        graph.replay()
+        residual = static_residual
+        for i in range(chain):
+            expected, residual = reference(static_x[i], residual, weight)
+            torch.testing.assert_close(outs[i], expected)
+            same_on_all_ranks(outs[i])
+    assert (comm._fused.calls < 0).all(), "the counters went past the int32 wrap"
 
 
 @pytest.mark.gpu

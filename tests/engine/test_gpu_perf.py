@@ -174,10 +174,35 @@ def test_gemv_matches_cublas(n, k):
     weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
     bias = torch.randn(n, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(1, k, dtype=torch.bfloat16, device="cuda")
+    from rayprism.engine.layers import linear
+
     for got, expected in ((gemv.gemv(x, weight), torch.nn.functional.linear(x, weight)),
-                          (gemv.gemv(x, weight, bias), torch.nn.functional.linear(x, weight, bias))):
+                          (gemv.gemv(x, weight, bias), torch.nn.functional.linear(x, weight, bias)),
+                          (linear(x.view(1, 1, k), weight, bias),  # the layers' dispatch, a 3-D row
+                           torch.nn.functional.linear(x, weight, bias).view(1, 1, n))):
         # one bf16 rounding of the output apart at most (outputs are ~N(0, 1))
         torch.testing.assert_close(got, expected, rtol=8e-3, atol=1e-2)
+
+
+def test_gemv_reads_its_input_after_the_kernel_that_writes_it():
+    """Under programmatic dependent launch the GEMV starts during the kernel before it and streams weights until
+    gdc_wait: in a CUDA graph after the SiLU kernel that writes its input, it must read this replay's input, not
+    what the buffer held before."""
+    from rayprism.engine import fused_ops, gemv
+
+    torch.manual_seed(0)
+    k, n = 4096, 3072
+    weight = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / k ** 0.5
+    gate_up = torch.zeros(1, 2 * k, dtype=torch.bfloat16, device="cuda")
+    gemv.gemv(fused_ops.silu_and_mul(gate_up), weight)  # compiles both before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv.gemv(fused_ops.silu_and_mul(gate_up), weight)
+    for _ in range(5):
+        gate_up.copy_(torch.randn(1, 2 * k, dtype=torch.bfloat16, device="cuda"))
+        graph.replay()
+        expected = torch.nn.functional.linear(fused_ops.silu_and_mul(gate_up), weight)
+        torch.testing.assert_close(out, expected, rtol=8e-3, atol=1e-2)
 
 
 def test_varlen_prefill_matches_per_sequence_sdpa():

@@ -153,7 +153,8 @@ class _FusedNorm:
         self.handle = symm_mem.rendezvous(self.buffer, _group_name)
         self.rank, self.world_size = self.handle.rank, self.handle.world_size
         self.calls = torch.zeros(FUSED_PROGRAMS, dtype=torch.int32, device=device)
-        # The signal pads start zeroed (epoch 0) on every rank before any peer may signal.
+        # The signal pads start zeroed (epoch 0) on every rank before any peer may signal. This is the handle's
+        # only barrier(): it uses the same pad slots with a 0/1 protocol, and the kernel's epochs stay non-zero.
         self.handle.barrier()
 
     def fits(self, x: torch.Tensor) -> bool:

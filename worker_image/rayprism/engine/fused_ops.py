@@ -18,6 +18,7 @@ kernel that starts early still runs after everything before the previous one.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -30,9 +31,10 @@ def _pdl_capable(device_index: int) -> bool:
 
 
 def pdl(t: torch.Tensor) -> dict:
-    """Launch options for a kernel with a USE_PDL flag, on t's device: programmatic dependent launch on Hopper and
-    newer; off elsewhere (older GPUs, and Triton's CPU interpreter)."""
-    on = t.is_cuda and _pdl_capable(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    """Launch options for a kernel with a USE_PDL flag, on t's device: programmatic dependent launch on NVIDIA
+    Hopper and newer; off elsewhere (older GPUs, ROCm, Triton's interpreter)."""
+    on = (t.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET", "0") == "0"
+          and _pdl_capable(t.device.index if t.device.index is not None else torch.cuda.current_device()))
     return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}
 
 

@@ -55,7 +55,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     """x @ weight.T (+ bias) for one row x."""
     n, k = weight.shape
     if x.numel() != k or not x.is_contiguous() or not weight.is_contiguous():
-        raise ValueError(f"gemv: x of shape {tuple(x.shape)} is not one contiguous row for weight {tuple(weight.shape)}")
+        raise ValueError(f"gemv: x of shape {tuple(x.shape)} is not one contiguous row for weight "
+                         f"{tuple(weight.shape)}")
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     launch(x, weight, bias, out, launch_config(n, k))
     return out
