@@ -7,6 +7,7 @@ the whole batch); the monitor pings every worker so a dead one fails the replica
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import threading
@@ -135,6 +136,10 @@ class RayExecutor:
                          for fn in (self._submitter, self._poller, self._monitor)]
         for thread in self._threads:
             thread.start()
+        # A driver that exits without shutdown() or disconnect() still stops these threads before Ray's own exit
+        # handler (registered by ray.init, earlier, so it runs later) tears down the core worker under them: a
+        # daemon thread inside a Ray call during that teardown can crash the exiting driver (SIGSEGV).
+        atexit.register(self.disconnect)
 
     def _submitter(self) -> None:
         while True:
@@ -305,6 +310,7 @@ class RayExecutor:
             self._join_threads()
 
     def _close_driver(self) -> None:
+        atexit.unregister(self.disconnect)
         with self._lock:
             self._closed = True
             sinks, self._sinks = self._sinks, {}
