@@ -51,12 +51,18 @@ def launch_config(n: int, k: int) -> tuple[int, int, int, int]:
     return 4, max(16, min(2048, triton.next_power_of_2(k) // 2)), 4, 1
 
 
+def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """One contiguous row x for a contiguous weight of under 2**31 elements (the kernel's offsets are 32-bit)."""
+    return (x.numel() == x.shape[-1] == weight.shape[1] and x.is_contiguous() and weight.is_contiguous()
+            and weight.numel() < 2**31)
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for one row x."""
+    """x @ weight.T (+ bias) for one row x (see supports)."""
+    if not supports(x, weight):
+        raise ValueError(f"gemv: x of shape {tuple(x.shape)} is not one contiguous row for the contiguous weight "
+                         f"{tuple(weight.shape)} of under 2**31 elements")
     n, k = weight.shape
-    if x.numel() != k or not x.is_contiguous() or not weight.is_contiguous():
-        raise ValueError(f"gemv: x of shape {tuple(x.shape)} is not one contiguous row for weight "
-                         f"{tuple(weight.shape)}")
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     launch(x, weight, bias, out, launch_config(n, k))
     return out

@@ -40,13 +40,12 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; on CUDA a single row (batch-1 decode) takes the weight-streaming GEMV kernel (gemv.py), whose
-    offsets are 32-bit (weights under 2**31 elements)."""
-    if (x.is_cuda and x.numel() == x.shape[-1] and x.is_contiguous() and weight.is_contiguous()
-            and weight.numel() < 2**31):
-        from .gemv import gemv
+    """F.linear; on CUDA a single row (batch-1 decode) takes the weight-streaming GEMV kernel (gemv.py)."""
+    if x.is_cuda:
+        from . import gemv
 
-        return gemv(x, weight, bias)
+        if gemv.supports(x, weight):
+            return gemv.gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
