@@ -25,17 +25,23 @@ import triton
 import triton.language as tl
 
 
+_PDL_ON, _PDL_OFF = {"USE_PDL": True, "launch_pdl": True}, {"USE_PDL": False}
+
+
 @functools.cache
-def _pdl_capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+def _pdl_options(device_index: int) -> dict:
+    # Triton picks its interpreter once per process (TRITON_INTERPRET): looked up once per device, not per launch.
+    on = (torch.version.hip is None and os.environ.get("TRITON_INTERPRET", "0") == "0"
+          and torch.cuda.get_device_capability(device_index)[0] >= 9)
+    return _PDL_ON if on else _PDL_OFF
 
 
 def pdl(t: torch.Tensor) -> dict:
     """Launch options for a kernel with a USE_PDL flag, on t's device: programmatic dependent launch on NVIDIA
-    Hopper and newer; off elsewhere (older GPUs, ROCm, Triton's interpreter)."""
-    on = (t.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET", "0") == "0"
-          and _pdl_capable(t.device.index if t.device.index is not None else torch.cuda.current_device()))
-    return {"USE_PDL": True, "launch_pdl": True} if on else {"USE_PDL": False}
+    Hopper and newer; off elsewhere (the CPU, older GPUs, ROCm, Triton's interpreter)."""
+    if not t.is_cuda:
+        return _PDL_OFF
+    return _pdl_options(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 @triton.jit
