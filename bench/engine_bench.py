@@ -273,7 +273,7 @@ def measured(results: dict, key: str, fn, *args):
 
 # --- tensor parallel 2 -----------------------------------------------------------------------------
 def tp_worker(rank: int, port: int, config: EngineConfig, work: Workload, vocab: int, skip_1k: bool,
-              out_file: str) -> None:
+              decode_only: bool, out_file: str) -> None:
     import torch.distributed as dist
 
     if config.device == "cuda":
@@ -286,10 +286,12 @@ def tp_worker(rank: int, port: int, config: EngineConfig, work: Workload, vocab:
             runner.serve_forever()
             return
         engine = LLMEngine(config, runner)
-        results = {"decode": decode_bs1(engine, work, vocab), "ttft_ms": ttft(engine, work, vocab)}
-        for name, prompt_len, output_len, num_prompts in work.throughput:
-            if not (name == "1k_1k" and skip_1k):
-                results[f"throughput_{name}"] = throughput(engine, prompt_len, output_len, num_prompts, vocab)
+        results = {"decode": decode_bs1(engine, work, vocab)}
+        if not decode_only:
+            results["ttft_ms"] = ttft(engine, work, vocab)
+            for name, prompt_len, output_len, num_prompts in work.throughput:
+                if not (name == "1k_1k" and skip_1k):
+                    results[f"throughput_{name}"] = throughput(engine, prompt_len, output_len, num_prompts, vocab)
         with open(out_file, "w") as f:
             json.dump(results, f)
         engine.shutdown()
@@ -303,7 +305,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tensor_parallel_2(config: EngineConfig, work: Workload, vocab: int, skip_1k: bool) -> dict:
+def tensor_parallel_2(config: EngineConfig, work: Workload, vocab: int, skip_1k: bool, decode_only: bool) -> dict:
     """The single-GPU measurements again with tensor parallel 2 (two processes: NCCL on CUDA, gloo on the CPU)."""
     import dataclasses
 
@@ -311,7 +313,8 @@ def tensor_parallel_2(config: EngineConfig, work: Workload, vocab: int, skip_1k:
 
     out_file = tempfile.mktemp(suffix=".json")
     tp_config = dataclasses.replace(config, tensor_parallel_size=2)
-    mp.spawn(tp_worker, args=(free_port(), tp_config, work, vocab, skip_1k, out_file), nprocs=2, join=True)
+    mp.spawn(tp_worker, args=(free_port(), tp_config, work, vocab, skip_1k, decode_only, out_file), nprocs=2,
+             join=True)
     with open(out_file) as f:
         return json.load(f)
 
@@ -405,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true", help="also 128/128 through `rayprism serve` over HTTP")
     parser.add_argument("--skip-hf", action="store_true", help="skip the Hugging Face generate() baseline")
     parser.add_argument("--skip-1k", action="store_true", help="skip the 1k/1k throughput workload")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="batch-1 decode only (and with --tp 2 its speed-up): a quick A/B of a change")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--model-dir", default=None, help="where the random checkpoint goes (default: a temp dir)")
     parser.add_argument("--output-dir", default=os.path.join(REPO, "bench", "results"))
@@ -426,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     results["roofline_tok_s"] = bandwidth / roofline_bytes(work.model)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s -> roofline {results['roofline_tok_s']:.1f} tok/s", flush=True)
     hf_model = make_model_dir(model_dir, work.model, device)
-    if not args.skip_hf:
+    if not (args.skip_hf or args.decode_only):
         measured(results, "hf_bs1_tok_s", hf_generate_bs1, hf_model, work, vocab, device)
     del hf_model
     if device.type == "cuda":
@@ -443,9 +448,10 @@ def main(argv: list[str] | None = None) -> int:
     decode = measured(results, "decode", decode_bs1, engine, work, vocab)
     if decode:
         results["decode_bs1_tok_s"] = decode["decode_bs1_tok_s"]
-    measured(results, "ttft_ms", ttft, engine, work, vocab)
+    if not args.decode_only:
+        measured(results, "ttft_ms", ttft, engine, work, vocab)
     for name, prompt_len, output_len, num_prompts in work.throughput:
-        if name == "1k_1k" and args.skip_1k:
+        if args.decode_only or (name == "1k_1k" and args.skip_1k):
             continue
         detail = measured(results, f"throughput_{name}", throughput, engine, prompt_len, output_len, num_prompts,
                           vocab)
@@ -464,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.empty_cache()
 
     if args.tp == 2:
-        tp2 = measured(results, "tp2", tensor_parallel_2, config, work, vocab, args.skip_1k)
+        tp2 = measured(results, "tp2", tensor_parallel_2, config, work, vocab, args.skip_1k, args.decode_only)
         if tp2:
             results["tp2_bs1_tok_s"] = tp2["decode"]["decode_bs1_tok_s"]
             for name in ("128_128", "1k_1k"):

@@ -9,7 +9,7 @@ from rayprism.engine import EngineConfig, LLMEngine, SamplingParams
 
 from .helpers import generate, prefill_logits
 from .test_smollm2 import PROMPTS
-from .test_tensor_parallel import free_port, run_model, tp_worker
+from .test_tensor_parallel import assert_greedy_rows_unchanged, free_port, run_model, tp_worker
 
 # bfloat16 keeps ~3 significant digits and our kernels sum in a different order than transformers':
 # logits may differ by up to 2% + 0.3 (they range over about +-30), and greedy paths may part at a
@@ -44,6 +44,7 @@ def test_tp2_over_nccl_matches_tp1(tiny_llama_dir, tiny_qwen2_dir, tmp_path):
         tp1 = run_model(LLMEngine(EngineConfig(model=folder, num_kv_blocks=32, device="cuda", dtype="float32")), folder)
         torch.testing.assert_close(tp2["logits"], tp1["logits"], rtol=1e-3, atol=1e-3)
         assert tp2["tokens"] == tp1["tokens"] == tp2["mixed_step_tokens"]
+        assert_greedy_rows_unchanged(tp2["sampled_between"], tp1["tokens"])
         torch.testing.assert_close(tp2["updated_logits"], tp1["updated_logits"], rtol=1e-3, atol=1e-3)
 
 

@@ -118,6 +118,11 @@ def test_graph_decode_matches_eager_float32(llama_dir):
     expected = generate(eager, PROMPTS, GREEDY)
     assert generate(graphs, PROMPTS, GREEDY) == expected
     assert generate(graphs, PROMPTS, GREEDY, staggered=True) == expected  # mixed prefill + decode steps
+    # A sampled request between greedy ones: the graphs' logits are gathered and sampled, then greedy again.
+    sampled = SamplingParams(max_tokens=4, temperature=0.8, seed=3, ignore_eos=True)
+    between = generate(graphs, PROMPTS[:3], [GREEDY, sampled, GREEDY], staggered=True)
+    assert [between[r]["token_ids"] for r in ("0", "2")] == [expected[r]["token_ids"] for r in ("0", "2")]
+    assert len(between["1"]["token_ids"]) == 4
     graphs.sleep()  # new weight and cache addresses: the graphs are captured again
     graphs.wake_up()
     assert generate(graphs, PROMPTS, GREEDY) == expected

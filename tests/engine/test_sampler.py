@@ -44,3 +44,34 @@ def test_seeded_rows_ignore_their_neighbours():
     alone = run([1])
     together = run([0, 1, 2])
     assert [t[1] for t in together] == [t[0] for t in alone]
+
+
+def test_sharded_greedy_argmax_equals_argmax_of_the_whole_rows(monkeypatch):
+    """ParallelLMHead.argmax on the CPU, two ranks simulated in turn: rank 1's candidates are what rank 0's
+    all-reduce adds to its own. Ties across chunks and ranks resolve to the first index, as torch.argmax does,
+    and the last rank's padding column (vocab 4999 over 2 ranks) never wins."""
+    from rayprism.engine import comm, layers
+
+    from .interpreted_kernels import planted_logits
+
+    vocab, world = 4999, 2
+    logits = planted_logits(5, vocab, torch.Generator().manual_seed(4))
+    logits[4] = -1.0
+    heads, slices = [], []
+    for rank in range(world):
+        monkeypatch.setattr(layers, "tp_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(layers, "tp_size", lambda: world)
+        head = layers.ParallelLMHead(vocab, 8)
+        padded = torch.zeros(5, head.rows_per_rank)
+        mine = logits[:, head.vocab_start:head.vocab_start + head.rows_per_rank]
+        padded[:, :mine.shape[1]] = mine
+        heads.append(head)
+        slices.append(padded)
+    captured = {}
+    monkeypatch.setattr(layers, "tp_rank", lambda: 1)
+    monkeypatch.setattr(comm, "all_reduce", lambda c: captured.setdefault("rank1", c.clone()))
+    heads[1].argmax(slices[1])
+    monkeypatch.setattr(layers, "tp_rank", lambda: 0)
+    monkeypatch.setattr(comm, "all_reduce", lambda c: c + captured["rank1"])
+    tokens = heads[0].argmax(slices[0])
+    assert tokens.tolist() == logits.argmax(dim=-1).tolist() == [5, 2500, vocab - 1, 0, 0]

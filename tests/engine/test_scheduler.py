@@ -90,7 +90,7 @@ def test_packed_batch_round_trips_with_every_field_aligned(prompt_lens):
     num_prefill = 1  # the first is prefilled, the others decode their last token
     batch = Batch.from_sequences(seqs, num_prefill, BLOCK_SIZE)
     packed = batch.pack()
-    num_tokens, n_prefill, num_decode, width, _, _ = packed[:PACK_HEADER].tolist()
+    num_tokens, n_prefill, num_decode, width, _, _, _, _ = packed[:PACK_HEADER].tolist()
     sizes = [num_tokens] * 3 + [n_prefill + 1, n_prefill + num_decode, num_decode, num_decode * width]
     data = packed[PACK_HEADER:].clone()  # a fresh (aligned) buffer, as on the device
     fields = unpack(data, sizes)

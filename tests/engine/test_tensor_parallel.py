@@ -15,6 +15,8 @@ from .helpers import generate, prefill_logits
 PROMPTS = ["The capital of France is", "Hello", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"]
 PROBE_IDS = [1, 504, 3458, 282, 4649, 314, 1345, 30, 216, 17, 28, 34, 28, 35]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+# A sampled request between greedy ones: its steps gather logits to rank 0, the steps after it are greedy again.
+SAMPLED_BETWEEN = [GREEDY, SamplingParams(max_tokens=4, temperature=0.8, seed=3, ignore_eos=True), GREEDY]
 
 
 def scaled_norms(folder: str) -> list[tuple[str, torch.Tensor]]:
@@ -25,10 +27,18 @@ def scaled_norms(folder: str) -> list[tuple[str, torch.Tensor]]:
 
 def run_model(engine: LLMEngine, folder: str) -> dict:
     result = {"logits": prefill_logits(engine, PROBE_IDS), "tokens": generate(engine, PROMPTS, GREEDY),
-              "mixed_step_tokens": generate(engine, PROMPTS, GREEDY, staggered=True)}
+              "mixed_step_tokens": generate(engine, PROMPTS, GREEDY, staggered=True),
+              "sampled_between": generate(engine, PROMPTS, SAMPLED_BETWEEN, staggered=True)}
     engine.update_weights_from_tensors(scaled_norms(folder))
     result["updated_logits"] = prefill_logits(engine, PROBE_IDS)
     return result
+
+
+def assert_greedy_rows_unchanged(sampled_between: dict, greedy: dict) -> None:
+    """The greedy requests of SAMPLED_BETWEEN got the tokens they get alone; the sampled one got its 4."""
+    for request in ("0", "2"):
+        assert sampled_between[request]["token_ids"] == greedy[request]["token_ids"], request
+    assert len(sampled_between["1"]["token_ids"]) == 4
 
 
 def tp_worker(rank: int, port: int, folders: dict, out_dir: str, device: str = "cpu") -> None:
@@ -80,6 +90,7 @@ def test_tp2_matches_tp1(name, tp2_results, tiny_llama_dir, tiny_qwen2_dir):
     tp2 = tp2_results[name]
     torch.testing.assert_close(tp2["logits"], tp1["logits"], rtol=1e-4, atol=1e-4)
     assert tp2["tokens"] == tp1["tokens"] == tp2["mixed_step_tokens"] == tp1["mixed_step_tokens"]
+    assert_greedy_rows_unchanged(tp2["sampled_between"], tp1["tokens"])
     torch.testing.assert_close(tp2["updated_logits"], tp1["updated_logits"], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(tp1["updated_logits"], tp1["logits"])  # the update really changed the model
     assert "no-such-model" in tp2["load_error"]

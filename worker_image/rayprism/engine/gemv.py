@@ -57,13 +57,15 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.numel() < 2**31)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for one row x (see supports)."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for one row x (see supports), into `out` (contiguous) if given."""
     if not supports(x, weight):
         raise ValueError(f"gemv: x of shape {tuple(x.shape)} is not one contiguous row for the contiguous weight "
                          f"{tuple(weight.shape)} of under 2**31 elements")
     n, k = weight.shape
-    out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     launch(x, weight, bias, out, launch_config(n, k))
     return out
 

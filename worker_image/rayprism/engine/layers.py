@@ -39,14 +39,18 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
     param.data.copy_(loaded[:])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; on CUDA a single row (batch-1 decode) takes the weight-streaming GEMV kernel (gemv.py)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear (into `out` if given: [rows, out_features]); on CUDA a single row (batch-1 decode) takes the
+    weight-streaming GEMV kernel (gemv.py)."""
     if x.is_cuda:
         from . import gemv
 
         if gemv.supports(x, weight):
-            return gemv.gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
+            return gemv.gemv(x, weight, bias, out=out)
+    if out is None:
+        return F.linear(x, weight, bias)
+    return torch.addmm(bias, x, weight.t(), out=out) if bias is not None else torch.mm(x, weight.t(), out=out)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -75,15 +79,38 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Vocab-parallel output projection; rank 0 receives the full logits, other ranks get None."""
+    """Vocab-parallel output projection: each rank computes the logits of its slice of the vocabulary (forward);
+    `gather` puts whole rows on rank 0 for sampling, `argmax` gives every rank the greedy tokens without them."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        logits = linear(hidden, self.weight)
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(hidden, self.weight, out=out)
+
+    def gather(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """This rank's logits -> the full-vocabulary rows on rank 0, None on other ranks."""
         if tp_size() == 1:
             return logits
         parts = [torch.empty_like(logits) for _ in range(tp_size())] if tp_rank() == 0 else None
         dist.gather(logits, parts, dst=0)
         return torch.cat(parts, dim=-1)[:, : self.num_embeddings] if tp_rank() == 0 else None
+
+    def argmax(self, logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's logits -> each row's greedy token (the first largest logit of the whole row) on every rank:
+        each rank's best candidates are exchanged in one all-reduce (see greedy.py), not the logits."""
+        valid = max(0, min(self.rows_per_rank, self.num_embeddings - self.vocab_start))  # the rest is padding
+        if logits.is_cuda:
+            from . import greedy
+
+            candidates = greedy.chunk_candidates(logits, valid, self.vocab_start, tp_rank(), tp_size())
+            return greedy.select(comm.all_reduce(candidates), out)
+        candidates = torch.zeros(tp_size(), logits.shape[0], 2)  # [rank, row, (value, index)]
+        candidates[tp_rank(), :, 0] = float("-inf")
+        if valid:
+            values, index = logits[:, :valid].float().max(dim=-1)  # the first of equal maxima
+            candidates[tp_rank(), :, 0], candidates[tp_rank(), :, 1] = values, index + self.vocab_start
+        candidates = comm.all_reduce(candidates).transpose(0, 1)  # [row, rank, 2]: vocabulary order
+        best = candidates[:, :, 0].argmax(dim=-1)
+        tokens = candidates[torch.arange(len(best)), best, 1].long()
+        return tokens if out is None else out.copy_(tokens)
 
 
 class ColumnParallelLinear(nn.Module):

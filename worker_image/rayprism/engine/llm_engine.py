@@ -149,9 +149,12 @@ class LLMEngine:
         self.num_steps += 1
         self.num_prefill_steps += num_prefill > 0
         previous_rows = len(self.in_flight.seqs) if self.in_flight else 0
-        batch = Batch.from_sequences(seqs, num_prefill, self.config.block_size, previous_rows)
-        logits = self.runner.call("execute_model", batch.pack())
-        token_ids = self.sampler(logits, seqs)
+        # Greedy steps take their tokens from the model runner (argmax on every rank, no logits gathered).
+        greedy = all(seq.params.temperature == 0 and seq.params.logprobs is None for seq in seqs)
+        batch = Batch.from_sequences(seqs, num_prefill, self.config.block_size, previous_rows, greedy)
+        result = self.runner.call("execute_model", batch.pack())
+        logits = None if greedy else result
+        token_ids = result if greedy else self.sampler(logits, seqs)
         self.runner.previous_tokens = token_ids  # the next batch's pending inputs name rows of it
         sampled = None
         if token_ids.is_cuda:  # a copy and an event: reading them back will not wait for later steps

@@ -121,10 +121,6 @@ class CausalLM(nn.Module):
     def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Full-vocabulary logits on rank 0, None on other ranks."""
-        return self.lm_head(hidden)
-
     def checkpoint_target(self, name: str) -> tuple[str, object] | None:
         """(our parameter, shard id) that HF checkpoint tensor `name` loads into; None for tensors we skip."""
         if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):

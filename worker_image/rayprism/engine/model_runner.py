@@ -44,9 +44,11 @@ class Batch:
     block_tables: list[list[int]]  # decode part, padded with -1 to the longest
     context_lens: list[int]  # decode part
     previous_rows: int = 0  # > 0: negative input ids name rows of the previous step's sampled tokens
+    greedy: bool = False  # the step returns greedy tokens (on every rank), not logits
 
     @classmethod
-    def from_sequences(cls, seqs: list[Sequence], num_prefill: int, block_size: int, previous_rows: int = 0) -> Batch:
+    def from_sequences(cls, seqs: list[Sequence], num_prefill: int, block_size: int, previous_rows: int = 0,
+                       greedy: bool = False) -> Batch:
         """seqs[:num_prefill] are prefilled, the rest decode. A decode input still pending on the device (the
         previous step, of previous_rows rows, sampled it) is written as -1 - its row there."""
         input_ids, positions, slots, cu_seqlens = [], [], [], [0]
@@ -66,7 +68,7 @@ class Batch:
         width = max((len(seq.block_table) for seq in decode), default=0)
         block_tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in decode]
         return cls(input_ids, positions, slots, cu_seqlens, block_tables, [len(seq) for seq in decode],
-                   previous_rows if pending else 0)
+                   previous_rows if pending else 0, greedy)
 
     def pack(self) -> torch.Tensor:
         """One int64 CPU tensor, a header of sizes then every field: what rank 0 broadcasts to the other ranks,
@@ -77,7 +79,7 @@ class Batch:
         logits_rows = [end - 1 for end in self.cu_seqlens[1:]] + list(range(num_prefill_tokens, len(self.input_ids)))
         width = len(self.block_tables[0]) if self.block_tables else 0
         header = [len(self.input_ids), len(prefill_lens), len(self.context_lens), width, max(prefill_lens, default=0),
-                  self.previous_rows]
+                  self.previous_rows, int(self.greedy), 0]
         # array('q') converts in C; torch.tensor(list) takes several ms for the block tables of a large batch.
         packed = array.array("q", header)
         for field in (self.input_ids, self.positions, self.slot_mapping, self.cu_seqlens, logits_rows,
@@ -95,7 +97,7 @@ def unpack(data: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return [part[:size] for part, size in zip(data.split([size + size % 2 for size in sizes]), sizes)]
 
 
-PACK_HEADER = 6  # even, so the fields after the header stay 16-byte aligned (Batch.pack, unpack)
+PACK_HEADER = 8  # even, so the fields after the header stay 16-byte aligned (Batch.pack, unpack)
 # Control messages from rank 0: a 2-int header (kind, payload length), then the payload.
 EXECUTE, CALL = 0, 1
 
@@ -138,7 +140,9 @@ class ModelRunner:
         self.max_model_len = self._max_model_len(max_positions)
         self.kv_cache: torch.Tensor | None = None
         self._allocate_kv_cache()
-        self.previous_tokens: torch.Tensor | None = None  # rank 0: set by the engine after each step's sampling
+        # The previous step's tokens: a greedy step's on every rank; else rank 0's, set by the engine's sampler.
+        self.previous_tokens: torch.Tensor | None = None
+        self.previous_tokens_on_every_rank = False
         # Two pinned buffers, used in turn: the batch's copy to the device then never waits for the step in
         # flight (a copy from pageable memory may), and a buffer is reused only once its copy has run.
         self._staging = [torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)]
@@ -252,7 +256,8 @@ class ModelRunner:
         self.decode_graphs = self._capture_decode_graphs()
 
     def _capture_decode_graphs(self):
-        """Decode CUDA graphs over padded batch sizes; they hold the cache's and weights' addresses."""
+        """Decode CUDA graphs over padded batch sizes (the one place they are used: execute_model); they hold the
+        cache's and weights' addresses."""
         if self.device.type != "cuda" or self.config.enforce_eager:
             return None
         from .cuda_graphs import DecodeGraphs
@@ -288,25 +293,38 @@ class ModelRunner:
     # --- forward ------------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute_model(self, packed: torch.Tensor) -> torch.Tensor | None:
-        """Run one step (a Batch.pack()); rank 0 gets the logits of each sequence's last token, other ranks None."""
-        num_tokens, num_prefill, num_decode, width, max_prefill_len, previous_rows = packed[:PACK_HEADER].tolist()
+        """Run one step (a Batch.pack()). A greedy batch returns its tokens (on every rank: they stay on the device
+        for the next step); any other returns to rank 0 the logits of each sequence's last token (None elsewhere)."""
+        header = packed[:PACK_HEADER].tolist()
+        num_tokens, num_prefill, num_decode, width, max_prefill_len, previous_rows, greedy, _ = header
         sizes = [num_tokens] * 3 + [num_prefill + 1, num_prefill + num_decode, num_decode, num_decode * width]
         data = self._to_device(packed[PACK_HEADER:])
         input_ids, positions, slots, cu_seqlens, logits_rows, context_lens, tables = unpack(data, sizes)
-        if previous_rows:  # inputs sampled by the previous step and never read back: take them on the device
-            if self.world_size > 1:  # only rank 0 samples
-                if self.rank > 0:
-                    self.previous_tokens = torch.empty(previous_rows, dtype=torch.long, device=self.device)
-                dist.broadcast(self.previous_tokens, src=0)
-            input_ids = torch.where(input_ids < 0, self.previous_tokens[(-1 - input_ids).clamp(min=0)], input_ids)
-        meta = AttentionMetadata(slot_mapping=slots)
-        if num_prefill:
-            meta.num_prefill_tokens = num_tokens - num_decode
-            meta.cu_seqlens, meta.max_prefill_len = cu_seqlens.to(torch.int32), max_prefill_len
-        if num_decode:
-            meta.block_tables, meta.context_lens = tables.view(num_decode, width), context_lens
-        hidden = self.run_model(input_ids, positions, meta)
-        return self.model.compute_logits(hidden[logits_rows])
+        if previous_rows and self.world_size > 1 and not self.previous_tokens_on_every_rank:
+            if self.rank > 0:  # rank 0 sampled them
+                self.previous_tokens = torch.empty(previous_rows, dtype=torch.long, device=self.device)
+            dist.broadcast(self.previous_tokens, src=0)
+        previous = self.previous_tokens if previous_rows else None
+        graphs = self.decode_graphs
+        if not num_prefill and graphs and graphs.can_run(num_tokens):
+            logits, tokens = graphs.run(input_ids, positions, slots, context_lens, tables.view(num_decode, width),
+                                        previous)
+        else:
+            if previous is not None:  # inputs sampled by the previous step and never read back
+                input_ids = torch.where(input_ids < 0, previous[(-1 - input_ids).clamp(min=0)], input_ids)
+            meta = AttentionMetadata(slot_mapping=slots)
+            if num_prefill:
+                meta.num_prefill_tokens = num_tokens - num_decode
+                meta.cu_seqlens, meta.max_prefill_len = cu_seqlens.to(torch.int32), max_prefill_len
+            if num_decode:
+                meta.block_tables, meta.context_lens = tables.view(num_decode, width), context_lens
+            logits = self.model.lm_head(self.model(input_ids, positions, meta)[logits_rows])
+            tokens = self.model.lm_head.argmax(logits) if greedy else None
+        self.previous_tokens_on_every_rank = bool(greedy)
+        if greedy:
+            self.previous_tokens = tokens
+            return tokens
+        return self.model.lm_head.gather(logits)
 
     def _to_device(self, data: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -317,9 +335,3 @@ class ModelRunner:
         staged = self._staging[0][: data.numel()]
         staged.copy_(data)
         return staged.to(self.device, non_blocking=True)
-
-    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # The one place for decode CUDA graphs (config.enforce_eager turns them off).
-        if not meta.num_prefill_tokens and self.decode_graphs and self.decode_graphs.can_run(len(input_ids)):
-            return self.decode_graphs.run(input_ids, positions, meta)
-        return self.model(input_ids, positions, meta)
