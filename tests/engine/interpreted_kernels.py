@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from rayprism.engine import fused_ops, gemv, paged_attention
+from rayprism.engine import cuda_graphs, fused_ops, gemv, greedy, paged_attention
 from rayprism.engine.attention import store_kv
 from rayprism.engine.layers import rotate_half
 
@@ -109,8 +109,102 @@ def gemv_and_bias() -> None:
         raise AssertionError("gemv took two rows")
 
 
-CHECKS = {fn.__name__: fn for fn in (norm_and_silu, rotary_and_cache_write, paged_decode_splits,
-                                     gemv_and_bias)}
+def planted_logits(rows: int, vocab: int, generator: torch.Generator) -> torch.Tensor:
+    """Random rows with equal maxima planted across chunk and rank boundaries: the first must win."""
+    logits = torch.randn(rows, vocab, generator=generator)
+    logits[0, [5, 3000, 4500]] = 9.0  # ties in two chunks of rank 0 and in rank 1's slice: index 5
+    logits[1, [4500, 2500]] = 9.0  # a tie within rank 1 (slice from 2500): 2500
+    logits[2, vocab - 1] = 9.0  # the last column of the last rank (next to its padding)
+    logits[3] = float("-inf")  # all equal: index 0
+    return logits
+
+
+def greedy_argmax() -> None:
+    """Two ranks' slices of a 4999-wide vocabulary (slices of 2500, the last padded with one zero column that
+    must never win), each cut into chunks: selection equals torch.argmax of the whole rows, ties included."""
+    generator = torch.Generator().manual_seed(4)
+    vocab, world = 4999, 2
+    per_rank = -(-vocab // world)
+    logits = planted_logits(5, vocab, generator)
+    logits[4] = -1.0  # every logit below the padding's zero
+    padded = torch.cat([logits, torch.zeros(5, per_rank * world - vocab)], dim=1)
+    candidates = sum(
+        greedy.chunk_candidates(padded[:, rank * per_rank:(rank + 1) * per_rank].contiguous(),
+                                min(per_rank, vocab - rank * per_rank), rank * per_rank, rank, world)
+        for rank in range(world))
+    assert candidates.shape == (world, 5, 2, 2)
+    out = torch.full((5,), -7, dtype=torch.long)
+    greedy.select(candidates, out)
+    assert out.tolist() == logits.argmax(dim=-1).tolist() == [5, 2500, vocab - 1, 0, 0], out.tolist()
+
+
+def stage_decode_inputs() -> None:
+    """The decode graphs' one input launch: fields copied into the static buffers, pending inputs taken from the
+    previous step's tokens, padding rows with slot -1 and context length 0."""
+    n, size, width = 3, 8, 130  # block tables wider than one BLOCK of 128
+    ids = torch.tensor([-2, 17, -1])  # rows 1 and 0 of the previous step
+    positions, slots, context_lens = torch.tensor([4, 9, 2]), torch.tensor([40, 91, 22]), torch.tensor([5, 10, 3])
+    tables = torch.arange(n * width).view(n, width)
+    previous = torch.tensor([100, 200])
+    static = dict(ids=torch.full((size,), 9), positions=torch.full((size,), 9), slots=torch.full((size,), 9),
+                  context_lens=torch.full((size,), 9), tables=torch.full((size, 200), -5))
+    for has_previous in (True, False):
+        cuda_graphs._stage_inputs_kernel[(size,)](
+            ids, positions, slots, context_lens, tables, previous if has_previous else ids, static["ids"],
+            static["positions"], static["slots"], static["context_lens"], static["tables"], n, width, 200,
+            HAS_PREVIOUS=has_previous, BLOCK=128)
+        expected_ids = [200, 17, 100] if has_previous else [-2, 17, -1]
+        assert static["ids"].tolist() == expected_ids + [0] * 5, static["ids"].tolist()
+        assert static["positions"].tolist() == [4, 9, 2] + [0] * 5
+        assert static["slots"].tolist() == [40, 91, 22] + [-1] * 5
+        assert static["context_lens"].tolist() == [5, 10, 3] + [0] * 5
+        assert torch.equal(static["tables"][:n, :width], tables) and (static["tables"][:, width:] == -5).all()
+
+
+
+
+def lines_all_reduce_norm() -> None:
+    """The fused all-reduce + norm's line protocol, as rank 0 of 2 (the interpreter runs one process): rank 1's
+    rows already sit in rank 0's buffer as flagged lines; rank 0's call must sum them with its own, reset them,
+    send its own rows into rank 1's buffer with this call's flag and advance its counters. Values are small
+    integers, so bf16 sums are exact whatever the rounding."""
+    world, rows, n, programs, slot_words = 2, 3, 64, 2, 1024
+    generator = torch.Generator().manual_seed(5)
+    for dtype, calls in ((torch.float32, 6), (torch.bfloat16, 2**31 - 1)):  # the second: the counter wraps
+        x = [torch.randint(-8, 8, (rows, n), generator=generator).to(dtype) for _ in range(world)]
+        residual = torch.randint(-8, 8, (rows, n), generator=generator).to(dtype)
+        weight = torch.rand(n, generator=generator).to(dtype)
+        buffers = [torch.zeros(2 * world * slot_words, dtype=torch.int64) for _ in range(world)]
+        epoch = (2 * calls + 1) & 0xFFFFFFFF
+        half = (calls & 1) * world * slot_words
+
+        def lines(t):  # 4 data bytes, then the flag: one int64 each
+            data = t.contiguous().view(torch.int32).reshape(-1).to(torch.int64) & 0xFFFFFFFF
+            return data | (epoch << 32)
+
+        peer_lines = lines(x[1])
+        buffers[0][half + slot_words: half + slot_words + peer_lines.numel()] = peer_lines
+        counters = torch.full((programs,), calls, dtype=torch.int32)
+        normed, summed = fused_ops.all_reduce_rms_norm(
+            x[0], residual, weight, 1e-5, torch.tensor([b.data_ptr() for b in buffers]), counters, slot_words, 0,
+            world)
+        expected_summed = (x[0].double() + x[1].double() + residual.double()).to(dtype)
+        assert torch.equal(summed, expected_summed), (dtype, (summed - expected_summed).abs().max())
+        close(normed, fused_ops_reference_norm(expected_summed, weight), f"norm {dtype}", rtol=1e-2)
+        assert (buffers[0] == 0).all(), "the lines read were not reset"
+        sent = buffers[1][half: half + peer_lines.numel()]
+        assert torch.equal(sent, lines(x[0])), "rank 0's lines in rank 1's buffer"
+        assert (buffers[1][:half] == 0).all() and (buffers[1][half + peer_lines.numel():] == 0).all()
+        assert (counters == torch.tensor(calls, dtype=torch.int32) + 1).all()
+
+
+def fused_ops_reference_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    x32 = x.double()
+    return weight.double() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+
+CHECKS = {fn.__name__: fn for fn in (norm_and_silu, rotary_and_cache_write, paged_decode_splits, gemv_and_bias,
+                                     greedy_argmax, stage_decode_inputs, lines_all_reduce_norm)}
 
 if __name__ == "__main__":
     CHECKS[sys.argv[1]]()

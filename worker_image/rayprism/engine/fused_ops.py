@@ -126,51 +126,57 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _signal_and_wait(signal_pad_ptrs, program, epoch, RANK: tl.constexpr, WORLD: tl.constexpr):
-    """Program `program` of every rank meets here for call `epoch`. Slot [program * WORLD + r] of a rank's
-    signal pad holds the last epoch rank r reached: each rank writes it on every peer's pad (release: after its
-    rows) without waiting for an answer, then waits on its own pad, in its own memory, until every peer has
-    reached this epoch (acquire). Epochs only grow (compared by wrapping difference), so nothing is reset and
-    CUDA graphs replay it as they are."""
-    pads = signal_pad_ptrs.to(tl.pointer_type(tl.uint64))
-    for peer in tl.static_range(WORLD):
-        if peer != RANK:
-            theirs = tl.load(pads + peer).to(tl.pointer_type(tl.int32))
-            tl.atomic_xchg(theirs + program * WORLD + RANK, epoch, sem="release", scope="sys")
-    mine = tl.load(pads + RANK).to(tl.pointer_type(tl.int32))
-    for peer in tl.static_range(WORLD):
-        if peer != RANK:
-            while tl.atomic_add(mine + program * WORLD + peer, 0, sem="acquire", scope="sys") - epoch < 0:
-                pass
+def _row_from_words(words, BLOCK: tl.constexpr, DTYPE: tl.constexpr):
+    """A row's int32 words (bf16: two elements each, the first in the low half) as BLOCK elements of DTYPE."""
+    if DTYPE == tl.bfloat16:
+        low = (words & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        high = (words >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        row = tl.reshape(tl.join(low, high), [BLOCK])
+    else:
+        row = words.to(DTYPE, bitcast=True)
+    return row
 
 
 @triton.jit(do_not_specialize=["rows"])  # batch 1 and others: one compile
-def _all_reduce_rms_norm_kernel(buffer_ptrs, signal_pad_ptrs, calls_ptr, x_ptr, residual_ptr, w_ptr, out_ptr,
-                                summed_ptr, rows, n, eps, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
-                                BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _all_reduce_rms_norm_kernel(buffer_ptrs, calls_ptr, x_ptr, residual_ptr, w_ptr, out_ptr, summed_ptr, rows, n,
+                                eps, slot_words, RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr,
+                                USE_PDL: tl.constexpr):
     pdl_prologue(USE_PDL)  # the next GEMV streams its weights while this kernel waits on the peers
     program = tl.program_id(0)
     programs = tl.num_programs(0)
     dtype = x_ptr.dtype.element_ty
+    WORDS: tl.constexpr = BLOCK * dtype.primitive_bitwidth // 32  # int32 words of a row (padded)
+    row_words = n * dtype.primitive_bitwidth // 32
     calls = tl.load(calls_ptr + program)
-    half = (calls & 1) * (WORLD * slot_elems)  # this call's half of every rank's buffer: a slot per rank
+    epoch = calls * 2 + 1  # odd, so never 0: the value a word is reset to once read
+    flag = epoch.to(tl.int64) << 32
+    half = (calls & 1) * (WORLD * slot_words)  # this call's half of every rank's buffer: a slot per rank
     buffers = buffer_ptrs.to(tl.pointer_type(tl.uint64))
     cols = tl.arange(0, BLOCK)
     mask = cols < n
-    for row in range(program, rows, programs):  # push this rank's rows into its slot of every rank's buffer
-        x = tl.load(x_ptr + row * n + cols, mask=mask)
+    words = tl.arange(0, WORDS)
+    word_mask = words < row_words
+    x_words = x_ptr.to(tl.pointer_type(tl.uint32))
+    for row in range(program, rows, programs):  # send: each word of this rank's rows with the flag beside it
+        line = tl.load(x_words + row * row_words + words, mask=word_mask).to(tl.int64) | flag
         for peer in tl.static_range(WORLD):
-            slot = tl.load(buffers + peer).to(tl.pointer_type(dtype)) + half + RANK * slot_elems
-            tl.store(slot + row * n + cols, x, mask=mask)
-    tl.debug_barrier()  # every thread's rows are written before the release below
-    _signal_and_wait(signal_pad_ptrs, program, calls + 1, RANK, WORLD)
-    tl.debug_barrier()  # ... and the acquire is done before any thread reads the peers' rows
-    mine = tl.load(buffers + RANK).to(tl.pointer_type(dtype)) + half
+            if peer != RANK:
+                slot = tl.load(buffers + peer).to(tl.pointer_type(tl.int64)) + half + RANK * slot_words
+                tl.store(slot + row * row_words + words, line, mask=word_mask)
+    mine = tl.load(buffers + RANK).to(tl.pointer_type(tl.int64)) + half
     for row in range(program, rows, programs):
         total = tl.zeros([BLOCK], tl.float32)
         for peer in tl.static_range(WORLD):  # rank order: the same sum, bit for bit, on every rank
-            total += tl.load(mine + peer * slot_elems + row * n + cols, mask=mask, other=0.0,
-                             cache_modifier=".cv").to(tl.float32)
+            if peer == RANK:
+                part = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0)
+            else:  # wait until every word of the peer's row carries this call's flag, in this rank's memory
+                lines = mine + peer * slot_words + row * row_words + words
+                line = tl.load(lines, mask=word_mask, other=flag, volatile=True)
+                while tl.sum(((line >> 32).to(tl.int32) != epoch).to(tl.int32), 0) > 0:
+                    line = tl.load(lines, mask=word_mask, other=flag, volatile=True)
+                tl.store(lines, tl.zeros([WORDS], tl.int64), mask=word_mask)  # no stale flag can match later
+                part = _row_from_words(line.to(tl.int32), BLOCK, dtype)
+            total += part.to(tl.float32)
         # all_reduce's rounding to the model dtype, then the add's, then the norm's
         summed = _add_residual(total.to(dtype), residual_ptr + row * n, summed_ptr + row * n, cols, mask)
         _store_norm(summed, w_ptr, out_ptr + row * n, cols, mask, n, eps)
@@ -178,13 +184,13 @@ def _all_reduce_rms_norm_kernel(buffer_ptrs, signal_pad_ptrs, calls_ptr, x_ptr, 
 
 
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, buffer_ptrs: int,
-                        signal_pad_ptrs: int, calls: torch.Tensor, slot_elems: int, rank: int, world_size: int):
+                        calls: torch.Tensor, slot_words: int, rank: int, world_size: int):
     """comm.all_reduce_rms_norm's fused path (comm.py holds the symmetric memory): returns (norm(s), s) with
     s = sum of x over the ranks + residual. Row i is always handled by program i % len(calls)."""
     rows = x.reshape(-1, x.shape[-1])
     out, summed = torch.empty_like(rows), torch.empty_like(rows)
     _all_reduce_rms_norm_kernel[(calls.numel(),)](
-        buffer_ptrs, signal_pad_ptrs, calls, rows, residual.reshape(rows.shape).contiguous(), weight, out, summed,
-        rows.shape[0], rows.shape[1], eps, slot_elems, RANK=rank, WORLD=world_size,
+        buffer_ptrs, calls, rows, residual.reshape(rows.shape).contiguous(), weight, out, summed,
+        rows.shape[0], rows.shape[1], eps, slot_words, RANK=rank, WORLD=world_size,
         BLOCK=triton.next_power_of_2(rows.shape[1]), **pdl(x))
     return out.view(x.shape), summed.view(x.shape)
