@@ -192,5 +192,5 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     _all_reduce_rms_norm_kernel[(calls.numel(),)](
         buffer_ptrs, calls, rows, residual.reshape(rows.shape).contiguous(), weight, out, summed,
         rows.shape[0], rows.shape[1], eps, slot_words, RANK=rank, WORLD=world_size,
-        BLOCK=triton.next_power_of_2(rows.shape[1]), **pdl(x))
+        BLOCK=triton.next_power_of_2(rows.shape[1]), num_warps=8, **pdl(x))  # 8: +0.4% tp2 bs1 over 4 and 16
     return out.view(x.shape), summed.view(x.shape)
