@@ -186,8 +186,8 @@ def lines_all_reduce_norm() -> None:
         buffers[0][half + slot_words: half + slot_words + peer_lines.numel()] = peer_lines
         counters = torch.full((programs,), calls, dtype=torch.int32)
         normed, summed = fused_ops.all_reduce_rms_norm(
-            x[0], residual, weight, 1e-5, torch.tensor([b.data_ptr() for b in buffers]), counters, slot_words, 0,
-            world)
+            x[0], residual, weight, 1e-5, (torch.tensor([b.data_ptr() for b in buffers]), counters, slot_words, 0,
+                                           world))
         expected_summed = (x[0].double() + x[1].double() + residual.double()).to(dtype)
         assert torch.equal(summed, expected_summed), (dtype, (summed - expected_summed).abs().max())
         close(normed, fused_ops_reference_norm(expected_summed, weight), f"norm {dtype}", rtol=1e-2)
@@ -198,13 +198,40 @@ def lines_all_reduce_norm() -> None:
         assert (counters == torch.tensor(calls, dtype=torch.int32) + 1).all()
 
 
+def gemv_sends_lines() -> None:
+    """At batch 1 a row-parallel GEMV sends its outputs as the next call's lines itself (comm.row_parallel_linear):
+    rank 0's GEMV must put exactly the lines the all-reduce would send into rank 1's buffer, and the all-reduce
+    told so (sent) must send nothing more, still sum rank 1's lines and reset them."""
+    world, n, k, slot_words, calls = 2, 64, 40, 512, 3
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randint(-3, 4, (n, k), generator=generator).float()
+    x = torch.randint(-3, 4, (1, k), generator=generator).float()
+    peer = torch.randint(-8, 8, (1, n), generator=generator).float()
+    residual, norm_weight = torch.zeros(1, n), torch.ones(n)
+    buffers = [torch.zeros(2 * world * slot_words, dtype=torch.int64) for _ in range(world)]
+    half = (calls & 1) * world * slot_words
+    flag = (2 * calls + 1) << 32
+    buffers[0][half + slot_words: half + slot_words + n] = (peer.view(torch.int32).reshape(-1).to(torch.int64)
+                                                            & 0xFFFFFFFF) | flag
+    lines = (torch.tensor([b.data_ptr() for b in buffers]), torch.full((4,), calls, dtype=torch.int32), slot_words,
+             0, world)
+    out = gemv.gemv(x, weight, lines=lines)
+    close(out, x.double() @ weight.double().T, "gemv that sends")
+    sent = buffers[1][half: half + n]
+    assert torch.equal(sent, (out.view(torch.int32).reshape(-1).to(torch.int64) & 0xFFFFFFFF) | flag)
+    buffers[1].zero_()
+    _, summed = fused_ops.all_reduce_rms_norm(out, residual, norm_weight, 1e-5, lines, sent=True)
+    assert torch.equal(summed, out + peer) and (buffers[0] == 0).all() and (buffers[1] == 0).all()
+
+
 def fused_ops_reference_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x32 = x.double()
     return weight.double() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5))
 
 
 CHECKS = {fn.__name__: fn for fn in (norm_and_silu, rotary_and_cache_write, paged_decode_splits, gemv_and_bias,
-                                     greedy_argmax, stage_decode_inputs, lines_all_reduce_norm)}
+                                     greedy_argmax, stage_decode_inputs, lines_all_reduce_norm,
+                                     gemv_sends_lines)}
 
 if __name__ == "__main__":
     CHECKS[sys.argv[1]]()

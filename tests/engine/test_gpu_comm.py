@@ -171,6 +171,42 @@ def _check_fused_norm(rank: int) -> None:
             same_on_all_ranks(outs[i])
     assert (comm._fused.calls < 0).all(), "the counters went past the int32 wrap"
 
+    # Batch 1: the row-parallel GEMV sends its own outputs as the call's lines (comm.row_parallel_linear), eagerly
+    # and in a graph of chained layers; the partial sums are the plain GEMV's bits, so the reference is exact.
+    from rayprism.engine import gemv
+
+    w_row = (torch.randn(HIDDEN, 1024, device=device, generator=mine) * 0.05).to(torch.bfloat16)
+    static_in = torch.zeros(4, 1, 1024, device=device, dtype=torch.bfloat16)
+    static_residual = torch.zeros(1, HIDDEN, device=device, dtype=torch.bfloat16)
+
+    def layers(residual):
+        outs = []
+        for i in range(len(static_in)):
+            normed, residual = comm.all_reduce_rms_norm(comm.row_parallel_linear(static_in[i], w_row, None),
+                                                        residual, weight, 1e-5)
+            outs.append(normed)
+        assert comm._fused.sent is None
+        return outs
+
+    def check(outs):
+        residual = static_residual
+        for i, got in enumerate(outs):
+            expected, residual = reference(gemv.gemv(static_in[i], w_row), residual, weight)
+            torch.testing.assert_close(got, expected)
+            same_on_all_ranks(got)
+
+    static_in.copy_(torch.randn(static_in.shape, device=device, generator=mine).to(torch.bfloat16))
+    static_residual.copy_(torch.randn(static_residual.shape, device=device, generator=shared).to(torch.bfloat16))
+    check(layers(static_residual))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = layers(static_residual)
+    for _ in range(2):
+        static_in.copy_(torch.randn(static_in.shape, device=device, generator=mine).to(torch.bfloat16))
+        static_residual.copy_(torch.randn(static_residual.shape, device=device, generator=shared).to(torch.bfloat16))
+        graph.replay()
+        check(outs)
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

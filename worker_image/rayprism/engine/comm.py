@@ -158,14 +158,38 @@ class _FusedNorm:
         self.handle = symm_mem.rendezvous(self.buffer, _group_name)
         self.rank, self.world_size = self.handle.rank, self.handle.world_size
         self.calls = torch.zeros(FUSED_PROGRAMS, dtype=torch.int32, device=device)
+        self.sent: torch.Tensor | None = None  # a row-parallel output whose GEMV sent its lines (row_parallel_linear)
         torch.cuda.synchronize(device)
         self.handle.barrier()  # every rank's buffer is zeroed before any peer writes a line into it
 
     def fits(self, x: torch.Tensor) -> bool:
-        rows = x.numel() // x.shape[-1]
-        nbytes = x.numel() * x.element_size()
-        return (x.is_cuda and x.dtype in SYMM_DTYPES and x.is_contiguous() and rows <= FUSED_MAX_ROWS
-                and (x.shape[-1] * x.element_size()) % 4 == 0 and 2 * nbytes <= self.slot_bytes)
+        return x.is_cuda and x.is_contiguous() and self.fits_rows(x.numel() // x.shape[-1], x.shape[-1], x.dtype)
+
+    def fits_rows(self, rows: int, n: int, dtype: torch.dtype) -> bool:
+        size = dtype.itemsize
+        return dtype in SYMM_DTYPES and rows <= FUSED_MAX_ROWS and (n * size) % 4 == 0 and 2 * rows * n * size <= \
+            self.slot_bytes
+
+    def lines(self) -> tuple:
+        """(buffer_ptrs, calls, slot_words, rank, world_size): what the fused kernels need of this state."""
+        return self.handle.buffer_ptrs_dev, self.calls, self.slot_bytes // 8, self.rank, self.world_size
+
+
+def row_parallel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """This rank's partial output of a row-parallel layer, which the next all_reduce_rms_norm sums over the ranks.
+
+    At batch 1 on the fused path the GEMV also sends each program's outputs to the peers as that call's lines as
+    soon as it has them, so the transfer overlaps the rest of the GEMV instead of following it; the call then
+    only waits for the peers' lines."""
+    from . import gemv
+    from .layers import linear
+
+    if _fused is None or not (x.is_cuda and gemv.supports(x, weight)
+                              and _fused.fits_rows(1, weight.shape[0], x.dtype)):
+        return linear(x, weight, bias)
+    out = gemv.gemv(x, weight, bias, lines=_fused.lines())
+    _fused.sent = out
+    return out
 
 
 def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -175,5 +199,8 @@ def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
 
     if _fused is None or not _fused.fits(x):  # no symmetric memory (see setup), or too many rows
         return fused_ops.rms_norm(all_reduce(x), weight, eps, residual)
-    return fused_ops.all_reduce_rms_norm(x, residual, weight, eps, _fused.handle.buffer_ptrs_dev, _fused.calls,
-                                         _fused.slot_bytes // 8, _fused.rank, _fused.world_size)
+    sent, _fused.sent = _fused.sent, None
+    if sent is not None and sent is not x:  # its lines carry this call's flag: any other rows would be misread
+        raise RuntimeError("all_reduce_rms_norm: the row-parallel output sent by row_parallel_linear was not "
+                           "reduced next")
+    return fused_ops.all_reduce_rms_norm(x, residual, weight, eps, _fused.lines(), sent is x)

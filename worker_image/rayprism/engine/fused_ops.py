@@ -137,10 +137,25 @@ def _row_from_words(words, BLOCK: tl.constexpr, DTYPE: tl.constexpr):
     return row
 
 
+@triton.jit
+def _send_lines(src_words, words, word_mask, dst_offset, buffer_ptrs, calls, slot_words, RANK: tl.constexpr,
+                WORLD: tl.constexpr):
+    """Send the int32 words src_words[words] of this rank's partial rows as lines of call `calls` (each word
+    beside the call's flag) into this rank's slot of every peer's buffer, at line dst_offset + words."""
+    flag = (calls * 2 + 1).to(tl.int64) << 32  # odd, so never 0: the value a line is reset to once read
+    half = (calls & 1) * (WORLD * slot_words)  # this call's half of every rank's buffer: a slot per rank
+    buffers = buffer_ptrs.to(tl.pointer_type(tl.uint64))
+    line = tl.load(src_words + words, mask=word_mask).to(tl.int64) | flag
+    for peer in tl.static_range(WORLD):
+        if peer != RANK:
+            slot = tl.load(buffers + peer).to(tl.pointer_type(tl.int64)) + half + RANK * slot_words
+            tl.store(slot + dst_offset + words, line, mask=word_mask)
+
+
 @triton.jit(do_not_specialize=["rows"])  # batch 1 and others: one compile
 def _all_reduce_rms_norm_kernel(buffer_ptrs, calls_ptr, x_ptr, residual_ptr, w_ptr, out_ptr, summed_ptr, rows, n,
                                 eps, slot_words, RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr,
-                                USE_PDL: tl.constexpr):
+                                SENT: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_prologue(USE_PDL)  # the next GEMV streams its weights while this kernel waits on the peers
     program = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -148,32 +163,28 @@ def _all_reduce_rms_norm_kernel(buffer_ptrs, calls_ptr, x_ptr, residual_ptr, w_p
     WORDS: tl.constexpr = BLOCK * dtype.primitive_bitwidth // 32  # int32 words of a row (padded)
     row_words = n * dtype.primitive_bitwidth // 32
     calls = tl.load(calls_ptr + program)
-    epoch = calls * 2 + 1  # odd, so never 0: the value a word is reset to once read
-    flag = epoch.to(tl.int64) << 32
-    half = (calls & 1) * (WORLD * slot_words)  # this call's half of every rank's buffer: a slot per rank
-    buffers = buffer_ptrs.to(tl.pointer_type(tl.uint64))
+    epoch = calls * 2 + 1  # the flag _send_lines gives this call's lines
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     words = tl.arange(0, WORDS)
     word_mask = words < row_words
-    x_words = x_ptr.to(tl.pointer_type(tl.uint32))
-    for row in range(program, rows, programs):  # send: each word of this rank's rows with the flag beside it
-        line = tl.load(x_words + row * row_words + words, mask=word_mask).to(tl.int64) | flag
-        for peer in tl.static_range(WORLD):
-            if peer != RANK:
-                slot = tl.load(buffers + peer).to(tl.pointer_type(tl.int64)) + half + RANK * slot_words
-                tl.store(slot + row * row_words + words, line, mask=word_mask)
-    mine = tl.load(buffers + RANK).to(tl.pointer_type(tl.int64)) + half
+    if not SENT:  # (SENT: the GEMV that made x sent its lines: gemv.py)
+        x_words = x_ptr.to(tl.pointer_type(tl.uint32))
+        for row in range(program, rows, programs):
+            _send_lines(x_words + row * row_words, words, word_mask, row * row_words, buffer_ptrs, calls,
+                        slot_words, RANK, WORLD)
+    mine = tl.load(buffer_ptrs.to(tl.pointer_type(tl.uint64)) + RANK).to(tl.pointer_type(tl.int64)) + \
+        (calls & 1) * (WORLD * slot_words)
     for row in range(program, rows, programs):
         total = tl.zeros([BLOCK], tl.float32)
         for peer in tl.static_range(WORLD):  # rank order: the same sum, bit for bit, on every rank
             if peer == RANK:
                 part = tl.load(x_ptr + row * n + cols, mask=mask, other=0.0)
-            else:  # wait until every word of the peer's row carries this call's flag, in this rank's memory
+            else:  # wait until every line of the peer's row carries this call's flag, in this rank's memory
                 lines = mine + peer * slot_words + row * row_words + words
-                line = tl.load(lines, mask=word_mask, other=flag, volatile=True)
-                while tl.sum(((line >> 32).to(tl.int32) != epoch).to(tl.int32), 0) > 0:
-                    line = tl.load(lines, mask=word_mask, other=flag, volatile=True)
+                line = tl.load(lines, mask=word_mask, other=0, volatile=True)
+                while tl.sum((((line >> 32).to(tl.int32) != epoch) & word_mask).to(tl.int32), 0) > 0:
+                    line = tl.load(lines, mask=word_mask, other=0, volatile=True)
                 tl.store(lines, tl.zeros([WORDS], tl.int64), mask=word_mask)  # no stale flag can match later
                 part = _row_from_words(line.to(tl.int32), BLOCK, dtype)
             total += part.to(tl.float32)
@@ -183,14 +194,18 @@ def _all_reduce_rms_norm_kernel(buffer_ptrs, calls_ptr, x_ptr, residual_ptr, w_p
     tl.store(calls_ptr + program, calls + 1)
 
 
-def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, buffer_ptrs: int,
-                        calls: torch.Tensor, slot_words: int, rank: int, world_size: int):
-    """comm.all_reduce_rms_norm's fused path (comm.py holds the symmetric memory): returns (norm(s), s) with
-    s = sum of x over the ranks + residual. Row i is always handled by program i % len(calls)."""
+def all_reduce_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, lines: tuple,
+                        sent: bool = False):
+    """comm.all_reduce_rms_norm's fused path: returns (norm(s), s) with s = sum of x over the ranks + residual.
+
+    lines: (buffer_ptrs, calls, slot_words, rank, world_size) of comm's symmetric buffer (comm._FusedNorm.lines);
+    row i is always handled by program i % len(calls). sent: x's lines are already on their way to the peers
+    (the GEMV that made x sent them)."""
+    buffer_ptrs, calls, slot_words, rank, world_size = lines
     rows = x.reshape(-1, x.shape[-1])
     out, summed = torch.empty_like(rows), torch.empty_like(rows)
     _all_reduce_rms_norm_kernel[(calls.numel(),)](
         buffer_ptrs, calls, rows, residual.reshape(rows.shape).contiguous(), weight, out, summed,
         rows.shape[0], rows.shape[1], eps, slot_words, RANK=rank, WORLD=world_size,
-        BLOCK=triton.next_power_of_2(rows.shape[1]), num_warps=8, **pdl(x))  # 8: +0.4% tp2 bs1 over 4 and 16
+        BLOCK=triton.next_power_of_2(rows.shape[1]), SENT=sent, num_warps=8, **pdl(x))  # 8: +0.4% tp2 bs1 over 4, 16
     return out.view(x.shape), summed.view(x.shape)

@@ -18,12 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_ops import pdl
+from .fused_ops import _send_lines, pdl
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, n, k, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, n, k, buffer_ptrs, calls_ptr, slot_words, HAS_BIAS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr,
+                 WORLD: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -43,6 +44,12 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, n, k, HAS_BIAS: tl.constexpr, 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + features, mask=features < n, other=0.0).to(tl.float32)
     tl.store(out_ptr + features, acc.to(out_ptr.dtype.element_ty), mask=features < n)
+    if SEND:  # this program's outputs, read back as words, to the peers as lines (fused_ops._send_lines)
+        tl.debug_barrier()  # every thread's outputs are stored before any thread reads them back
+        WORDS: tl.constexpr = BLOCK_N * out_ptr.dtype.element_ty.primitive_bitwidth // 32
+        words = tl.program_id(0) * WORDS + tl.arange(0, WORDS)
+        _send_lines(out_ptr.to(tl.pointer_type(tl.uint32)), words, words < n * WORDS // BLOCK_N, 0, buffer_ptrs,
+                    tl.load(calls_ptr), slot_words, RANK, WORLD)
 
 
 def launch_config(n: int, k: int) -> tuple[int, int, int, int]:
@@ -58,22 +65,28 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for one row x (see supports), into `out` (contiguous) if given."""
+         out: torch.Tensor | None = None, lines: tuple | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for one row x (see supports), into `out` (contiguous) if given.
+
+    lines: (buffer_ptrs, calls, slot_words, rank, world_size) of comm's fused all-reduce + norm: each program
+    also sends its outputs to the peers as that all-reduce's lines for its next call (row 0: counter calls[0]),
+    as soon as they are computed; that call then only waits for the peers' lines."""
     if not supports(x, weight):
         raise ValueError(f"gemv: x of shape {tuple(x.shape)} is not one contiguous row for the contiguous weight "
                          f"{tuple(weight.shape)} of under 2**31 elements")
     n, k = weight.shape
     if out is None:
         out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    launch(x, weight, bias, out, launch_config(n, k))
+    launch(x, weight, bias, out, launch_config(n, k), lines)
     return out
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-           config: tuple[int, int, int, int]) -> None:
+           config: tuple[int, int, int, int], lines: tuple | None = None) -> None:
     """One kernel launch with the given launch_config (bench/gemv_bench.py sweeps them)."""
     (n, k), (block_n, block_k, num_warps, num_stages) = weight.shape, config
+    buffer_ptrs, calls, slot_words, rank, world_size = lines or (0, out, 0, 0, 1)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else weight, out, n, k,
-                                             HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-                                             num_warps=num_warps, num_stages=num_stages, **pdl(x))
+                                             buffer_ptrs, calls, slot_words, HAS_BIAS=bias is not None,
+                                             BLOCK_N=block_n, BLOCK_K=block_k, SEND=lines is not None, RANK=rank,
+                                             WORLD=world_size, num_warps=num_warps, num_stages=num_stages, **pdl(x))

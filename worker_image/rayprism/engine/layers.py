@@ -195,8 +195,12 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(read_part(loaded, 1, tp_rank() * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight, self.bias if tp_rank() == 0 else None)
-        return comm.all_reduce(out) if self.reduce_results and tp_size() > 1 else out
+        bias = self.bias if tp_rank() == 0 else None
+        if tp_size() == 1:
+            return linear(x, self.weight, bias)
+        if self.reduce_results:
+            return comm.all_reduce(linear(x, self.weight, bias))
+        return comm.row_parallel_linear(x, self.weight, bias)  # the next norm all-reduces it
 
 
 class RMSNorm(nn.Module):
