@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from rayprism.engine import EngineConfig, LLMEngine, ModelRunner, SamplingParams
 
-from .helpers import generate, prefill_logits
+from .helpers import exit_without_finalizing, generate, prefill_logits
 
 PROMPTS = ["The capital of France is", "Hello", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"]
 PROBE_IDS = [1, 504, 3458, 282, 4649, 314, 1345, 30, 216, 17, 28, 34, 28, 35]
@@ -67,6 +67,7 @@ def tp_worker(rank: int, port: int, folders: dict, out_dir: str, device: str = "
             engine.shutdown()
     finally:
         dist.destroy_process_group()
+    exit_without_finalizing()
 
 
 def free_port() -> int:
