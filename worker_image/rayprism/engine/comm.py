@@ -10,7 +10,8 @@ multicast (multimem) is never used. Numbers: bench/results/allreduce_*.json.
 
     setup_tensor_parallel_comm(device)   # once per rank, after torch.distributed is initialised (collective)
     out = all_reduce(x)                  # sum over the ranks; use the return value (x may be left as is)
-    normed, summed = all_reduce_rms_norm(x, residual, weight, eps)   # a decoder layer's reduce + add + norm
+    partial = row_parallel_linear(x, weight, bias)                   # a row-parallel layer, reduced by:
+    normed, summed = all_reduce_rms_norm(partial, residual, weight, eps)   # a decoder layer's reduce + add + norm
 
 all_reduce_rms_norm fuses the row-parallel layer's all-reduce with the residual add and the RMSNorm that follow
 it, in one Triton launch (up to FUSED_MAX_ROWS rows). Each rank writes its partial rows into its own slot of every
@@ -21,7 +22,8 @@ memory, until every line of the peers' rows carries the flag, resets them to 0 (
 never match a later call), and sums the rows in rank order (so every rank gets the same bits), adds the residual
 and normalises. The two halves of the buffer take turns from call to call, so a call never overwrites lines a
 peer may still be reading from the previous one. The lines double the bytes sent: at batch 1 (8 KiB) that costs
-nothing next to the fence and flag round trip it saves.
+nothing next to the fence and flag round trip it saves. At batch 1 the row-parallel layer's GEMV sends the lines
+itself as each program finishes (row_parallel_linear), so the transfer overlaps the GEMV.
 
 Anything else - CPU/gloo, world size 1, fp16, messages over the buffer, setup failure - goes to
 `dist.all_reduce`; why symmetric memory is off is logged once. RAYPRISM_SYMM_MEM=0 turns it off.

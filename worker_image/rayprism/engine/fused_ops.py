@@ -6,14 +6,15 @@ several milliseconds per 8B decode step. Each function here is one launch and ro
 replaces round (to the model dtype after each op), so results match the eager path. (The rotary embedding is
 fused with the KV-cache write: paged_attention.rotary_store_kv.)
 
-Under tensor parallelism, all_reduce_rms_norm also takes in the all-reduce before the norm, reading the peers'
-rows over symmetric memory; comm.all_reduce_rms_norm owns that memory and decides when the fused path applies.
+Under tensor parallelism, all_reduce_rms_norm also takes in the all-reduce before the norm: the peers' rows arrive
+as flagged lines in symmetric memory (_send_lines); comm.py owns that memory, describes the protocol and decides
+when the fused path applies.
 
-Every decode-path kernel (these, gemv.py's and paged_attention.py's) is launched with programmatic dependent
-launch on Hopper and newer (`pdl`): it lets the next kernel launch at its start, and waits for the previous one
-(gdc_wait) before it reads any activation or writes anything. At batch 1 the next kernel's launch and start-up
-then overlap this one, and the GEMV streams weights during it. Every such kernel waits before it ends, so a
-kernel that starts early still runs after everything before the previous one.
+Every decode-path kernel (these, gemv.py's, greedy.py's and paged_attention.py's) is launched with programmatic
+dependent launch on Hopper and newer (`pdl`): it lets the next kernel launch at its start, and waits for the
+previous one (gdc_wait) before it reads any activation or writes anything. At batch 1 the next kernel's launch
+and start-up then overlap this one, and the GEMV streams weights during it. Every such kernel waits before it
+ends, so a kernel that starts early still runs after everything before the previous one.
 """
 from __future__ import annotations
 
