@@ -139,14 +139,20 @@ def _row_from_words(words, BLOCK: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _turn(calls, slot_words, WORLD: tl.constexpr):
+    """Call `calls`'s flag and its half of every rank's buffer (a slot of lines per rank; the halves alternate).
+    The flag is odd, so never 0: the value a line is reset to once read."""
+    return calls * 2 + 1, (calls & 1) * (WORLD * slot_words)
+
+
+@triton.jit
 def _send_lines(src_words, words, word_mask, dst_offset, buffer_ptrs, calls, slot_words, RANK: tl.constexpr,
                 WORLD: tl.constexpr):
     """Send the int32 words src_words[words] of this rank's partial rows as lines of call `calls` (each word
     beside the call's flag) into this rank's slot of every peer's buffer, at line dst_offset + words."""
-    flag = (calls * 2 + 1).to(tl.int64) << 32  # odd, so never 0: the value a line is reset to once read
-    half = (calls & 1) * (WORLD * slot_words)  # this call's half of every rank's buffer: a slot per rank
+    epoch, half = _turn(calls, slot_words, WORLD)
     buffers = buffer_ptrs.to(tl.pointer_type(tl.uint64))
-    line = tl.load(src_words + words, mask=word_mask).to(tl.int64) | flag
+    line = tl.load(src_words + words, mask=word_mask).to(tl.int64) | (epoch.to(tl.int64) << 32)
     for peer in tl.static_range(WORLD):
         if peer != RANK:
             slot = tl.load(buffers + peer).to(tl.pointer_type(tl.int64)) + half + RANK * slot_words
@@ -164,7 +170,7 @@ def _all_reduce_rms_norm_kernel(buffer_ptrs, calls_ptr, x_ptr, residual_ptr, w_p
     WORDS: tl.constexpr = BLOCK * dtype.primitive_bitwidth // 32  # int32 words of a row (padded)
     row_words = n * dtype.primitive_bitwidth // 32
     calls = tl.load(calls_ptr + program)
-    epoch = calls * 2 + 1  # the flag _send_lines gives this call's lines
+    epoch, half = _turn(calls, slot_words, WORLD)  # as _send_lines gives this call's lines
     cols = tl.arange(0, BLOCK)
     mask = cols < n
     words = tl.arange(0, WORDS)
@@ -174,8 +180,7 @@ def _all_reduce_rms_norm_kernel(buffer_ptrs, calls_ptr, x_ptr, residual_ptr, w_p
         for row in range(program, rows, programs):
             _send_lines(x_words + row * row_words, words, word_mask, row * row_words, buffer_ptrs, calls,
                         slot_words, RANK, WORLD)
-    mine = tl.load(buffer_ptrs.to(tl.pointer_type(tl.uint64)) + RANK).to(tl.pointer_type(tl.int64)) + \
-        (calls & 1) * (WORLD * slot_words)
+    mine = tl.load(buffer_ptrs.to(tl.pointer_type(tl.uint64)) + RANK).to(tl.pointer_type(tl.int64)) + half
     for row in range(program, rows, programs):
         total = tl.zeros([BLOCK], tl.float32)
         for peer in tl.static_range(WORLD):  # rank order: the same sum, bit for bit, on every rank
