@@ -24,12 +24,16 @@ PLURAL = "inferencedeployments"
 SINGULAR = "inferencedeployment"
 SHORT_NAMES = ["infd"]
 
-# Replica RayClusters are named <name>-<10-char hash>-<5-char suffix>; KubeRay derives pod and
-# service names from them, and those must stay within 63 characters.
-MAX_NAME_LENGTH = 40
+# KubeRay's ValidateRayClusterMetadata (ray-operator/controllers/ray/utils) refuses a RayCluster whose name
+# is longer than MaxRayClusterNameLength (63 minus "-serve-svc": 53 in every release read, up to 1.6.1) or
+# not a DNS-1035 label, and then creates nothing. Replica RayClusters are named
+# <name>-<10-char hash>-<5-char suffix> (render.replica_name), so the InferenceDeployment's name gets the rest.
+KUBERAY_MAX_RAYCLUSTER_NAME_LENGTH = 53
+REPLICA_NAME_SUFFIX_LENGTH = len("-0123456789-abcde")
+MAX_NAME_LENGTH = KUBERAY_MAX_RAYCLUSTER_NAME_LENGTH - REPLICA_NAME_SUFFIX_LENGTH
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 SUPPORTED_URI_SCHEMES = ("hf", "s3", "pvc", "file", "builtin")
 URI_PATTERN = r"^(hf|s3|pvc|file|builtin)://.+$"
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
 class SpecError(ValueError):
@@ -61,6 +65,23 @@ def _fits_nodes(spec: "InferenceDeploymentSpec") -> bool:
 
 
 CROSS_FIELD_RULES: dict[str, list[CrossFieldRule]] = {
+    # CEL at the root of the schema (the API server lets CEL read metadata.name only there), Python on
+    # ObjectMeta.
+    "metadata": [
+        CrossFieldRule(
+            cel=f"size(self.metadata.name) <= {MAX_NAME_LENGTH}",
+            message=f"metadata.name must be at most {MAX_NAME_LENGTH} characters: replica RayClusters are named "
+            f"<name>-<10-character revision>-<5-character suffix>, and KubeRay refuses RayCluster names longer "
+            f"than {KUBERAY_MAX_RAYCLUSTER_NAME_LENGTH} characters",
+            check=lambda m: len(m.name) <= MAX_NAME_LENGTH,
+        ),
+        CrossFieldRule(
+            cel="self.metadata.name.matches('" + DNS_1035_LABEL + "')",
+            message="metadata.name must start with a letter and hold only lowercase letters, digits and '-' "
+            "(a DNS-1035 label): KubeRay refuses other RayCluster names",
+            check=lambda m: re.fullmatch(DNS_1035_LABEL, m.name) is not None,
+        ),
+    ],
     "spec": [
         CrossFieldRule(
             cel=(
@@ -95,12 +116,35 @@ CROSS_FIELD_RULES: dict[str, list[CrossFieldRule]] = {
 }
 
 
-def _rules_schema(section: str) -> dict:
-    return {
-        "x-kubernetes-validations": [
-            {"rule": r.cel, "message": r.message} for r in CROSS_FIELD_RULES[section]
-        ]
-    }
+@dataclass(frozen=True)
+class TransitionRule:
+    """A rule over an update (CEL with oldSelf): only the API server sees both the old and the new object."""
+
+    cel: str
+    message: str
+
+
+TRANSITION_RULES: dict[str, list[TransitionRule]] = {
+    "model": [
+        # A revision change must load other files. hf:// passes the revision to the hub and {revision}
+        # names the folder; every other URI (s3://, pvc://, file://, builtin://) reads the same files
+        # whatever the revision, and a reload of those would be reported as new weights. Refused rather
+        # than fetched: nothing can tell whether files behind a path changed, and refusing is one rule
+        # where fetching would be a sync in every server.
+        TransitionRule(
+            cel="self.uri != oldSelf.uri || self.uri.startsWith('hf://') || self.uri.contains('{revision}') || "
+            "(has(self.revision) ? self.revision : '') == (has(oldSelf.revision) ? oldSelf.revision : '')",
+            message="model.revision may change only where it selects the weights: an hf:// URI (the hub "
+            "revision) or a URI holding {revision}. Other URIs load the same files whatever the revision: "
+            "change model.uri instead, or put {revision} in it",
+        ),
+    ],
+}
+
+
+def rules_schema(section: str) -> dict:
+    rules = [*CROSS_FIELD_RULES.get(section, []), *TRANSITION_RULES.get(section, [])]
+    return {"x-kubernetes-validations": [{"rule": r.cel, "message": r.message} for r in rules]}
 
 
 def _check_rules(section: str, obj: Any) -> Any:
@@ -120,7 +164,7 @@ class SecretReference(_Model):
 
 
 class ModelSpec(_Model):
-    model_config = ConfigDict(json_schema_extra=_rules_schema("model"))
+    model_config = ConfigDict(json_schema_extra=rules_schema("model"))
 
     name: str = Field(
         description="Served model id: the `model` field clients send to the OpenAI API.",
@@ -136,8 +180,11 @@ class ModelSpec(_Model):
     )
     revision: str | None = Field(
         default=None,
-        description="Version of the weights. With rollout.weightUpdate InPlace, changing it alone "
-        "loads the new weights into the running replicas; otherwise it rolls new replicas.",
+        description="Version of the weights: the hub revision of an hf:// URI, or what replaces {revision} in "
+        "the URI; it may change only with such a URI, or together with model.uri. With rollout.weightUpdate "
+        "InPlace, changing it alone loads the new weights into the running replicas; with Rolling it "
+        "replaces them.",
+        min_length=1,
         max_length=256,
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -219,7 +266,7 @@ class Engine(_Model):
 
 
 class Rollout(_Model):
-    model_config = ConfigDict(json_schema_extra=_rules_schema("rollout"))
+    model_config = ConfigDict(json_schema_extra=rules_schema("rollout"))
 
     strategy: Literal["RollingUpdate", "Recreate"] = Field(
         default="RollingUpdate", description="How replicas of a new revision replace the old ones."
@@ -251,7 +298,7 @@ class ServiceSpec(_Model):
 
 
 class InferenceDeploymentSpec(_Model):
-    model_config = ConfigDict(json_schema_extra=_rules_schema("spec"))
+    model_config = ConfigDict(json_schema_extra=rules_schema("spec"))
 
     model: ModelSpec = Field(description="The model to serve.")
     replicas: int = Field(default=1, ge=0, le=1000, description="Number of model replicas (one RayCluster each).")
@@ -270,7 +317,7 @@ class InferenceDeploymentSpec(_Model):
 
 
 class Condition(_Model):
-    type: str = Field(description="Available, Progressing or Degraded.")
+    type: str = Field(description="Available, Ready, Progressing or Degraded.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="One CamelCase word saying why.")
     message: str = Field(default="", description="What happened, for people.")
@@ -289,19 +336,32 @@ class InferenceDeploymentStatus(_Model):
     weights_revision: str | None = Field(default=None, description="model.revision every ready replica has loaded.")
     selector: str | None = Field(default=None, description="Label selector of the head pods (for the scale subresource).")
     endpoint: str | None = Field(default=None, description="URL of the OpenAI-compatible endpoint.")
-    conditions: list[Condition] = Field(default_factory=list, description="Available, Progressing and Degraded.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Available: the endpoint can serve: at least max(1, replicas - rollout.maxUnavailable) "
+        "replicas are ready and not loading weights. Ready: every one of spec.replicas replicas is "
+        "ready on the update revision with model.revision loaded, and no other replica is left. Progressing: "
+        "False with ProgressDeadlineExceeded when a rollout made no progress for "
+        "rollout.progressDeadlineSeconds. Degraded: True when something needs attention (failed weight loads, "
+        "an invalid spec, a change of the operator's that the API server refused); while the spec is invalid "
+        "Available and Ready are Unknown and Progressing is False.",
+    )
 
 
 class ObjectMeta(BaseModel):
     """The parts of metadata the operator reads; everything else passes through."""
 
     model_config = ConfigDict(extra="allow")
-    name: str = Field(min_length=1, max_length=MAX_NAME_LENGTH, pattern=DNS_LABEL)
+    name: str = Field(min_length=1)
     namespace: str = "default"
     uid: str | None = None
     generation: int | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _rules(self) -> "ObjectMeta":
+        return _check_rules("metadata", self)
 
 
 class InferenceDeployment(_Model):

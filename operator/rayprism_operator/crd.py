@@ -101,13 +101,7 @@ def build_crd() -> dict:
             "spec": {**spec_schema, "description": "What to serve and how."},
             "status": {**_status_schema(), "description": "What the operator observed."},
         },
-        "x-kubernetes-validations": [
-            {
-                "rule": f"self.metadata.name.size() <= {api.MAX_NAME_LENGTH}",
-                "message": f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters "
-                "(replica RayClusters and their pods append to it)",
-            }
-        ],
+        **api.rules_schema("metadata"),
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",

@@ -6,8 +6,9 @@ status, and what the replicas' admin API said), so an operator that restarts res
 
 One pass, in this order, keeps both rollout bounds at every moment (deletions are applied before
 creations): never more than `replicas + maxSurge` RayClusters, never fewer than
-`replicas - maxUnavailable` available ones (except where a not-ready replica is removed: it serves
-nothing).
+`replicas - maxUnavailable` available ones. Not-ready old replicas are removed only within a budget
+(the Deployment controller's cleanupUnhealthyReplicas), so that one which may come back is not replaced
+when that would keep fewer than `replicas - maxUnavailable` serving for longer.
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ def _by_created(replicas: list[Replica], newest_first: bool = False) -> list[Rep
     return sorted(replicas, key=lambda r: (r.created, r.name), reverse=newest_first)
 
 
-def _removal_order(replicas: list[Replica]) -> list[Replica]:
-    """Scale-down order: not-ready replicas first, then the newest."""
-    return sorted(_by_created(replicas, newest_first=True), key=lambda r: r.ready)
+def _removal_order(replicas: list[Replica], loading: set[str]) -> list[Replica]:
+    """Scale-down order: not-ready replicas first, then those loading weights (they serve nothing either),
+    then the newest."""
+    return sorted(_by_created(replicas, newest_first=True), key=lambda r: (r.ready, r.name not in loading))
 
 
 def plan(obs: Observed) -> Plan:
@@ -95,29 +97,36 @@ def plan(obs: Observed) -> Plan:
     in_place = rollout.weight_update == "InPlace"
     out = Plan()
 
+    def superseded(r: Replica) -> bool:
+        # The revision hash leaves model.revision out (so switching rollout.weightUpdate rolls nothing):
+        # Rolling replaces replicas whose weights differ, InPlace loads model.revision into them.
+        return r.revision != obs.update_revision or (not in_place and r.weights_revision != target_weights)
+
     live = [r for r in obs.replicas if not r.terminating]
     terminating = [r for r in obs.replicas if r.terminating]
-    current = [r for r in live if r.revision == obs.update_revision]
-    outdated = [r for r in live if r.revision != obs.update_revision]
+    current = [r for r in live if not superseded(r)]
+    outdated = [r for r in live if superseded(r)]
+    progress = _last_progress(current)
 
     # Weights of current-revision replicas (only InPlace leaves them behind the spec).
     failed, loading, stale = (_weights(obs, current, out) if in_place and target_weights is not None
                               else (set(), set(), []))
     finished = set(out.finish_weight_updates)
-    # Replicas that will be replaced: another revision, or weights that cannot be loaded in place.
+    # Replicas that will be replaced: outdated, or weights that cannot be loaded in place.
     outdated += [r for r in current if r.name in failed]
     current = [r for r in current if r.name not in failed]
 
     def available(r: Replica) -> bool:
         return r.ready and r.name not in loading
 
-    # 1. Scale the current revision down to spec.replicas: not-ready first, then the newest.
+    # 1. Scale the current revision down to spec.replicas: those serving nothing first, then the newest.
     excess = max(0, len(current) - want)
     if excess:
-        for r in _removal_order(current)[:excess]:
+        for r in _removal_order(current, loading)[:excess]:
             out.delete.append(r.name)
         current = [r for r in current if r.name not in out.delete]
         stale = [r for r in stale if r.name not in out.delete]
+        loading -= set(out.delete)
 
     # 2. Replace outdated replicas.
     min_available = want - rollout.max_unavailable
@@ -126,12 +135,16 @@ def plan(obs: Observed) -> Plan:
         out.delete += [r.name for r in outdated]
         outdated = []
     else:
-        # Not-ready outdated replicas serve nothing: remove them at once (this also supersedes a
-        # rollout that an edit interrupted: its starting replicas go first).
-        out.delete += [r.name for r in outdated if not r.ready]
-        outdated = [r for r in outdated if r.ready]
+        # Not-ready outdated replicas serve nothing (this also supersedes a rollout that an edit
+        # interrupted: its starting replicas go first), but one that is only briefly down would be back
+        # long before a replacement: remove them only while the rest can still make min_available, not
+        # counting current replicas that are not available yet (the Deployment controller's maxScaledDown).
+        budget = len(current) + len(outdated) - min_available - sum(not available(r) for r in current)
+        unready = _by_created([r for r in outdated if not r.ready])[: max(0, budget)]
+        out.delete += [r.name for r in unready]
+        outdated = [r for r in outdated if r.name not in out.delete]
         spare = sum(available(r) for r in current + outdated) - min_available
-        for r in _by_created(outdated)[: max(0, spare)]:
+        for r in sorted(_by_created(outdated), key=lambda r: r.ready)[: max(0, spare)]:  # not-ready first
             out.delete.append(r.name)
         outdated = [r for r in outdated if r.name not in out.delete]
 
@@ -148,7 +161,7 @@ def plan(obs: Observed) -> Plan:
     # 4. Create replicas of the update revision, within replicas + maxSurge RayClusters.
     # Recreate: nothing new until every old replica is gone (the deletions' watch events wake us).
     blocked_by_recreate = recreating or (rollout.strategy == "Recreate" and any(
-        r.revision != obs.update_revision for r in terminating))
+        superseded(r) for r in terminating))
     total = len(current) + len(outdated) + len(terminating)
     if not blocked_by_recreate:
         out.create = max(0, min(want - len(current), want + rollout.max_surge - total))
@@ -173,7 +186,6 @@ def plan(obs: Observed) -> Plan:
     weights = {r.weights_revision if r.name not in finished else target_weights for r in ready}
     complete = len(available_now) == want and len(remaining) + len(terminating) == want
 
-    progress = _last_progress(obs)
     deadline_passed = (not complete and progress is not None
                        and (obs.now - progress).total_seconds() > rollout.progress_deadline_seconds)
     if complete:
@@ -185,16 +197,22 @@ def plan(obs: Observed) -> Plan:
     else:
         progressing = ("True", "RolloutInProgress",
                        f"{len(available_now)} of {want} replicas of revision {obs.update_revision} available")
-    ready_enough = sum(available(r) for r in remaining) >= min_available
-    availability = (("True", "MinimumReplicasAvailable", f"{len(ready)} of {want} replicas ready")
-                    if ready_enough else
-                    ("False", "MinimumReplicasUnavailable", f"{len(ready)} of {want} replicas ready"))
+    # Available: the endpoint can serve, so never with no replica serving, whatever maxUnavailable allows.
+    serving_now = sum(available(r) for r in remaining)
+    availability = (("True", "MinimumReplicasAvailable", f"{serving_now} of {want} replicas serving")
+                    if serving_now >= max(1, min_available) else
+                    ("False", "MinimumReplicasUnavailable",
+                     f"{serving_now} of {want} replicas serving; at least {max(1, min_available)} needed"))
+    readiness = (("True", "AllReplicasReady", f"{want} of {want} replicas ready on revision {obs.update_revision}")
+                 if complete else
+                 ("False", "ReplicasNotReady",
+                  f"{len(available_now)} of {want} replicas ready on revision {obs.update_revision}"))
     degraded = (("True", "WeightUpdateFailed", "Some replicas failed to load new weights and are being replaced")
                 if failed and in_place and rollout.max_unavailable > 0 else
                 ("False", "ReconcileSucceeded", ""))
 
     conditions = set_conditions(obs.conditions, obs.now, obs.generation, {
-        "Available": availability, "Progressing": progressing, "Degraded": degraded})
+        "Available": availability, "Ready": readiness, "Progressing": progressing, "Degraded": degraded})
     previous = {c["type"]: c for c in obs.conditions}
     was_progressing = previous.get("Progressing", {}).get("reason")
     if progressing[1] == "ProgressDeadlineExceeded" and was_progressing != progressing[1]:
@@ -285,13 +303,12 @@ def _weights(obs: Observed, current: list[Replica], out: Plan) -> tuple[set[str]
     return failed, loading, stale
 
 
-def _last_progress(obs: Observed) -> datetime | None:
-    """When the rollout last moved: a replica of the update revision was created, became ready, or
-    started or finished loading weights. None when there is nothing of the update revision yet."""
+def _last_progress(updated: list[Replica]) -> datetime | None:
+    """When the rollout last moved: one of the live replicas of the update revision (and weights, unless
+    loaded in place) was created, became ready, or started or finished loading weights. None when there
+    is none yet."""
     times = []
-    for r in obs.replicas:
-        if r.revision != obs.update_revision or r.terminating:
-            continue
+    for r in updated:
         times.append(r.created)
         if r.ready_since is not None:
             times.append(r.ready_since)
@@ -312,3 +329,15 @@ def set_conditions(previous: list[dict], now: datetime, generation: int | None,
         out.append({"type": type_, "status": status, "reason": reason, "message": message,
                     "lastTransitionTime": since, "observedGeneration": generation})
     return out
+
+
+def invalid_spec_conditions(previous: list[dict], now: datetime, generation: int | None,
+                            message: str) -> list[dict]:
+    """Conditions while the spec is invalid: the operator then neither observes nor changes the replicas,
+    so what Available, Ready and Progressing said under an older spec is replaced, not kept."""
+    unobserved = "Replicas are not observed while the spec is invalid"
+    return set_conditions(previous, now, generation, {
+        "Available": ("Unknown", "InvalidSpec", unobserved),
+        "Ready": ("Unknown", "InvalidSpec", unobserved),
+        "Progressing": ("False", "InvalidSpec", "No rollout while the spec is invalid"),
+        "Degraded": ("True", "InvalidSpec", message)})

@@ -66,7 +66,9 @@ def is_ready(raycluster: dict) -> bool:
     status = raycluster.get("status") or {}
     head = next((c for c in status.get("conditions") or [] if c.get("type") == "HeadPodReady"), {})
     # KubeRay omits zero counts (omitempty), hence the defaults.
-    return head.get("status") == "True" and status.get("readyWorkerReplicas", 0) == status.get(
+    # >=: KubeRay's readyWorkerReplicas counts every running and ready worker pod, terminating ones
+    # included, so it exceeds desiredWorkerReplicas while a surplus pod goes away.
+    return head.get("status") == "True" and status.get("readyWorkerReplicas", 0) >= status.get(
         "desiredWorkerReplicas", 0)
 
 
@@ -246,8 +248,11 @@ class Reconciler:
                 and status.get("observedGeneration") == generation:
             return  # already reported
         kopf.event(body, type="Warning", reason=reason, message=message)
-        others = [c for c in conditions if c.get("type") != "Degraded"]
-        new = planner.set_conditions(conditions, now, generation, {"Degraded": ("True", reason, message)})
+        if reason == "InvalidSpec":
+            new = planner.invalid_spec_conditions(conditions, now, generation, message)
+        else:  # a refused change: the other conditions still describe the replicas
+            new = [c for c in conditions if c.get("type") != "Degraded"] + planner.set_conditions(
+                conditions, now, generation, {"Degraded": ("True", reason, message)})
         await self.kube.patch(INFERENCE_DEPLOYMENTS, body["metadata"]["namespace"], body["metadata"]["name"],
-                              {"status": {"observedGeneration": generation, "conditions": others + new}},
+                              {"status": {"observedGeneration": generation, "conditions": new}},
                               subresource="status")

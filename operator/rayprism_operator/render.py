@@ -96,13 +96,14 @@ def image(spec: InferenceDeploymentSpec, options: RenderOptions) -> str:
 def revision_hash(spec: InferenceDeploymentSpec, options: RenderOptions) -> str:
     """Stable hash of everything that needs new pods.
 
-    Left out: replicas, rollout settings, the Service, and model.revision when weights update in place.
-    Fields equal to their defaults are left out too, so a new optional field does not roll every replica.
+    Left out: replicas, rollout settings, the Service, and model.revision: each replica records the weights
+    it serves (ANNOTATION_WEIGHTS_REVISION), and the planner loads or replaces by that, so that switching
+    rollout.weightUpdate rolls nothing. Fields equal to their defaults are left out too, so a new optional
+    field does not roll every replica.
     """
     fields = spec.model_dump(mode="json", by_alias=True, exclude_defaults=True,
-                             exclude={"replicas", "rollout", "service", "image"})
-    if spec.rollout.weight_update == "InPlace":
-        fields.get("model", {}).pop("revision", None)
+                             exclude={"replicas": True, "rollout": True, "service": True, "image": True,
+                                      "model": {"revision"}})
     fields["image"] = image(spec, options)
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return digest[:10]

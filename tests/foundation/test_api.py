@@ -43,8 +43,10 @@ BAD = [
     ({"spec.rollout.strategy": "BlueGreen"}, "spec.rollout.strategy: Input should be 'RollingUpdate' or 'Recreate'"),
     ({"spec.engine.kvCacheMemoryFraction": 1.5}, "spec.engine.kvCacheMemoryFraction: Input should be less than"),
     ({"spec.resources.memory": "lots"}, "spec.resources.memory: String should match pattern"),
-    ({"metadata.name": "x" * 41}, "metadata.name: String should have at most 40 characters"),
-    ({"metadata.name": "Bad_Name"}, "metadata.name: String should match pattern"),
+    ({"metadata.name": "x" * 37}, "metadata: metadata.name must be at most 36 characters"),
+    ({"metadata.name": "Bad_Name"}, "metadata: metadata.name must start with a letter"),
+    ({"metadata.name": "8b-llama"}, "metadata: metadata.name must start with a letter"),
+    ({"spec.model.revision": ""}, "spec.model.revision: String should have at least 1 character"),
     ({"kind": "Deployment"}, "kind: Input should be 'InferenceDeployment'"),
 ]
 

@@ -1,11 +1,13 @@
 """The generated CRD: in sync with crds/, structural, complete, and its CEL rules agree with Python."""
 
+import re
+
 import celpy
 import kubernetes_validate
 import pytest
 import yaml
 
-from rayprism_operator import api
+from rayprism_operator import api, render
 from rayprism_operator.crd import build_crd, crd_yaml
 
 from .conftest import REPO, with_changes
@@ -75,9 +77,12 @@ def test_crd_object_validates_against_kubernetes():
     kubernetes_validate.validate(yaml.safe_load(crd_yaml()), "1.33", strict=True)
 
 
-def _cel(rule: str, value) -> bool:
+def _cel(rule: str, value, old=None) -> bool:
     env = celpy.Environment()
-    return bool(env.program(env.compile(rule)).evaluate({"self": celpy.json_to_cel(value)}))
+    bindings = {"self": celpy.json_to_cel(value)}
+    if old is not None:
+        bindings["oldSelf"] = celpy.json_to_cel(old)
+    return bool(env.program(env.compile(rule)).evaluate(bindings))
 
 
 def _rules_at(node: dict) -> list[dict]:
@@ -118,13 +123,75 @@ def test_cel_rules_agree_with_python(llama, changes):
         "rollout": {"maxSurge": 0, "maxUnavailable": 1, **spec.get("rollout", {})},
     }
     cel_ok = all(_cel(r["rule"], defaulted) for r in _rules_at(schema))
-    cel_ok &= all(_cel(r["rule"], defaulted["model"]) for r in _rules_at(schema["properties"]["model"]))
+    cel_ok &= all(_cel(r["rule"], defaulted["model"]) for r in _rules_at(schema["properties"]["model"])
+                  if "oldSelf" not in r["rule"])
     cel_ok &= all(_cel(r["rule"], defaulted["rollout"]) for r in _rules_at(schema["properties"]["rollout"]))
     assert cel_ok == python_ok
 
 
-def test_name_length_rule():
-    root = _version()["schema"]["openAPIV3Schema"]
-    [rule] = _rules_at(root)
-    assert _cel(rule["rule"], {"metadata": {"name": "a" * 40}})
-    assert not _cel(rule["rule"], {"metadata": {"name": "a" * 41}})
+NAMES = ["demo", "a" * 36, "a" * 37, "llama-3-1-8b", "1llama", "Llama", "a.b", "a-", "a_b"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_name_rules_agree_with_python(llama, name):
+    """Names KubeRay would refuse for the replica RayClusters are refused by the API server and the CLI alike."""
+    rules = _rules_at(_version()["schema"]["openAPIV3Schema"])
+    cel_ok = all(_cel(r["rule"], {"metadata": {"name": name}}) for r in rules)
+    try:
+        api.parse_inference_deployment(with_changes(llama, **{"metadata.name": name}))
+        python_ok = True
+    except api.SpecError:
+        python_ok = False
+    assert cel_ok == python_ok == (name in ("demo", "a" * 36, "llama-3-1-8b"))
+
+
+def test_name_rules_say_the_limit():
+    messages = [r["message"] for r in _rules_at(_version()["schema"]["openAPIV3Schema"])]
+    assert any("at most 36 characters" in m and "53" in m for m in messages)
+    assert any("start with a letter" in m for m in messages)
+
+
+def test_the_longest_name_makes_replica_names_kuberay_accepts(llama):
+    """KubeRay 1.5 to 1.7 refuse RayClusters named over 53 characters or not as DNS-1035 labels."""
+    infd = api.parse_inference_deployment(with_changes(llama, **{"metadata.name": "a" * api.MAX_NAME_LENGTH}))
+    name = render.render_raycluster(infd, render.revision_hash(infd.spec, render.RenderOptions()),
+                                    "z" * 5)["metadata"]["name"]  # the reconciler draws 5-character suffixes
+    assert len(name) == 53 and re.fullmatch(api.DNS_1035_LABEL, name)
+
+
+def test_revision_must_not_be_empty(llama):
+    revision = _version()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["model"]["properties"][
+        "revision"]
+    assert revision["minLength"] == 1
+    with pytest.raises(api.SpecError, match="spec.model.revision: String should have at least 1 character"):
+        api.parse_inference_deployment(with_changes(llama, **{"spec.model.revision": ""}))
+
+
+REVISION_CHANGES = [
+    # (old uri, old revision, new uri, new revision, allowed)
+    ("hf://org/m", "v1", "hf://org/m", "v2", True),  # the hub revision
+    ("s3://bucket/m/{revision}", "v1", "s3://bucket/m/{revision}", "v2", True),
+    ("file:///models/{revision}", "v1", "file:///models/{revision}", "v2", True),
+    ("pvc://claim/m/{revision}", None, "pvc://claim/m/{revision}", "v2", True),
+    ("s3://bucket/m", "v1", "s3://bucket/m", "v2", False),  # the same files whatever the revision
+    ("pvc://claim/m", "v1", "pvc://claim/m", "v2", False),
+    ("file:///models/m", "v1", "file:///models/m", "v2", False),
+    ("builtin://smollm2-135m-instruct", "v1", "builtin://smollm2-135m-instruct", "v2", False),
+    ("file:///models/m", None, "file:///models/m", "v1", False),
+    ("file:///models/m", "v1", "file:///models/m", None, False),
+    ("file:///models/m", "v1", "file:///models/m2", "v2", True),  # new files: a new path
+    ("file:///models/m", "v1", "file:///models/m", "v1", True),
+    ("s3://bucket/m", None, "s3://bucket/m", None, True),
+]
+
+
+@pytest.mark.parametrize("old_uri, old_revision, uri, revision, allowed", REVISION_CHANGES)
+def test_revision_changes_only_where_it_selects_the_weights(old_uri, old_revision, uri, revision, allowed):
+    model = _version()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["model"]
+    [rule] = [r for r in _rules_at(model) if "oldSelf" in r["rule"]]
+
+    def model_of(uri, revision):
+        return {"name": "m", "uri": uri, **({"revision": revision} if revision is not None else {})}
+
+    assert _cel(rule["rule"], model_of(uri, revision), old=model_of(old_uri, old_revision)) == allowed
+    assert "{revision}" in rule["message"] and "hf://" in rule["message"]

@@ -170,6 +170,9 @@ HASH_KEEPING = [
     {"spec.service.port": 9000},
     {"spec.model.revision": "new-weights"},          # InPlace: weights load into running replicas
     {"spec.engine.maxNumSeqs": 256},                  # written out, equal to the default
+    {"spec.rollout.weightUpdate": "Rolling"},         # switching how weights update rolls nothing
+    # Rolling: the planner replaces replicas by their weights annotation, not by the hash.
+    {"spec.rollout.weightUpdate": "Rolling", "spec.model.revision": "new-weights"},
 ]
 HASH_CHANGING = [
     {"spec.parallelism.tensor": 4},
@@ -178,7 +181,6 @@ HASH_CHANGING = [
     {"spec.engine.maxNumSeqs": 128},
     {"spec.resources.memory": "256Gi"},
     {"spec.model.uri": "hf://meta-llama/Llama-3.1-70B-Instruct"},
-    {"spec.rollout.weightUpdate": "Rolling", "spec.model.revision": "new-weights"},
 ]
 
 

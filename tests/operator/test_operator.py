@@ -198,6 +198,19 @@ async def test_invalid_spec_is_reported_as_degraded_then_recovers(k8s, operator)
     assert len(k8s.events("InvalidSpec")) == 1
 
 
+async def test_an_invalid_edit_leaves_no_stale_condition(k8s, operator):
+    await k8s.post(IDEP_PATH, json=deployment(replicas=1))
+    await wait_for(lambda: settled(k8s, replicas=1), what="1 ready replica")
+    assert condition(k8s, "Available")["status"] == condition(k8s, "Ready")["status"] == "True"
+
+    await edit(k8s, {"spec": {"parallelism": {"tensor": 3}, "resources": {"gpusPerNode": 2}}})
+    await wait_for(lambda: condition(k8s, "Degraded").get("reason") == "InvalidSpec", what="Degraded")
+    generation = k8s.deployment("demo")["metadata"]["generation"]
+    assert {c["type"]: (c["status"], c["reason"], c["observedGeneration"]) for c in status(k8s)["conditions"]} == {
+        "Available": ("Unknown", "InvalidSpec", generation), "Ready": ("Unknown", "InvalidSpec", generation),
+        "Progressing": ("False", "InvalidSpec", generation), "Degraded": ("True", "InvalidSpec", generation)}
+
+
 async def test_delete_removes_every_child(k8s, operator):
     await k8s.post(IDEP_PATH, json=deployment(replicas=2))
     await k8s.post(IDEP_PATH, json=deployment("other", replicas=1))

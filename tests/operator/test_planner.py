@@ -49,6 +49,18 @@ def conditions(p):
      1, ["a"]),
     ("not-ready outdated replicas go at once (superseded rollout)",
      spec(3, maxSurge=1, maxUnavailable=0), [rep(n, OLDER) for n in "abc"] + [rep("m", OLD, ready=False)], 1, ["m"]),
+    # Two old replicas went down: deleting both would leave 1 serving until a replacement is up, below
+    # replicas - maxUnavailable = 2; the newest may be back sooner, so it stays.
+    ("not-ready outdated replicas go only within the availability budget",
+     spec(3, maxSurge=0, maxUnavailable=1),
+     [rep("a", OLD, age=300), rep("b", OLD, ready=False, age=200), rep("c", OLD, ready=False, age=100)], 1, ["b"]),
+    ("a not-ready new replica takes from that budget",
+     spec(3, maxSurge=1, maxUnavailable=1),
+     [rep("a", OLD), rep("b", OLD, ready=False, age=200), rep("c", OLD, ready=False), rep("n", ready=False, age=1)],
+     1, ["b"]),
+    ("a ready new replica frees the budget for the not-ready old one",
+     spec(3, maxSurge=0, maxUnavailable=1),
+     [rep("a", OLD, age=300), rep("c", OLD, ready=False, age=100), rep("n", age=1)], 1, ["c"]),
     ("surge bound counts terminating replicas",
      spec(3, maxSurge=1, maxUnavailable=0), [rep(n, OLD) for n in "abc"] + [rep("t", OLD, terminating=True)], 0, []),
     ("recreate deletes every old replica, creates nothing yet",
@@ -57,6 +69,17 @@ def conditions(p):
      spec(2, strategy="Recreate"), [rep("a", OLD, terminating=True)], 0, []),
     ("recreate creates once the old are gone", spec(2, strategy="Recreate"), [], 2, []),
     ("replicas 0 deletes everything", spec(0), [rep("a"), rep("b", OLD)], 0, ["a", "b"]),
+    ("scale down: a replica loading weights goes before serving ones",
+     spec(2, maxUnavailable=1),
+     [rep("a", age=300, weights="v1", weights_target="v2", weights_since=NOW, admin=WeightsReport("v1", "loading")),
+      rep("b", age=200), rep("c", age=100)], 0, ["a"]),
+    ("weightUpdate Rolling: other weights are replaced like another revision",
+     spec(3, maxUnavailable=1, weightUpdate="Rolling"),
+     [rep("a", age=300, weights="v1"), rep("b", age=200, weights="v1"), rep("c", weights="v1")], 1, ["a"]),
+    ("weightUpdate Rolling, matching weights: switching rolls nothing",
+     spec(3, weightUpdate="Rolling"), [rep("a"), rep("b"), rep("c")], 0, []),
+    ("weightUpdate Rolling with Recreate waits for terminating replicas of other weights",
+     spec(2, strategy="Recreate", weightUpdate="Rolling"), [rep("a", weights="v1", terminating=True)], 0, []),
 ])
 def test_replica_changes(case, s, replicas, create, delete):
     p = plan(observe(s, replicas))
@@ -103,6 +126,7 @@ def test_status_of_a_finished_rollout():
         "currentRevision": NEW, "updateRevision": NEW, "weightsRevision": "v2", "selector": "a=b",
         "endpoint": "http://x/v1", "conditions": None}
     assert conditions(p) == {"Available": ("True", "MinimumReplicasAvailable"),
+                             "Ready": ("True", "AllReplicasReady"),
                              "Progressing": ("True", "NewRevisionAvailable"),
                              "Degraded": ("False", "ReconcileSucceeded")}
     assert [e.reason for e in p.events] == ["RolloutComplete"]
@@ -132,6 +156,29 @@ def test_weights_revision_is_reported_only_when_every_ready_replica_has_it():
     mixed = plan(observe(spec(2, maxUnavailable=1), [rep("a", weights="v1"), rep("b")]))
     assert mixed.status["weightsRevision"] is None
     assert mixed.status["updatedReplicas"] == 1
+
+
+@pytest.mark.parametrize("case, s, replicas, available", [
+    ("nothing runs yet, although maxUnavailable allows 0", spec(1, maxUnavailable=1), [], False),
+    ("the only replica is not ready", spec(1, maxUnavailable=1), [rep("a", ready=False, age=1)], False),
+    ("the only replica loads weights", spec(1, maxUnavailable=1),
+     [rep("a", weights="v1", weights_target="v2", weights_since=NOW, admin=WeightsReport("v1", "loading"))], False),
+    ("one replica serves", spec(1, maxUnavailable=1), [rep("a")], True),
+    ("an old replica serves", spec(1, maxSurge=1, maxUnavailable=0), [rep("a", OLD), rep("n", ready=False, age=1)],
+     True),
+    ("scaled to zero: nothing serves", spec(0), [], False),
+])
+def test_available_means_the_endpoint_can_serve(case, s, replicas, available):
+    assert (conditions(plan(observe(s, replicas)))["Available"][0] == "True") == available, case
+
+
+def test_ready_means_every_replica_is_ready_on_the_update_revision():
+    assert conditions(plan(observe(spec(2), [rep("a"), rep("b")])))["Ready"] == ("True", "AllReplicasReady")
+    for replicas in ([rep("a"), rep("b", ready=False)],  # one not ready
+                     [rep("a"), rep("b", OLD)],  # one of the old revision
+                     [rep("a"), rep("b", weights="v1")],  # one with the old weights
+                     [rep("a"), rep("b"), rep("c", OLD, terminating=True)]):  # an old one still terminating
+        assert conditions(plan(observe(spec(2), replicas)))["Ready"] == ("False", "ReplicasNotReady"), replicas
 
 
 def test_availability_follows_max_unavailable():
