@@ -41,11 +41,12 @@ def _structural(node: dict, defs: dict) -> dict:
         if key == "properties":
             out["properties"] = {name: _structural(sub, defs) for name, sub in value.items()}
             for name, sub in out["properties"].items():
-                # An optional, non-nullable block defaults to {} so that the API server fills in each
-                # nested field's own default when the block is left out.
+                # An optional, non-nullable block left out defaults to its fields' own defaults. Not to {}:
+                # the API server checks a default against the block's CEL rules as it is written, before
+                # nested defaults apply (rollout's rule reads maxSurge).
                 if sub.get("type") == "object" and "properties" in sub and not sub.get("nullable") \
                         and name not in node.get("required", []):
-                    sub["default"] = {}
+                    sub["default"] = {k: p["default"] for k, p in sub["properties"].items() if "default" in p}
         elif key == "items":
             out["items"] = _structural(value, defs)
         elif key == "const":

@@ -126,6 +126,21 @@ def _containers(cluster: dict) -> list[dict]:
     return [g["template"]["spec"]["containers"][0] for g in groups]
 
 
+@pytest.mark.parametrize("uri", ["hf://meta-llama/Llama-3.1-8B-Instruct", "s3://bucket/llama"])
+def test_pods_meet_pod_security_restricted(llama, uri):
+    """What Pod Security `restricted` checks of each pod KubeRay builds from the templates (the e2e suite
+    runs them in a namespace that enforces it): non-root, the RuntimeDefault seccomp profile, and in every
+    container, init containers included, no capabilities and no privilege escalation."""
+    cluster = render.render_raycluster(_infd(with_changes(llama, **{"spec.model.uri": uri})), "abc", "x")
+    for group in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in pod["containers"] + pod.get("initContainers", []):
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, container["name"]
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], container["name"]
+
+
 def test_ray_workers_keep_normal_priority(llama):
     for container in _containers(render.render_raycluster(_infd(llama), "abc", "x")):
         assert {"name": "RAY_worker_niceness", "value": "0"} in container["env"]
