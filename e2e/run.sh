@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end test on a real Kubernetes cluster made with kind (needs Docker, kind and network access).
 #
-#   e2e/run.sh                 create the cluster, install KubeRay and rayprism, run e2e/test_kind.py,
+#   e2e/run.sh                 create the cluster, install KubeRay and rayprism, run e2e/test_e2e.py,
 #                              delete the cluster
 #   KEEP_CLUSTER=1 e2e/run.sh  keep the cluster afterwards (rerun the suite with the command printed)
 #
@@ -48,7 +48,7 @@ cleanup() {
   [ "$status" -eq 0 ] || diagnose
   if [ "${KEEP_CLUSTER:-0}" = 1 ]; then
     log "kept cluster $CLUSTER; rerun the suite with:"
-    echo "  RAYPRISM_E2E=1 KUBECTL=$KUBECTL $PYTHON -m pytest -v -x e2e/test_kind.py"
+    echo "  RAYPRISM_E2E=1 KUBECTL=$KUBECTL $PYTHON -m pytest -v -x e2e/test_e2e.py"
   else
     log "deleting cluster $CLUSTER"
     kind delete cluster --name "$CLUSTER" || true
@@ -84,4 +84,4 @@ log "rayprism chart (with the CRD)"
 "$KUBECTL" wait --for=condition=Established crd/inferencedeployments.rayprism.dev --timeout=60s
 
 log "suite"
-RAYPRISM_E2E=1 "$PYTHON" -m pytest -v -x -p no:cacheprovider e2e/test_kind.py
+RAYPRISM_E2E=1 "$PYTHON" -m pytest -v -x -rP -p no:cacheprovider e2e/test_e2e.py

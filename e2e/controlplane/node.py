@@ -9,7 +9,7 @@ import contextlib
 import fcntl
 from pathlib import Path
 
-STATE = Path("/run/rayprism-localcluster")
+STATE = Path("/run/rayprism-kubelet")
 
 
 @contextlib.contextmanager

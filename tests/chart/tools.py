@@ -63,5 +63,6 @@ def tool_paths() -> dict[str, Path]:
 
 
 if __name__ == "__main__":
+    exports = "--exports" in sys.argv  # shell lines for `eval`: HELM=... KUBECTL=...
     for name, path in tool_paths().items():
-        print(f"{name}: {path}")
+        print(f"export {name.upper()}={path}" if exports else f"{name}: {path}")
