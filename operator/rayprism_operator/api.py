@@ -286,6 +286,11 @@ class Rollout(_Model):
     weight_update_timeout_seconds: int = Field(
         default=900, ge=10, description="How long one replica may take to load new weights before it is replaced."
     )
+    drain_seconds: int = Field(
+        default=30, ge=0, le=3600,
+        description="How long a replica that is removed, replaced or about to load new weights keeps serving the "
+        "requests it has (streams included) after it left the Service's endpoints.",
+    )
 
     @model_validator(mode="after")
     def _rules(self) -> "Rollout":

@@ -180,6 +180,7 @@ def serve_args(spec: InferenceDeploymentSpec) -> list[str]:
         "--kv-cache-memory-fraction", str(engine.kv_cache_memory_fraction),
         "--max-queue-size", str(engine.max_queue_size),
         "--port", str(SERVER_PORT),
+        "--drain-seconds", str(spec.rollout.drain_seconds),
     ]
     if model.revision:
         args += ["--model-revision", model.revision]
@@ -267,9 +268,30 @@ def head_command(spec: InferenceDeploymentSpec) -> str:
         + 'ray_start="${KUBERAY_GEN_RAY_START_CMD//--block/}"; '
         '/bin/bash -c "$ray_start" || exit 1; '
         "exec rayprism serve "
-        + shlex.join([*serve_args(spec), "--ray-address", "auto",
+        + shlex.join([*serve_args(spec), "--ray-address", "auto", "--unready-delay-seconds", str(UNREADY_DELAY_S),
                       "--admin-token-file", f"{ADMIN_TOKEN_DIR}/{ADMIN_TOKEN_KEY}"])
     )
+
+
+# A draining head fails its readiness probe within period x threshold; the EndpointSlice controller and the
+# Service's clients need a moment more to drop it. The head serves that long before it stops or loads.
+READINESS_PROBE = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 2, "timeoutSeconds": 3,
+                   "failureThreshold": 2}
+UNREADY_DELAY_S = READINESS_PROBE["periodSeconds"] * READINESS_PROBE["failureThreshold"] + 3
+
+
+def termination_grace_seconds(spec: InferenceDeploymentSpec) -> int:
+    """SIGKILL comes after the drain (the head's, and the workers' wait for it) with a margin for shutdown."""
+    return spec.rollout.drain_seconds + UNREADY_DELAY_S + 15
+
+
+def worker_pre_stop(spec: InferenceDeploymentSpec) -> dict:
+    """Workers hold the model's ranks: a worker told to stop waits until its head's server has closed its
+    port (the head drains first), at most the drain, so requests in flight are not cut off under it."""
+    wait = spec.rollout.drain_seconds + UNREADY_DELAY_S + 5
+    script = (f"end=$((SECONDS + {wait})); "
+              f"while (( SECONDS < end )) && (exec 3<>/dev/tcp/$FQ_RAY_IP/{SERVER_PORT}) 2>/dev/null; do sleep 1; done")
+    return {"exec": {"command": ["/bin/bash", "-c", script]}}
 
 
 WORKER_COMMAND = RAISE_OPEN_FILES + 'exec /bin/bash -c "$KUBERAY_GEN_RAY_START_CMD"'
@@ -292,19 +314,15 @@ def _head_group(infd: InferenceDeployment, revision: str, options: RenderOptions
             {"name": "client", "containerPort": 10001},
             {"name": "http", "containerPort": SERVER_PORT},
         ],
-        "readinessProbe": {
-            "httpGet": {"path": "/health", "port": "http"},
-            "periodSeconds": 5,
-            "timeoutSeconds": 3,
-            "failureThreshold": 3,
-        },
+        "readinessProbe": READINESS_PROBE,
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
         "volumeMounts": mounts,
         "securityContext": CONTAINER_SECURITY,
     }
     if spec.model.credentials_secret_ref:
         container["envFrom"] = _env_from(spec)
-    pod_spec = {**_pod_spec_common(spec), "containers": [container], "volumes": volumes}
+    pod_spec = {**_pod_spec_common(spec), "containers": [container], "volumes": volumes,
+                "terminationGracePeriodSeconds": termination_grace_seconds(spec)}
     if init := _s3_init_containers(spec, options):
         pod_spec["initContainers"] = init
     return {
@@ -330,13 +348,15 @@ def _worker_group(infd: InferenceDeployment, revision: str, options: RenderOptio
         "command": ["/bin/bash", "-c", "--"],
         "args": [WORKER_COMMAND],
         "env": _env(),
+        "lifecycle": {"preStop": worker_pre_stop(spec)},
         "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": mounts,
         "securityContext": CONTAINER_SECURITY,
     }
     if spec.model.credentials_secret_ref:
         container["envFrom"] = _env_from(spec)
-    pod_spec = {**_pod_spec_common(spec), "containers": [container], "volumes": volumes}
+    pod_spec = {**_pod_spec_common(spec), "containers": [container], "volumes": volumes,
+                "terminationGracePeriodSeconds": termination_grace_seconds(spec)}
     if init := _s3_init_containers(spec, options):
         pod_spec["initContainers"] = init
     return {

@@ -53,7 +53,10 @@ def test_defaults_enums_and_bounds_carried_over():
     assert spec["rollout"]["properties"]["strategy"]["enum"] == ["RollingUpdate", "Recreate"]
     assert spec["rollout"]["properties"]["weightUpdate"]["enum"] == ["InPlace", "Rolling"]
     assert spec["resources"]["properties"]["gpuResourceName"]["default"] == "nvidia.com/gpu"
-    assert spec["parallelism"]["default"] == {}  # nested defaults apply when the block is omitted
+    # An omitted block defaults to its fields' defaults (the API server checks a default against the
+    # block's CEL rules as written: rollout's rule reads maxSurge).
+    assert spec["parallelism"]["default"] == {"tensor": 1, "pipeline": 1}
+    assert spec["rollout"]["default"]["maxSurge"] == 0 and spec["rollout"]["default"]["maxUnavailable"] == 1
     assert spec["engine"]["properties"]["kvCacheMemoryFraction"]["maximum"] == 0.99
 
 

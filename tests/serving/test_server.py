@@ -35,7 +35,7 @@ def server(cluster, checkpoints, tmp_path_factory):
     process = ServeProcess(["--model", template, "--model-revision", "a", "--served-model-name", MODEL,
                             "--device", "cpu", "--max-num-seqs", str(MAX_NUM_SEQS),
                             "--max-queue-size", str(MAX_QUEUE_SIZE), "--ray-address", cluster.address,
-                            "--admin-token-file", str(token_file)])
+                            "--admin-token-file", str(token_file), "--unready-delay-seconds", "0.5"])
     process.token_file = token_file
     yield process
     assert process.stop() == 0, process.log()
@@ -233,6 +233,9 @@ async def test_weight_update_while_streaming(server, checkpoints):
     await asyncio.sleep(0.3)
     response = await asyncio.to_thread(admin, server, "POST", json={"revision": "b"})
     assert response.status_code == 202 and response.json() == {"revision": "b", "state": "loading"}
+    # Draining before the load: out of the endpoints at once, while the streams it has run on.
+    health = await asyncio.to_thread(requests.get, f"{server.url}/health", timeout=5)
+    assert health.status_code == 503 and health.json()["status"] == "draining"
     assert await asyncio.gather(*streams) == [60] * 8
     state = await asyncio.to_thread(wait_for_weights, server)
     assert (state["revision"], state["state"]) == ("b", "ready")
@@ -244,6 +247,37 @@ async def test_weight_update_while_streaming(server, checkpoints):
     assert state["state"] == "failed" and "missing" in state["error"]
     still = await client.completions.create(model=MODEL, prompt=prompt, **greedy(8))
     assert still.choices[0].text == text_b           # the old weights keep serving
+    await client.close()
+
+
+@pytest.fixture
+def second_server(cluster, checkpoints):
+    process = ServeProcess(["--model", str(checkpoints["a"]), "--served-model-name", MODEL, "--device", "cpu",
+                            "--ray-address", cluster.address, "--unready-delay-seconds", "1", "--drain-seconds", "60"])
+    yield process
+    process.stop()
+
+
+async def test_sigterm_drains_streams_then_exits(second_server):
+    """A replica told to stop (scale-down, replacement) leaves the endpoints and finishes what it has."""
+    client = openai.AsyncOpenAI(base_url=f"{second_server.url}/v1", api_key="unused", max_retries=0)
+
+    async def stream() -> int:
+        chunks = [c async for c in await client.completions.create(
+            model=MODEL, prompt="draining", stream=True, stream_options={"include_usage": True}, **greedy(48))]
+        return chunks[-1].usage.completion_tokens
+
+    streams = [asyncio.create_task(stream()) for _ in range(4)]
+    await asyncio.sleep(0.5)
+    second_server.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    health = await asyncio.to_thread(requests.get, f"{second_server.url}/health", timeout=5)
+    assert health.status_code == 503 and health.json()["status"] == "draining"
+    # A request from a client whose endpoint list is not updated yet is still served.
+    late = await client.completions.create(model=MODEL, prompt="late", **greedy(4))
+    assert late.usage.completion_tokens == 4
+    assert await asyncio.gather(*streams) == [48] * 4
+    assert await asyncio.to_thread(second_server.process.wait, 60) == 0
     await client.close()
 
 

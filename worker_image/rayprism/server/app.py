@@ -27,14 +27,21 @@ _HEALTH_TIMEOUT_S = 10
 
 class Server:
     """Holds the LLM (None while it loads) and answers HTTP. `max_in_flight` bounds admitted requests;
-    beyond it requests get 429 so memory stays bounded."""
+    beyond it requests get 429 so memory stays bounded.
+
+    Draining (before a weights load, and on SIGTERM): /health answers 503 at once, so the readiness probe
+    takes the replica out of the Service's endpoints; requests keep being served meanwhile (clients with an
+    older endpoint list still arrive) for `unready_delay_s`, then until none is in flight, at most
+    `drain_s` in all."""
 
     def __init__(self, *, served_model_name: str, model_uri: str, revision: str | None, max_in_flight: int,
-                 admin_token_file: str | None):
+                 admin_token_file: str | None, drain_s: float = 30.0, unready_delay_s: float = 5.0):
         self.served_model_name = served_model_name
         self.llm = None
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.drain_s, self.unready_delay_s = drain_s, unready_delay_s
+        self.draining: str | None = None  # why /health says 503 while the model still serves
         self.admin_token_file = admin_token_file
         self.weights = {"revision": revision, "uri": model_uri, "state": "loading", "error": None}
         self.metrics = Metrics(lambda: self.llm.stats() if self.llm else {}, lambda: self.in_flight)
@@ -218,6 +225,8 @@ class Server:
     async def health(self, request: web.Request) -> web.Response:
         if self.llm is None:
             return web.json_response({"status": self.weights["state"], "error": self.weights["error"]}, status=503)
+        if self.draining:
+            return web.json_response({"status": "draining", "reason": self.draining}, status=503)
         try:
             await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, self.llm.check_health),
                                    _HEALTH_TIMEOUT_S)
@@ -265,8 +274,23 @@ class Server:
         self._weight_task = asyncio.create_task(self._load_weights(uri, revision))
         return web.json_response({"revision": revision, "state": "loading"}, status=202)
 
+    async def drain(self, reason: str) -> float:
+        """Leaves the endpoints and lets requests in flight finish (see the class); returns the seconds it took."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self.draining = reason
+        log.info("draining (%s): %d request(s) in flight", reason, self.in_flight)
+        await asyncio.sleep(min(self.unready_delay_s, self.drain_s))
+        while self.in_flight and loop.time() - started < self.drain_s:
+            await asyncio.sleep(0.1)
+        if self.in_flight:
+            log.warning("drained for %.0fs; %d request(s) still in flight", self.drain_s, self.in_flight)
+        return loop.time() - started
+
     async def _load_weights(self, uri: str, revision: str) -> None:
         try:
+            # Requests running now finish on the weights they started with; new ones go to other replicas.
+            await self.drain(f"loading weights {revision}")
             await asyncio.get_running_loop().run_in_executor(None, self.llm.update_weights, uri, revision)
         except Exception as err:  # noqa: BLE001 - reported through GET; the old weights keep serving
             log.exception("loading weights %s (revision %s) failed", uri, revision)
@@ -274,6 +298,8 @@ class Server:
         else:
             log.info("now serving weights %s (revision %s)", uri, revision)
             self.weights.update(state="ready", revision=revision, uri=uri, error=None)
+        finally:
+            self.draining = None
 
 
 class _ClientGone(Exception):

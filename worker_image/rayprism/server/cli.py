@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import time
 
@@ -38,8 +39,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--port", type=int, default=8000)
     add("--ray-address", default="auto",
         help="'auto' joins the Ray cluster of this node, 'local' starts one, or a Ray address (host:port)")
+    add("--drain-seconds", type=_non_negative_float, default=30.0,
+        help="on SIGTERM and before a weights load: stop reporting ready, then keep serving until no request "
+             "is in flight, at most this long")
+    add("--unready-delay-seconds", type=_non_negative_float, default=5.0,
+        help="while draining, serve at least this long after /health turned 503, so the Service's endpoints "
+             "drop the replica before it stops (the readiness probe's period times its failure threshold)")
     add("--admin-token-file", default=DEFAULT_ADMIN_TOKEN_FILE,
         help="bearer token file of the admin API (env RAYPRISM_ADMIN_TOKEN takes precedence)")
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -60,12 +74,28 @@ def serve(args: argparse.Namespace, on_ready=None) -> int:
     """Runs until SIGINT/SIGTERM; returns 0, or 1 when the model cannot be loaded.
     on_ready(url) is called once the model serves (`rayprism run` prints the endpoint)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(_serve(args, on_ready))
+    code = asyncio.run(_serve(args, on_ready))
+    if code == 0 and _terminated:
+        # After SIGTERM, Ray's failure signal handler (installed with the driver's core worker) leaves the
+        # interpreter to abort in finalization; the server, the model and Ray's driver are shut down by now.
+        logging.shutdown()
+        os._exit(0)
+    return code
+
+
+_terminated = False
+
+
+def _on_stop_signal(stop: asyncio.Event, sig: int) -> None:
+    global _terminated
+    _terminated = _terminated or sig == signal.SIGTERM
+    stop.set()
 
 
 async def _serve(args: argparse.Namespace, on_ready) -> int:
     server = Server(served_model_name=args.served_model_name, model_uri=args.model, revision=args.model_revision,
-                    max_in_flight=args.max_num_seqs + args.max_queue_size, admin_token_file=args.admin_token_file)
+                    max_in_flight=args.max_num_seqs + args.max_queue_size, admin_token_file=args.admin_token_file,
+                    drain_s=args.drain_seconds, unready_delay_s=args.unready_delay_seconds)
     # Cancel handlers whose client went away, so a disconnected request is aborted in the engine.
     runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
     await runner.setup()
@@ -75,7 +105,7 @@ async def _serve(args: argparse.Namespace, on_ready) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, _on_stop_signal, stop, sig)
     llm = None
     stopped = asyncio.ensure_future(stop.wait())
     try:
@@ -97,6 +127,8 @@ async def _serve(args: argparse.Namespace, on_ready) -> int:
         if on_ready:
             on_ready(f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}")
         await stopped
+        # SIGTERM (a scale-down, a replacement): leave the endpoints, finish what is in flight, then close.
+        await server.drain("shutting down")
         return 0
     finally:
         log.info("shutting down")
