@@ -24,6 +24,7 @@ INFERENCE_DEPLOYMENTS = (f"/apis/{api.GROUP}/{api.VERSION}", api.PLURAL)
 RAYCLUSTERS = ("/apis/ray.io/v1", "rayclusters")
 SERVICES = ("/api/v1", "services")
 SECRETS = ("/api/v1", "secrets")
+PODS = ("/api/v1", "pods")
 
 # Retried here for idempotent requests; everything else fails the reconcile, which the work queue
 # retries with backoff.
@@ -125,7 +126,8 @@ class KubeClient:
 
     async def delete(self, resource: tuple[str, str], namespace: str, name: str) -> None:
         try:
-            # Background: the API server's garbage collector removes the RayCluster's pods.
-            await self.request("DELETE", _path(resource, namespace, name), {"propagationPolicy": "Background"})
+            # Foreground: the RayCluster stays (terminating) until the garbage collector has removed its pods,
+            # so a replica whose pods still hold GPUs counts against maxSurge and blocks Recreate.
+            await self.request("DELETE", _path(resource, namespace, name), {"propagationPolicy": "Foreground"})
         except NotFound:
             pass  # already gone: what we wanted
