@@ -47,6 +47,9 @@ class Replica:
     weights_since: datetime | None = None  # when a load was last asked for, or finished (annotation)
     weights_failed: str | None = None  # revision whose in-place load failed (annotation)
     admin: WeightsReport | None = None  # polled only while a load is in flight; None: no answer
+    # Why KubeRay or the scheduler cannot make its pods run: (reason, message), e.g. KubeRay's
+    # ReplicaFailure (FailedCreateHeadPod: refused by admission), Unschedulable, ImagePullBackOff.
+    failure: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,12 +112,18 @@ def plan(obs: Observed) -> Plan:
     progress = _last_progress(current)
 
     # Weights of current-revision replicas (only InPlace leaves them behind the spec).
-    failed, loading, stale = (_weights(obs, current, out) if in_place and target_weights is not None
-                              else (set(), set(), []))
+    failed, replace, loading, stale = (_weights(obs, current, out) if in_place and target_weights is not None
+                                       else (set(), set(), set(), []))
     finished = set(out.finish_weight_updates)
-    # Replicas that will be replaced: outdated, or weights that cannot be loaded in place.
-    outdated += [r for r in current if r.name in failed]
-    current = [r for r in current if r.name not in failed]
+    # A revision that failed to load halts its rollout, as a Deployment stops on failing new pods: the
+    # replica that failed keeps serving its old weights (the server keeps them), no other load starts, and
+    # nothing is replaced (a replacement would start on the failing revision and crash-loop). A new
+    # model.revision resumes: failures count against the revision that failed.
+    if failed:
+        stale = []
+    # Replicas that will be replaced: outdated, or weights that may not be loaded in place (maxUnavailable 0).
+    outdated += [r for r in current if r.name in replace]
+    current = [r for r in current if r.name not in replace]
 
     def available(r: Replica) -> bool:
         return r.ready and r.name not in loading
@@ -183,13 +192,19 @@ def plan(obs: Observed) -> Plan:
     ready = [r for r in remaining if r.ready]
     available_now = [r for r in updated if r.ready and r.name not in loading]
     serving = Counter(r.revision for r in ready)
-    weights = {r.weights_revision if r.name not in finished else target_weights for r in ready}
+    # What every replica serves, not only the ready ones: a replica draining or loading is unready, and
+    # still holds the weights it had.
+    weights = {r.weights_revision if r.name not in finished else target_weights for r in remaining}
     complete = len(available_now) == want and len(remaining) + len(terminating) == want
 
     deadline_passed = (not complete and progress is not None
                        and (obs.now - progress).total_seconds() > rollout.progress_deadline_seconds)
     if complete:
         progressing = ("True", "NewRevisionAvailable", f"Revision {obs.update_revision} is available")
+    elif failed:
+        progressing = ("False", "WeightUpdateFailed",
+                       f"weights revision {target_weights} failed to load on {', '.join(sorted(failed))}: the rollout "
+                       "is halted and every replica keeps the weights it has; set model.revision to one that loads")
     elif deadline_passed:
         progressing = ("False", "ProgressDeadlineExceeded",
                        f"Rollout to revision {obs.update_revision} made no progress for "
@@ -207,9 +222,15 @@ def plan(obs: Observed) -> Plan:
                  if complete else
                  ("False", "ReplicasNotReady",
                   f"{len(available_now)} of {want} replicas ready on revision {obs.update_revision}"))
-    degraded = (("True", "WeightUpdateFailed", "Some replicas failed to load new weights and are being replaced")
-                if failed and in_place and rollout.max_unavailable > 0 else
-                ("False", "ReconcileSucceeded", ""))
+    failing = sorted((r.name, r.failure) for r in live if r.failure and r.name not in out.delete)
+    if failed:
+        degraded = ("True", "WeightUpdateFailed", progressing[2])
+    elif failing:
+        name, (reason, message) = failing[0]
+        more = f" (and {len(failing) - 1} more replica(s))" if len(failing) > 1 else ""
+        degraded = ("True", reason, f"replica {name}: {message}{more}"[:1000])
+    else:
+        degraded = ("False", "ReconcileSucceeded", "")
 
     conditions = set_conditions(obs.conditions, obs.now, obs.generation, {
         "Available": availability, "Ready": readiness, "Progressing": progressing, "Degraded": degraded})
@@ -219,6 +240,9 @@ def plan(obs: Observed) -> Plan:
         out.events.append(Event("Warning", "ProgressDeadlineExceeded", progressing[2]))
     if complete and was_progressing != "NewRevisionAvailable":
         out.events.append(Event("Normal", "RolloutComplete", progressing[2]))
+    was_degraded = previous.get("Degraded", {})
+    if failing and (was_degraded.get("reason"), was_degraded.get("message")) != degraded[1:]:
+        out.events.append(Event("Warning", degraded[1], degraded[2]))
 
     out.status = {
         "observedGeneration": obs.generation,
@@ -243,8 +267,12 @@ def _requeue_after(obs: Observed, loading: set[str], progress: datetime | None) 
     """When to look again for what no watch event announces: in-flight loads (polled, and their
     timeouts) and the progress deadline counted from `progress`."""
     rollout, waits = obs.spec.rollout, []
-    if loading:
-        waits.append(obs.weights_poll_seconds)
+    for r in obs.replicas:
+        if r.name in loading:
+            # Back-off: a quarter of the time the load has taken, between the poll interval and 10 s, so a
+            # replica that does not answer (or answers 5xx) is asked again less and less often.
+            elapsed = (obs.now - (r.weights_since or obs.now)).total_seconds()
+            waits.append(min(10.0, max(obs.weights_poll_seconds, elapsed / 4)))
     if progress is not None:
         waits.append(rollout.progress_deadline_seconds - (obs.now - progress).total_seconds() + 0.1)
     for r in obs.replicas:
@@ -254,11 +282,13 @@ def _requeue_after(obs: Observed, loading: set[str], progress: datetime | None) 
     return max(0.1, min(waits)) if waits else None
 
 
-def _weights(obs: Observed, current: list[Replica], out: Plan) -> tuple[set[str], set[str], list[Replica]]:
-    """Where each current-revision replica stands with model.revision: (failed, loading, stale).
+def _weights(obs: Observed, current: list[Replica],
+             out: Plan) -> tuple[set[str], set[str], set[str], list[Replica]]:
+    """Where each current-revision replica stands with model.revision: (failed, replace, loading, stale).
     Finished and failed loads are recorded in `out` (with their events)."""
     rollout, target_weights = obs.spec.rollout, obs.spec.model.revision
     failed: set[str] = set()
+    replace: set[str] = set()
     loading: set[str] = set()
     stale: list[Replica] = []
     for r in current:
@@ -278,13 +308,13 @@ def _weights(obs: Observed, current: list[Replica], out: Plan) -> tuple[set[str]
                 out.fail_weight_updates.append(r.name)
                 out.events.append(Event("Warning", "WeightUpdateFailed",
                                         f"Replica {r.name} failed to load weights revision "
-                                        f"{target_weights}: {report.error}; replacing it"))
+                                        f"{target_weights}: {report.error}; the rollout is halted"))
             elif (obs.now - started).total_seconds() >= rollout.weight_update_timeout_seconds:
                 failed.add(r.name)
                 out.fail_weight_updates.append(r.name)
                 out.events.append(Event("Warning", "WeightUpdateFailed",
                                         f"Replica {r.name} did not load weights revision {target_weights} "
-                                        f"within {rollout.weight_update_timeout_seconds}s; replacing it"))
+                                        f"within {rollout.weight_update_timeout_seconds}s; the rollout is halted"))
             else:
                 loading.add(r.name)
         elif r.weights_target is not None:
@@ -297,10 +327,10 @@ def _weights(obs: Observed, current: list[Replica], out: Plan) -> tuple[set[str]
                                     f"instead of {r.weights_target}"))
         elif rollout.max_unavailable == 0:
             # No replica may go unavailable, so an in-place load is never allowed: replace instead.
-            failed.add(r.name)
+            replace.add(r.name)
         else:
             stale.append(r)
-    return failed, loading, stale
+    return failed, replace, loading, stale
 
 
 def _last_progress(updated: list[Replica]) -> datetime | None:

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 import kopf
 
 from . import api, metrics, planner, render
-from .kube import INFERENCE_DEPLOYMENTS, RAYCLUSTERS, SECRETS, SERVICES, ApiError, Conflict, KubeClient, NotFound
+from .kube import INFERENCE_DEPLOYMENTS, PODS, RAYCLUSTERS, SECRETS, SERVICES, ApiError, Conflict, KubeClient, NotFound
 from .weights import WeightsClient, admin_url
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ class Settings:
 
     options: render.RenderOptions = render.RenderOptions()
     weights_poll_seconds: float = planner.DEFAULT_WEIGHTS_POLL_SECONDS
+    # Look again at least this often: what no watch event announces, such as a replica's server that
+    # restarted on the revision in its args after the replica was loaded in place.
+    resync_seconds: float = 30.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -47,6 +50,7 @@ class Settings:
                 default_image=os.environ.get("RAYPRISM_DEFAULT_WORKER_IMAGE", render.DEFAULT_WORKER_IMAGE)),
             weights_poll_seconds=float(os.environ.get("RAYPRISM_WEIGHTS_POLL_SECONDS",
                                                       planner.DEFAULT_WEIGHTS_POLL_SECONDS)),
+            resync_seconds=float(os.environ.get("RAYPRISM_RESYNC_SECONDS", 30.0)),
         )
 
 
@@ -72,7 +76,33 @@ def is_ready(raycluster: dict) -> bool:
         "desiredWorkerReplicas", 0)
 
 
-def observe(raycluster: dict, now: datetime, report: planner.WeightsReport | None = None) -> planner.Replica:
+# Container states that a pod does not get out of by waiting.
+STUCK_CONTAINER_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "CreateContainerConfigError",
+                           "CreateContainerError", "CrashLoopBackOff"}
+
+
+def failure(raycluster: dict, pods: list[dict]) -> tuple[str, str] | None:
+    """Why a replica's pods do not run, in KubeRay's or the kubelet's words: the RayCluster's ReplicaFailure
+    condition (a pod KubeRay could not create), else an unschedulable or stuck pod of it."""
+    for c in (raycluster.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "ReplicaFailure" and c.get("status") == "True":
+            return c.get("reason") or "ReplicaFailure", c.get("message") or ""
+    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
+        status, pod_name = pod.get("status") or {}, pod["metadata"]["name"]
+        for c in status.get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                return c.get("reason") or "Unschedulable", f"pod {pod_name}: {c.get('message', '')}"
+        for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in STUCK_CONTAINER_REASONS:
+                return waiting["reason"], f"pod {pod_name} container {cs['name']}: {waiting.get('message', '')}"
+    return None
+
+
+def observe(raycluster: dict, now: datetime, report: planner.WeightsReport | None = None,
+            pods: list[dict] = (), served: planner.WeightsReport | None = None) -> planner.Replica:
+    """`report`: a loading replica's admin API; `served`: what a settled one says it serves, which wins over
+    the annotation (a head container that restarted comes back on the revision in its args)."""
     meta = raycluster["metadata"]
     annotations = meta.get("annotations") or {}
     status = raycluster.get("status") or {}
@@ -84,12 +114,25 @@ def observe(raycluster: dict, now: datetime, report: planner.WeightsReport | Non
         ready=is_ready(raycluster) and not meta.get("deletionTimestamp"),
         ready_since=_time(head.get("lastTransitionTime")) if head.get("status") == "True" else None,
         terminating=bool(meta.get("deletionTimestamp")),
-        weights_revision=annotations.get(render.ANNOTATION_WEIGHTS_REVISION) or None,
+        weights_revision=(served.revision if served is not None and served.state == "ready"
+                          else annotations.get(render.ANNOTATION_WEIGHTS_REVISION) or None),
         weights_target=annotations.get(ANNOTATION_WEIGHTS_TARGET),
         weights_since=_time(annotations.get(ANNOTATION_WEIGHTS_SINCE)),
         weights_failed=annotations.get(ANNOTATION_WEIGHTS_FAILED),
         admin=report,
+        failure=failure(raycluster, list(pods)),
     )
+
+
+class NotOwned(Exception):
+    """A child's name is taken by an object this InferenceDeployment does not own: it is left alone."""
+
+
+def _check_owned(child: dict, infd: api.InferenceDeployment) -> None:
+    meta = child["metadata"]
+    if not any(o.get("uid") == infd.metadata.uid and o.get("controller") for o in meta.get("ownerReferences") or []):
+        raise NotOwned(f"{child.get('kind', 'object')} {meta.get('namespace')}/{meta['name']} exists and is not "
+                       f"owned by InferenceDeployment {infd.metadata.name}: rename or delete it")
 
 
 class Reconciler:
@@ -117,8 +160,12 @@ class Reconciler:
             await self._report_degraded(body, "InvalidSpec", str(e), now)
             return None
 
-        token = await self._admin_token(infd)
-        await self._ensure_service(infd)
+        try:
+            token = await self._admin_token(infd)
+            await self._ensure_service(infd)
+        except NotOwned as e:  # the user's object: never adopted or changed; say so, look again later
+            await self._report_degraded(body, "ChildNotOwned", str(e), now)
+            return self.settings.resync_seconds
         revision = render.revision_hash(infd.spec, self.settings.options)
         children = await self._replicas(infd)
         replicas = await self._observe(children, revision, infd.spec.model.revision, token, now)
@@ -140,7 +187,7 @@ class Reconciler:
         changes = {k: v for k, v in plan.status.items() if current.get(k) != v}
         if changes:
             await self.kube.patch(INFERENCE_DEPLOYMENTS, namespace, name, {"status": changes}, subresource="status")
-        return plan.requeue_after
+        return min(plan.requeue_after or self.settings.resync_seconds, self.settings.resync_seconds)
 
     async def _replicas(self, infd: api.InferenceDeployment) -> list[dict]:
         """The RayClusters of this InferenceDeployment (by label, and owner uid where known)."""
@@ -156,9 +203,21 @@ class Reconciler:
         loading = [c for c in children if target is not None
                    and (c["metadata"].get("annotations") or {}).get(ANNOTATION_WEIGHTS_TARGET) == target
                    and (c["metadata"].get("labels") or {}).get(render.LABEL_REVISION) == revision]
-        reports = await asyncio.gather(*(self.weights.poll(admin_url(c), token, target) for c in loading))
+        settled = [c for c in children if target is not None and c not in loading and is_ready(c)
+                   and not c["metadata"].get("deletionTimestamp")]
+        reports, served = await asyncio.gather(
+            asyncio.gather(*(self.weights.poll(admin_url(c), token, target) for c in loading)),
+            asyncio.gather(*(self.weights.served(admin_url(c), token) for c in settled)))
         by_name = {c["metadata"]["name"]: r for c, r in zip(loading, reports)}
-        return [observe(c, now, by_name.get(c["metadata"]["name"])) for c in children]
+        served_by_name = {c["metadata"]["name"]: r for c, r in zip(settled, served)}
+        pods: dict[str, list[dict]] = {}
+        if children:  # the pods carry the template's labels, and KubeRay's with their RayCluster's name
+            meta = children[0]["metadata"]
+            selector = render.selector_labels(meta["labels"][render.LABEL_DEPLOYMENT])
+            for pod in await self.kube.list(PODS, meta["namespace"], selector):
+                pods.setdefault((pod["metadata"].get("labels") or {}).get("ray.io/cluster", ""), []).append(pod)
+        return [observe(c, now, by_name.get(name := c["metadata"]["name"]), pods.get(name, []), served_by_name.get(name))
+                for c in children]
 
     async def _apply(self, plan: planner.Plan, infd: api.InferenceDeployment, revision: str,
                      children: list[dict], token: str, body: dict, now: datetime) -> None:
@@ -178,7 +237,7 @@ class Reconciler:
                                spec)
         metrics.WEIGHT_UPDATES.labels("succeeded").inc(len(plan.finish_weight_updates))
         for replica in plan.fail_weight_updates:
-            await annotate(replica, {ANNOTATION_WEIGHTS_FAILED: target})
+            await annotate(replica, {ANNOTATION_WEIGHTS_FAILED: target, ANNOTATION_WEIGHTS_TARGET: None})
             metrics.WEIGHT_UPDATES.labels("failed").inc()
         for replica in plan.delete:
             await self.kube.delete(RAYCLUSTERS, namespace, replica)
@@ -186,11 +245,12 @@ class Reconciler:
             # Recorded before asking, so that a restart in between polls (and re-asks) the replica.
             await annotate(replica, {ANNOTATION_WEIGHTS_TARGET: target, ANNOTATION_WEIGHTS_SINCE: _stamp(now)})
             child = next(c for c in children if c["metadata"]["name"] == replica)
-            if not await self.weights.request_load(admin_url(child), token, target):
-                await annotate(replica, {ANNOTATION_WEIGHTS_FAILED: target})
+            refused = await self.weights.request_load(admin_url(child), token, target)
+            if refused:  # a 4xx: asking again would not help; the next pass halts the rollout
+                await annotate(replica, {ANNOTATION_WEIGHTS_FAILED: target, ANNOTATION_WEIGHTS_TARGET: None})
                 metrics.WEIGHT_UPDATES.labels("failed").inc()
                 kopf.event(body, type="Warning", reason="WeightUpdateFailed",
-                           message=f"Replica {replica} refused to load weights revision {target}; replacing it")
+                           message=f"Replica {replica} refused to load weights revision {target}: {refused}")
         for _ in range(plan.create):
             await self._create_replica(infd, revision)
 
@@ -206,7 +266,8 @@ class Reconciler:
         raise RuntimeError(f"could not find a free replica name for {infd.metadata.name}")
 
     async def _admin_token(self, infd: api.InferenceDeployment) -> str:
-        """The replicas' admin token: generated once, then always read back from the Secret."""
+        """The replicas' admin token: generated once, then always read back from the Secret (recreated,
+        with a new token, if someone deleted it; a Secret of that name we do not own is refused)."""
         namespace, name = infd.metadata.namespace, render.admin_secret_name(infd.metadata.name)
         try:
             secret = await self.kube.get(SECRETS, namespace, name)
@@ -216,7 +277,11 @@ class Reconciler:
                     SECRETS, namespace, render.render_admin_secret(infd, secrets.token_urlsafe(32)))
             except Conflict:
                 secret = await self.kube.get(SECRETS, namespace, name)
-        return base64.b64decode(secret["data"][render.ADMIN_TOKEN_KEY]).decode()
+        _check_owned(secret, infd)
+        token = (secret.get("data") or {}).get(render.ADMIN_TOKEN_KEY)
+        if not token:
+            raise NotOwned(f"Secret {namespace}/{name} has no key {render.ADMIN_TOKEN_KEY!r}")
+        return base64.b64decode(token).decode()
 
     async def _ensure_service(self, infd: api.InferenceDeployment) -> None:
         desired = render.render_service(infd)
@@ -229,6 +294,7 @@ class Reconciler:
             except Conflict:
                 pass  # created meanwhile; the next reconcile compares it
             return
+        _check_owned(existing, infd)
         spec, wanted = existing.get("spec") or {}, desired["spec"]
 
         def ports(s: dict) -> list:  # the API server fills in more (nodePort, ...): compare ours only

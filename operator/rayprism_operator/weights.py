@@ -30,24 +30,33 @@ class WeightsClient:
     async def close(self) -> None:
         await self._session.close()
 
-    async def request_load(self, base_url: str, token: str, revision: str) -> bool:
-        """POST the new revision. True when the replica accepted it (or is already busy loading)."""
+    async def request_load(self, base_url: str, token: str, revision: str) -> str | None:
+        """POST the new revision. None when the replica accepted it (or is already busy loading) or may
+        accept it when asked again (no answer, 5xx: the polls ask again, with back-off); else why it refused."""
         try:
             async with self._session.post(f"{base_url}/admin/v1/weights", json={"revision": revision},
                                           headers={"Authorization": f"Bearer {token}"}) as response:
                 if response.status in (200, 202, 409):  # 409: a load is in progress; poll it
-                    return True
-                logger.warning("POST %s/admin/v1/weights: HTTP %s %s", base_url, response.status,
-                               await response.text())
-                return False
+                    return None
+                text = await response.text()
+                logger.warning("POST %s/admin/v1/weights: HTTP %s %s", base_url, response.status, text)
+                return None if response.status >= 500 else f"HTTP {response.status}: {text[:300]}"
         except (aiohttp.ClientError, TimeoutError) as e:
-            logger.warning("POST %s/admin/v1/weights: %r", base_url, e)
-            return False
+            logger.warning("POST %s/admin/v1/weights: %r (asked again later)", base_url, e)
+            return None
 
     async def poll(self, base_url: str, token: str, revision: str) -> WeightsReport | None:
         """What the replica has loaded; asks again for `revision` if the replica is not loading it
         (the first request may have been lost, e.g. when the operator restarted in between).
         None when the replica does not answer."""
+        report = await self.served(base_url, token)
+        if report is not None and report.state == "ready" and report.revision != revision:
+            await self.request_load(base_url, token, revision)
+            return WeightsReport(revision=report.revision, state="loading")
+        return report
+
+    async def served(self, base_url: str, token: str) -> WeightsReport | None:
+        """What the replica says it serves (None when it does not answer)."""
         try:
             async with self._session.get(f"{base_url}/admin/v1/weights",
                                          headers={"Authorization": f"Bearer {token}"}) as response:
@@ -58,8 +67,4 @@ class WeightsClient:
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             logger.warning("GET %s/admin/v1/weights: %r", base_url, e)
             return None
-        report = WeightsReport(revision=body.get("revision"), state=body.get("state", ""), error=body.get("error"))
-        if report.state == "ready" and report.revision != revision:
-            await self.request_load(base_url, token, revision)
-            return WeightsReport(revision=report.revision, state="loading")
-        return report
+        return WeightsReport(revision=body.get("revision"), state=body.get("state", ""), error=body.get("error"))

@@ -51,6 +51,7 @@ OPERATOR_GRANTS = {
     # Neither listed, watched nor deleted: the garbage collector removes them through their ownerReferences.
     ("", "services"): {"get", "create", "patch"},
     ("", "secrets"): {"get", "create"},
+    ("", "pods"): {"list"},
     ("", "events"): {"create", "patch"},
 }
 # kopf's observation of the cluster (kopf/_core/reactor/observation.py): CRDs always, namespaces only

@@ -20,6 +20,7 @@ async def k8s(tmp_path, monkeypatch):
         # The kubernetes package reads $KUBECONFIG once, at import (which happened already).
         monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
         monkeypatch.setenv("RAYPRISM_WEIGHTS_POLL_SECONDS", "0.2")
+        monkeypatch.setenv("RAYPRISM_RESYNC_SECONDS", "2")  # what no watch event announces, seen soon
         monkeypatch.setenv("RAYPRISM_DEFAULT_WORKER_IMAGE", WORKER_IMAGE)  # as the Helm chart sets it
         yield emulator
 

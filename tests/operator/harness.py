@@ -181,7 +181,7 @@ def register(k: KubernetesEmulator) -> None:
         kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False, verbs=VERBS)
     k.resources["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", singular="namespace",
                                                       namespaced=False, verbs=VERBS)
-    for plural, kind in [("services", "Service"), ("secrets", "Secret"), ("events", "Event")]:
+    for plural, kind in [("services", "Service"), ("secrets", "Secret"), ("events", "Event"), ("pods", "Pod")]:
         k.resources[f"v1/{plural}"] = kmock.ResourceInfo(kind=kind, singular=kind.lower(), namespaced=True,
                                                          verbs=VERBS)
 

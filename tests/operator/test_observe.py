@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rayprism_operator.reconciler import is_ready
+from rayprism_operator.reconciler import failure, is_ready
 
 
 def raycluster(head: str, ready_workers: int | None, desired_workers: int | None) -> dict:
@@ -26,3 +26,25 @@ def raycluster(head: str, ready_workers: int | None, desired_workers: int | None
 ])
 def test_ready_needs_the_head_and_at_least_the_desired_workers(head, ready_workers, desired_workers, ready):
     assert is_ready(raycluster(head, ready_workers, desired_workers)) == ready
+
+
+def _pod(name: str, **status) -> dict:
+    return {"metadata": {"name": name}, "status": status}
+
+
+@pytest.mark.parametrize("raycluster_conditions, pods, expected", [
+    ([], [_pod("h", phase="Running")], None),
+    ([{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreateHeadPod", "message": "forbidden: PodSecurity"}],
+     [], ("FailedCreateHeadPod", "forbidden: PodSecurity")),
+    ([], [_pod("w", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                 "message": "0/1 nodes are available"}])],
+     ("Unschedulable", "pod w: 0/1 nodes are available")),
+    ([], [_pod("h", containerStatuses=[{"name": "ray-head", "state": {"waiting": {
+        "reason": "ImagePullBackOff", "message": "Back-off pulling image"}}}])],
+     ("ImagePullBackOff", "pod h container ray-head: Back-off pulling image")),
+    # Starting is not failing.
+    ([], [_pod("h", containerStatuses=[{"name": "ray-head", "state": {"waiting": {"reason": "ContainerCreating"}}}])],
+     None),
+], ids=["running", "kuberay-replica-failure", "unschedulable", "image-pull", "starting"])
+def test_failure_names_kuberays_or_the_pods_reason(raycluster_conditions, pods, expected):
+    assert failure({"status": {"conditions": raycluster_conditions}}, pods) == expected

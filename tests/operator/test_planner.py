@@ -100,14 +100,20 @@ def test_replica_changes(case, s, replicas, create, delete):
      spec(3, maxUnavailable=1),
      [rep("a", weights="v1", weights_target="v2", weights_since=NOW, admin=WeightsReport("v2", "ready")),
       rep("b", age=300, weights="v1"), rep("c", weights="v1")], ["b"], ["a"], [], [], 0),
-    ("a failed load replaces the replica",
+    ("a failed load halts the rollout: nothing replaced, no other load starts",
      spec(3, maxUnavailable=1),
      [rep("a", weights="v1", weights_target="v2", weights_since=NOW, admin=WeightsReport("v1", "failed", "x")),
-      rep("b"), rep("c")], [], [], ["a"], ["a"], 1),
-    ("a load past its timeout replaces the replica",
+      rep("b", weights="v1"), rep("c")], [], [], ["a"], [], 0),
+    ("a load past its timeout halts the rollout",
      spec(3, maxUnavailable=1, weightUpdateTimeoutSeconds=60),
      [rep("a", weights="v1", weights_target="v2", weights_since=NOW - timedelta(seconds=61), admin=None),
-      rep("b"), rep("c")], [], [], ["a"], ["a"], 1),
+      rep("b"), rep("c")], [], [], ["a"], [], 0),
+    ("a recorded failure keeps the rollout halted",
+     spec(3, maxUnavailable=1),
+     [rep("a", weights="v1", weights_failed="v2"), rep("b", weights="v1"), rep("c", weights="v1")], [], [], [], [], 0),
+    ("failures of another revision do not count: v3 loads where v2 failed",
+     parse_spec({"model": {"name": "m", "uri": "hf://org/m", "revision": "v3"}, "replicas": 2}),
+     [rep("a", age=300, weights="v1", weights_failed="v2"), rep("b", weights="v1")], ["a"], [], [], [], 0),
     ("maxUnavailable 0: replaced with surge instead of loaded in place",
      spec(2, maxSurge=1, maxUnavailable=0), [rep("a", weights="v1"), rep("b", weights="v1")], [], [], [], [], 1),
     ("not-ready stale replicas wait",
@@ -117,6 +123,17 @@ def test_in_place_weight_updates(case, s, replicas, start, finish, fail, delete,
     p = plan(observe(s, replicas))
     assert (p.start_weight_updates, p.finish_weight_updates, p.fail_weight_updates, p.delete, p.create) == (
         start, finish, fail, delete, create), case
+
+
+def test_a_halted_rollout_says_so_and_keeps_serving():
+    replicas = [rep("a", weights="v1", weights_failed="v2"), rep("b", weights="v1")]
+    p = plan(observe(spec(2, maxUnavailable=1), replicas))
+    conditions = {c["type"]: c for c in p.status["conditions"]}
+    assert (conditions["Progressing"]["status"], conditions["Progressing"]["reason"]) == ("False", "WeightUpdateFailed")
+    assert "halted" in conditions["Progressing"]["message"] and "a" in conditions["Progressing"]["message"]
+    assert conditions["Degraded"]["reason"] == "WeightUpdateFailed"
+    assert conditions["Available"]["status"] == "True"  # both still serve v1
+    assert p.status["weightsRevision"] == "v1"
 
 
 def test_status_of_a_finished_rollout():
@@ -152,10 +169,29 @@ def test_progress_deadline_turns_progressing_false_once():
     assert again.events == [] and again.status["conditions"] == p.status["conditions"]  # no new transition
 
 
-def test_weights_revision_is_reported_only_when_every_ready_replica_has_it():
+def test_weights_revision_is_reported_only_when_every_replica_has_it():
     mixed = plan(observe(spec(2, maxUnavailable=1), [rep("a", weights="v1"), rep("b")]))
     assert mixed.status["weightsRevision"] is None
     assert mixed.status["updatedReplicas"] == 1
+    # A replica draining before its load is unready and still serves v1: status must not say v2.
+    draining = rep("a", ready=False, weights="v1", weights_target="v2", weights_since=NOW,
+                   admin=WeightsReport("v1", "loading"))
+    assert plan(observe(spec(2, maxUnavailable=1), [draining, rep("b")])).status["weightsRevision"] is None
+
+
+@pytest.mark.parametrize("pods_failure", [("FailedCreateHeadPod", "pods \"x-head\" is forbidden: violates PodSecurity"),
+                                          ("Unschedulable", "0/1 nodes are available: 1 Insufficient nvidia.com/gpu")])
+def test_why_a_replica_does_not_run_reaches_degraded_and_one_event(pods_failure):
+    s = spec(1)
+    stuck = [rep("a", ready=False, failure=pods_failure)]
+    p = plan(observe(s, stuck))
+    degraded = next(c for c in p.status["conditions"] if c["type"] == "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", pods_failure[0])
+    assert pods_failure[1] in degraded["message"]
+    assert [(e.type, e.reason) for e in p.events] == [("Warning", pods_failure[0])]
+    assert plan(observe(s, stuck, p.status["conditions"])).events == []  # said once, not every pass
+    healed = plan(observe(s, [rep("a")], p.status["conditions"]))
+    assert next(c for c in healed.status["conditions"] if c["type"] == "Degraded")["status"] == "False"
 
 
 @pytest.mark.parametrize("case, s, replicas, available", [

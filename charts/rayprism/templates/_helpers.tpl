@@ -66,6 +66,11 @@ cluster-wide install, each namespace's Role's rules otherwise.
 - apiGroups: [ray.io]
   resources: [rayclusters]
   verbs: [get, list, watch, create, patch, delete]
+# The replicas' pods, read only: why one does not run (unschedulable, image pull, crash loop) reaches the
+# InferenceDeployment's Degraded condition and Events.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
 # The endpoint Service of every InferenceDeployment: read, created, patched back when it drifts.
 - apiGroups: [""]
   resources: [services]
