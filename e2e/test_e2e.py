@@ -75,9 +75,9 @@ def infd() -> dict:
     return kubectl_json(NAMESPACE, "get", "infd", NAME)
 
 
-def wait_for(condition: str, timeout_s: int) -> None:
-    """kubectl wait on the InferenceDeployment (condition=... or jsonpath=...)."""
-    kubectl("wait", f"--for={condition}", f"infd/{NAME}", f"--timeout={timeout_s}s", timeout=timeout_s + 30)
+def wait_for(condition: str, timeout_s: int, name: str = NAME) -> None:
+    """kubectl wait on an InferenceDeployment (condition=... or jsonpath=...)."""
+    kubectl("wait", f"--for={condition}", f"infd/{name}", f"--timeout={timeout_s}s", timeout=timeout_s + 30)
 
 
 def patch_spec(spec: dict) -> int:
@@ -130,35 +130,53 @@ def chat(base_url: str, content: str = "What is the capital of France?", max_tok
             model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0)
 
 
-class Traffic:
-    """Greedy chat requests one after another from a thread, each to the next base URL, for as long as
-    the `with` block lasts: counts the answers, keeps every failure and the worst latency."""
+def stream_chat(base_url: str, max_tokens: int = 24) -> None:
+    """A streamed greedy chat completion that must run to its end: a stream cut off (a replica stopped
+    under it) has no finish_reason."""
+    with openai_client(base_url) as client:
+        stream = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Tell me about the sea."}], max_tokens=max_tokens,
+            temperature=0, stream=True)
+        finish = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+    assert finish in (["stop"], ["length"]), f"the stream ended without finishing: {finish}"
 
-    def __init__(self, next_base_url: Callable[[], str]):
+
+class Traffic:
+    """Requests one after another from `clients` threads, each to the next base URL, for as long as the
+    `with` block lasts (greedy chat completions, or streams that must finish): counts the answers, keeps
+    every failure and the worst latency."""
+
+    def __init__(self, next_base_url: Callable[[], str], streaming: bool = False, clients: int = 1):
         self.next_base_url = next_base_url
+        self.streaming = streaming
         self.answered = 0
         self.failures: list[str] = []
         self.worst_latency_s = 0.0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._send, daemon=True)
+        self._threads = [threading.Thread(target=self._send, daemon=True) for _ in range(clients)]
 
     def _send(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                assert chat(self.next_base_url(), max_tokens=8).choices[0].message.content is not None
+                if self.streaming:
+                    stream_chat(self.next_base_url())
+                else:
+                    assert chat(self.next_base_url(), max_tokens=8).choices[0].message.content is not None
                 self.answered += 1
             except Exception as e:  # every failure is recorded; the caller decides how many are allowed
                 self.failures.append(repr(e))
             self.worst_latency_s = max(self.worst_latency_s, time.monotonic() - started)
 
     def __enter__(self) -> Traffic:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join()  # bounded by the client's request timeout
+        for thread in self._threads:
+            thread.join()  # bounded by the client's request timeout
 
     def report(self) -> dict:
         return {"requests": self.answered + len(self.failures), "failed": len(self.failures),
@@ -295,6 +313,22 @@ def test_weights_roll_in_place_without_failed_requests():
     assert answer != RESULTS["greedy_answers"][FIRST_REVISION], "the new weights answer like the old ones"
 
 
+def _sample_rollout(endpoints, generation: int, replicas: int, samples: list[dict], started: float) -> None:
+    """Every 0.5 s until the rollout is complete: the ready endpoints and ready head pods."""
+    while True:
+        tick = time.monotonic()
+        samples.append({"t": round(tick - started, 1), "ready_endpoints": len(endpoints.current()),
+                        "ready_heads": _ready_heads()})
+        status = infd()["status"]
+        done = (status.get("observedGeneration", 0) >= generation
+                and condition(status, "Progressing").get("reason") == "NewRevisionAvailable"
+                and samples[-1]["ready_endpoints"] == replicas)
+        if done:
+            return
+        assert tick - started < 2100, f"the rollout did not finish in 35 minutes: {status.get('conditions')}"
+        time.sleep(max(0.0, tick + 0.5 - time.monotonic()))
+
+
 def _ready_heads() -> list[str]:
     """Head pods that are Ready and not being deleted."""
     return names([p for p in labelled("pods", HEAD_SELECTOR)
@@ -315,19 +349,11 @@ def test_pod_template_change_replaces_replicas_within_max_unavailable():
                              "rollout": {"maxUnavailable": max_unavailable, "maxSurge": 0}})
     samples: list[dict] = []
     started = time.monotonic()
-    while True:
-        tick = time.monotonic()
-        samples.append({"t": round(tick - started, 1), "ready_endpoints": len(endpoints.current()),
-                        "ready_heads": _ready_heads()})
-        status = infd()["status"]
-        done = (status.get("observedGeneration", 0) >= generation
-                and condition(status, "Progressing").get("reason") == "NewRevisionAvailable"
-                and samples[-1]["ready_endpoints"] == replicas)
-        if done:
-            break
-        assert tick - started < 2100, f"the rollout did not finish in 35 minutes: {status.get('conditions')}"
-        time.sleep(max(0.0, tick + 0.5 - time.monotonic()))
-
+    with openai_base_urls(NAMESPACE, NAME, SERVICE_PORT) as next_base_url, \
+            Traffic(next_base_url, streaming=True, clients=2) as traffic:
+        _sample_rollout(endpoints, generation, replicas, samples, started)
+    RESULTS["replacement_traffic"] = traffic.report()
+    print(f"streaming during the replacement: {traffic.report()}")
     report = {"samples": len(samples), "seconds": samples[-1]["t"],
               "min_ready_endpoints": min(s["ready_endpoints"] for s in samples),
               "min_ready_heads": min(len(s["ready_heads"]) for s in samples)}
@@ -335,12 +361,31 @@ def test_pod_template_change_replaces_replicas_within_max_unavailable():
     print(f"pod template rollout: {report}")
     short = [s for s in samples if s["ready_endpoints"] < min_ready or len(s["ready_heads"]) < min_ready]
     assert not short, f"fewer than {min_ready} ready replicas during the rollout: {short[:5]}"
+    assert not traffic.failures, traffic.failures[:5]
     assert infd()["status"]["updateRevision"] != before["status"]["updateRevision"]
     new_clusters = names(labelled("rayclusters"))
     assert len(new_clusters) == replicas and not set(new_clusters) & set(old_clusters), (old_clusters, new_clusters)
     with openai_base_urls(NAMESPACE, NAME, SERVICE_PORT) as next_base_url:
         for _ in range(replicas):
             assert chat(next_base_url()).choices[0].message.content.strip()
+
+
+@pytest.mark.timeout(600)
+def test_scale_down_drains_streams():
+    """The removed replica leaves the endpoints first and finishes the streams it has (spec.rollout.drainSeconds)."""
+    with openai_base_urls(NAMESPACE, NAME, SERVICE_PORT) as next_base_url, \
+            Traffic(next_base_url, streaming=True, clients=2) as traffic:
+        time.sleep(3)  # streams on both replicas
+        kubectl("scale", "infd", NAME, "--replicas", "1")
+        deadline = time.monotonic() + 300
+        while len(labelled("rayclusters")) > 1 or len(ready_addresses(NAMESPACE, NAME, SERVICE_PORT)) != 1:
+            assert time.monotonic() < deadline, "the replica was not removed in 5 minutes"
+            time.sleep(1)
+        time.sleep(3)  # and streams after it is gone
+    RESULTS["scale_down_traffic"] = traffic.report()
+    print(f"streaming during the scale-down: {traffic.report()}")
+    assert not traffic.failures, traffic.failures[:5]
+    assert traffic.answered > 0
 
 
 @pytest.mark.timeout(600)
@@ -383,3 +428,18 @@ def test_api_server_refuses_invalid_manifest(changes: dict, named: list[str], va
     assert out.returncode != 0, f"accepted: {out.stdout}"
     for field in named:
         assert field in out.stderr, out.stderr
+
+
+@pytest.mark.timeout(300)
+def test_why_pods_do_not_run_reaches_the_deployment():
+    """The scheduler's reason (here: no node has 64 CPUs) shows in the Degraded condition and an Event."""
+    stuck = deep_merge(manifest(), {"metadata": {"name": f"{NAME}-unschedulable"}, "spec": {"resources": {"cpu": "64"}}})
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(stuck))
+    try:
+        wait_for("jsonpath={.status.conditions[?(@.type=='Degraded')].reason}=Unschedulable", 180,
+                 name=stuck["metadata"]["name"])
+        events = kubectl("get", "events", "--field-selector",
+                         f"involvedObject.kind=InferenceDeployment,involvedObject.name={stuck['metadata']['name']}")
+        assert "Unschedulable" in events and "Insufficient cpu" in events, events
+    finally:
+        kubectl("delete", "infd", stuck["metadata"]["name"], "--wait=false")

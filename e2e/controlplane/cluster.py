@@ -352,6 +352,7 @@ def env() -> None:
     net = network()
     print(f"export KUBECONFIG={KUBECONFIG}")
     print("export RAYPRISM_E2E_POD_NETWORK=direct")
+    print("export RAYPRISM_E2E_LOCAL_KUBELET=1")  # e2e tests may register Nodes that this kubelet runs
     print(f"export RAYPRISM_E2E_GATEWAY={net['gateway']}")
 
 

@@ -18,7 +18,7 @@ finish() {
     log "diagnostics"
     "$KUBECTL" get nodes,infd,rayclusters,pods,svc,endpointslices -A -o wide || true
     "$KUBECTL" get events -A --sort-by=.lastTimestamp | tail -40 || true
-    for f in .cluster/kubelet/pods/*/*.log; do [ -f "$f" ] && { echo "--- $f"; tail -40 "$f"; }; done
+    for f in .cluster/kubelet/pods/*/*.log .cluster/kubelet/logs/*/*.log; do [ -f "$f" ] && { echo "--- $f"; tail -40 "$f"; }; done
     tail -30 .cluster/logs/kubelet.log || true
   fi
   if [ "$started" = 1 ] && [ "${E2E_KEEP_CLUSTER:-0}" != 1 ]; then

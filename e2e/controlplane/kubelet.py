@@ -200,6 +200,7 @@ class Container:
 
     spec: dict
     process: subprocess.Popen | None = None
+    env: dict[str, str] = field(default_factory=dict)  # what exec hooks and probes run with, as in the container
     started_at: str = ""
     exits: list[tuple[int, str, str]] = field(default_factory=list)  # (exit code, started, finished)
     ready: bool = False
@@ -489,6 +490,7 @@ class Pod:
                       f"{{ mkdir -p {shlex.quote(image_root)}; mount --bind {shlex.quote(stash)} {shlex.quote(image_root)}; }}")
         script += [f"umount {shlex.quote(stash)}", f"cd {shlex.quote(spec.get('workingDir') or str(home))}", 'exec "$@"']
         env.setdefault("HOME", str(home))
+        container.env = env
         log_file = open(self.root / f"{container.name}.log", "ab")  # a restart appends
         # ip netns exec and unshare exec, so the container's main process keeps this pid.
         container.process = subprocess.Popen(
@@ -508,7 +510,7 @@ class Pod:
             argv = ["nsenter", "-t", str(container.process.pid), "-m", "-n", "-u", "--", *handler["exec"]["command"]]
             try:
                 process = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.DEVNULL,
-                                                               stderr=subprocess.DEVNULL)
+                                                               stderr=subprocess.DEVNULL, env=container.env)
                 return await asyncio.wait_for(process.wait(), timeout) == 0
             except (TimeoutError, OSError):
                 return False
@@ -641,6 +643,11 @@ class Pod:
             await self.kill_processes(None)
             await asyncio.to_thread(self.kubelet.network.remove_pod, self.netns, self.ip)
             self.netns = ""
+        # The containers' logs outlive the pod (for diagnosis, as a kubelet keeps exited containers' logs).
+        kept = self.kubelet.state / "logs" / f"{self.namespace}_{self.name}_{self.uid}"
+        kept.mkdir(parents=True, exist_ok=True)
+        for log_file in self.root.glob("*.log"):
+            shutil.move(log_file, kept / log_file.name)
         shutil.rmtree(self.root, ignore_errors=True)
 
     async def _pre_stop(self, container: Container, deadline: float) -> None:
