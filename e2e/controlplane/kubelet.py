@@ -808,6 +808,8 @@ class Kubelet:
 
     def stop(self, pod: Pod, grace: float, obj: dict | None, keep: bool = False) -> None:
         pod.terminating = True  # at once: the next sync must not stop it again
+        cause = "completed" if keep else "deleted" if obj is not None else "gone from the API server"
+        log.info("pod %s/%s %s: stopping with a grace period of %ss", pod.namespace, pod.name, cause, grace)
         task = asyncio.create_task(self.terminate(pod, grace, obj, keep))
         self.stopping.add(task)
         task.add_done_callback(self.stopping.discard)

@@ -327,6 +327,9 @@ class Condition(_Model):
     reason: str = Field(description="One CamelCase word saying why.")
     message: str = Field(default="", description="What happened, for people.")
     last_transition_time: str | None = Field(default=None, description="When status last changed (RFC 3339).")
+    last_update_time: str | None = Field(
+        default=None, description="When status or reason last changed (RFC 3339); for Progressing, when the "
+        "rollout in progress began.")
     observed_generation: int | None = Field(default=None, description="The spec generation this was computed from.")
 
 

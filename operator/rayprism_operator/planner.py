@@ -171,7 +171,8 @@ def plan(obs: Observed) -> Plan:
     # Recreate: nothing new until every old replica is gone (the deletions' watch events wake us).
     blocked_by_recreate = recreating or (rollout.strategy == "Recreate" and any(
         superseded(r) for r in terminating))
-    total = len(current) + len(outdated) + len(terminating)
+    # Replicas deleted in this pass still hold their pods (and GPUs) until those are gone, like terminating ones.
+    total = len(current) + len(outdated) + len(terminating) + len(out.delete)
     if not blocked_by_recreate:
         out.create = max(0, min(want - len(current), want + rollout.max_surge - total))
 
@@ -197,8 +198,12 @@ def plan(obs: Observed) -> Plan:
     weights = {r.weights_revision if r.name not in finished else target_weights for r in remaining}
     complete = len(available_now) == want and len(remaining) + len(terminating) == want
 
-    deadline_passed = (not complete and progress is not None
-                       and (obs.now - progress).total_seconds() > rollout.progress_deadline_seconds)
+    # The deadline runs only while a rollout is in progress (a replica not yet on the update revision and its
+    # weights, or fewer of those than wanted), counted from its last progress or, before any, from when it
+    # began (so it fires also when no new replica can be created: quota, admission, scheduling). A ready
+    # replica that goes unready in steady state is no rollout: Available and Degraded say so.
+    in_rollout = not complete and (len(updated) < want or any(r not in updated for r in remaining))
+    deadline_passed, progress = _deadline(obs, progress) if in_rollout else (False, None)
     if complete:
         progressing = ("True", "NewRevisionAvailable", f"Revision {obs.update_revision} is available")
     elif failed:
@@ -258,7 +263,7 @@ def plan(obs: Observed) -> Plan:
         "conditions": conditions,
     }
 
-    deadline = progress if not complete and progress is not None and not deadline_passed else None
+    deadline = progress if not deadline_passed else None
     out.requeue_after = _requeue_after(obs, loading, deadline)
     return out
 
@@ -333,6 +338,20 @@ def _weights(obs: Observed, current: list[Replica],
     return failed, replace, loading, stale
 
 
+def _deadline(obs: Observed, replica_progress: datetime | None) -> tuple[bool, datetime | None]:
+    """(exceeded, last progress) of the rollout in progress. Progress: a replica's, or the rollout's start
+    (the Progressing condition's last update to RolloutInProgress; now, when it starts). Once exceeded, it
+    stays so until a replica progresses after that."""
+    before = next((c for c in obs.conditions if c.get("type") == "Progressing"), {})
+    stamp = before.get("lastUpdateTime") or before.get("lastTransitionTime")
+    since = datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else obs.now
+    if before.get("reason") == "ProgressDeadlineExceeded" and (replica_progress is None or replica_progress <= since):
+        return True, None
+    began = since if before.get("reason") == "RolloutInProgress" else None
+    last = max((t for t in (replica_progress, began) if t is not None), default=obs.now)
+    return (obs.now - last).total_seconds() > obs.spec.rollout.progress_deadline_seconds, last
+
+
 def _last_progress(updated: list[Replica]) -> datetime | None:
     """When the rollout last moved: one of the live replicas of the update revision (and weights, unless
     loaded in place) was created, became ready, or started or finished loading weights. None when there
@@ -349,15 +368,18 @@ def _last_progress(updated: list[Replica]) -> datetime | None:
 
 def set_conditions(previous: list[dict], now: datetime, generation: int | None,
                    wanted: dict[str, tuple[str, str, str]]) -> list[dict]:
-    """Conditions with lastTransitionTime kept where the status did not change."""
+    """Conditions with lastTransitionTime kept where the status did not change, and lastUpdateTime where
+    neither status nor reason did (a Deployment's conditions carry both)."""
     old = {c.get("type"): c for c in previous}
     stamp = now.isoformat().replace("+00:00", "Z")
     out = []
     for type_, (status, reason, message) in wanted.items():
-        before = old.get(type_)
-        since = before.get("lastTransitionTime") if before and before.get("status") == status else stamp
+        before = old.get(type_) or {}
+        same_status = before.get("status") == status
+        since = before.get("lastTransitionTime") if same_status else stamp
+        updated = (before.get("lastUpdateTime") or since) if same_status and before.get("reason") == reason else stamp
         out.append({"type": type_, "status": status, "reason": reason, "message": message,
-                    "lastTransitionTime": since, "observedGeneration": generation})
+                    "lastTransitionTime": since, "lastUpdateTime": updated, "observedGeneration": generation})
     return out
 
 

@@ -285,12 +285,22 @@ def termination_grace_seconds(spec: InferenceDeploymentSpec) -> int:
     return spec.rollout.drain_seconds + UNREADY_DELAY_S + 15
 
 
+# The worker image's model-rank actor (rayprism.executor.RayGPUWorker); Ray titles its processes
+# "ray::RayGPUWorker...". The bracket keeps the hook's own command line from matching.
+RANK_PROCESS_PATTERN = "ray::RayGPUWorke[r]"
+
+
 def worker_pre_stop(spec: InferenceDeploymentSpec) -> dict:
-    """Workers hold the model's ranks: a worker told to stop waits until its head's server has closed its
-    port (the head drains first), at most the drain, so requests in flight are not cut off under it."""
+    """Workers hold the model's ranks: a worker told to stop keeps Ray up while a rank actor still runs
+    here, i.e. until its head's server has drained and shut the model down (at most the drain), so the
+    requests in flight are not cut off under the head. Local processes, not the head's address: the head
+    Service goes with the RayCluster, and its name stops resolving before the head is done."""
     wait = spec.rollout.drain_seconds + UNREADY_DELAY_S + 5
-    script = (f"end=$((SECONDS + {wait})); "
-              f"while (( SECONDS < end )) && (exec 3<>/dev/tcp/$FQ_RAY_IP/{SERVER_PORT}) 2>/dev/null; do sleep 1; done")
+    # Only this pod's processes (those in its network namespace: in a container that is all of /proc).
+    script = (f"end=$((SECONDS + {wait})); me=$(readlink /proc/self/ns/net); "
+              "ranks() { for p in /proc/[0-9]*; do [ \"$(readlink $p/ns/net 2>/dev/null)\" = \"$me\" ] && "
+              f"grep -qs '{RANK_PROCESS_PATTERN}' $p/cmdline && return 0; done; return 1; }}; "
+              "while (( SECONDS < end )) && ranks; do sleep 1; done")
     return {"exec": {"command": ["/bin/bash", "-c", script]}}
 
 

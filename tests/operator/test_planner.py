@@ -40,27 +40,31 @@ def conditions(p):
      spec(2), [rep("a", age=300), rep("b", age=200), rep("c", age=100), rep("d", ready=False, age=400)], 0, ["d", "c"]),
     ("rolling, surge 1 unavailable 0: surge first",
      spec(3, maxSurge=1, maxUnavailable=0), [rep(n, OLD) for n in "abc"], 1, []),
-    ("rolling, surge 0 unavailable 1: delete the oldest first",
-     spec(3, maxSurge=0, maxUnavailable=1), [rep("a", OLD, age=300), rep("b", OLD, age=200), rep("c", OLD)], 1, ["a"]),
+    # A replica deleted in a pass holds its pods (and GPUs) until they are gone: its successor comes in a
+    # later pass, when it no longer shows (the surge bound counts it as terminating until then).
+    ("rolling, surge 0 unavailable 1: delete the oldest first, its successor once it is gone",
+     spec(3, maxSurge=0, maxUnavailable=1), [rep("a", OLD, age=300), rep("b", OLD, age=200), rep("c", OLD)], 0, ["a"]),
+    ("rolling, surge 0: the successor once the deleted one is gone",
+     spec(3, maxSurge=0, maxUnavailable=1), [rep("b", OLD, age=200), rep("c", OLD)], 1, []),
     ("rolling waits for the new replica",
      spec(3, maxSurge=1, maxUnavailable=0), [rep(n, OLD) for n in "abc"] + [rep("n", ready=False, age=1)], 0, []),
     ("rolling: a ready new replica frees one old",
      spec(3, maxSurge=1, maxUnavailable=0), [rep("a", OLD, age=300), rep("b", OLD), rep("c", OLD), rep("n", age=1)],
-     1, ["a"]),
+     0, ["a"]),
     ("not-ready outdated replicas go at once (superseded rollout)",
-     spec(3, maxSurge=1, maxUnavailable=0), [rep(n, OLDER) for n in "abc"] + [rep("m", OLD, ready=False)], 1, ["m"]),
+     spec(3, maxSurge=1, maxUnavailable=0), [rep(n, OLDER) for n in "abc"] + [rep("m", OLD, ready=False)], 0, ["m"]),
     # Two old replicas went down: deleting both would leave 1 serving until a replacement is up, below
     # replicas - maxUnavailable = 2; the newest may be back sooner, so it stays.
     ("not-ready outdated replicas go only within the availability budget",
      spec(3, maxSurge=0, maxUnavailable=1),
-     [rep("a", OLD, age=300), rep("b", OLD, ready=False, age=200), rep("c", OLD, ready=False, age=100)], 1, ["b"]),
+     [rep("a", OLD, age=300), rep("b", OLD, ready=False, age=200), rep("c", OLD, ready=False, age=100)], 0, ["b"]),
     ("a not-ready new replica takes from that budget",
      spec(3, maxSurge=1, maxUnavailable=1),
      [rep("a", OLD), rep("b", OLD, ready=False, age=200), rep("c", OLD, ready=False), rep("n", ready=False, age=1)],
-     1, ["b"]),
+     0, ["b"]),
     ("a ready new replica frees the budget for the not-ready old one",
      spec(3, maxSurge=0, maxUnavailable=1),
-     [rep("a", OLD, age=300), rep("c", OLD, ready=False, age=100), rep("n", age=1)], 1, ["c"]),
+     [rep("a", OLD, age=300), rep("c", OLD, ready=False, age=100), rep("n", age=1)], 0, ["c"]),
     ("surge bound counts terminating replicas",
      spec(3, maxSurge=1, maxUnavailable=0), [rep(n, OLD) for n in "abc"] + [rep("t", OLD, terminating=True)], 0, []),
     ("recreate deletes every old replica, creates nothing yet",
@@ -75,7 +79,7 @@ def conditions(p):
       rep("b", age=200), rep("c", age=100)], 0, ["a"]),
     ("weightUpdate Rolling: other weights are replaced like another revision",
      spec(3, maxUnavailable=1, weightUpdate="Rolling"),
-     [rep("a", age=300, weights="v1"), rep("b", age=200, weights="v1"), rep("c", weights="v1")], 1, ["a"]),
+     [rep("a", age=300, weights="v1"), rep("b", age=200, weights="v1"), rep("c", weights="v1")], 0, ["a"]),
     ("weightUpdate Rolling, matching weights: switching rolls nothing",
      spec(3, weightUpdate="Rolling"), [rep("a"), rep("b"), rep("c")], 0, []),
     ("weightUpdate Rolling with Recreate waits for terminating replicas of other weights",
@@ -167,6 +171,37 @@ def test_progress_deadline_turns_progressing_false_once():
     assert [e.reason for e in p.events] == ["ProgressDeadlineExceeded"]
     again = plan(observe(s, stuck, p.status["conditions"]))
     assert again.events == [] and again.status["conditions"] == p.status["conditions"]  # no new transition
+
+
+def _progressing(reason: str, since: datetime) -> list[dict]:
+    stamp = since.isoformat().replace("+00:00", "Z")
+    return [{"type": "Progressing", "status": "True" if reason == "RolloutInProgress" else "False", "reason": reason,
+             "message": "", "lastTransitionTime": stamp, "lastUpdateTime": stamp}]
+
+
+def test_progress_deadline_fires_when_no_replica_of_the_new_revision_can_be_created():
+    # Creations refused (quota, admission): there is no new replica whose progress could be counted, so the
+    # deadline counts from when the rollout began.
+    s = spec(1, maxSurge=1, maxUnavailable=0, progressDeadlineSeconds=60)
+    old_only = [rep("a", OLD, age=3600)]
+    started = plan(observe(s, old_only))
+    assert conditions(started)["Progressing"] == ("True", "RolloutInProgress")
+    assert started.requeue_after == pytest.approx(60.1)
+    later = plan(observe(s, old_only, _progressing("RolloutInProgress", NOW - timedelta(seconds=61))))
+    assert conditions(later)["Progressing"] == ("False", "ProgressDeadlineExceeded")
+    # Exceeded stays exceeded until a replica progresses.
+    still = plan(observe(s, old_only, later.status["conditions"]))
+    assert conditions(still)["Progressing"] == ("False", "ProgressDeadlineExceeded")
+    assert "ProgressDeadlineExceeded" not in [e.reason for e in still.events]  # said once
+
+
+def test_a_replica_unready_in_steady_state_is_not_a_rollout_past_its_deadline():
+    s = spec(2, progressDeadlineSeconds=60)
+    down = [rep("a"), rep("b", ready=False, age=3600, failure=("CrashLoopBackOff", "pod b-head: back-off"))]
+    p = plan(observe(s, down, _progressing("NewRevisionAvailable", NOW - timedelta(seconds=3600))))
+    assert conditions(p)["Progressing"][1] != "ProgressDeadlineExceeded"
+    assert conditions(p)["Degraded"] == ("True", "CrashLoopBackOff")
+    assert conditions(p)["Available"] == ("True", "MinimumReplicasAvailable")
 
 
 def test_weights_revision_is_reported_only_when_every_replica_has_it():

@@ -253,13 +253,14 @@ async def test_weight_update_while_streaming(server, checkpoints):
 @pytest.fixture
 def second_server(cluster, checkpoints):
     process = ServeProcess(["--model", str(checkpoints["a"]), "--served-model-name", MODEL, "--device", "cpu",
-                            "--ray-address", cluster.address, "--unready-delay-seconds", "1", "--drain-seconds", "60"])
+                            "--ray-address", cluster.address, "--unready-delay-seconds", "4", "--drain-seconds", "60"])
     yield process
     process.stop()
 
 
 async def test_sigterm_drains_streams_then_exits(second_server):
-    """A replica told to stop (scale-down, replacement) leaves the endpoints and finishes what it has."""
+    """A replica told to stop (scale-down, replacement) leaves the endpoints and finishes what it has. The
+    drain lasts longer than 3 s on purpose: Ray's driver arms an abort 3 s after a SIGTERM."""
     client = openai.AsyncOpenAI(base_url=f"{second_server.url}/v1", api_key="unused", max_retries=0)
 
     async def stream() -> int:
@@ -276,6 +277,9 @@ async def test_sigterm_drains_streams_then_exits(second_server):
     # A request from a client whose endpoint list is not updated yet is still served.
     late = await client.completions.create(model=MODEL, prompt="late", **greedy(4))
     assert late.usage.completion_tokens == 4
+    await asyncio.sleep(3.5)  # past Ray's 3-second abort: still up and serving
+    later = await client.completions.create(model=MODEL, prompt="later", **greedy(4))
+    assert later.usage.completion_tokens == 4
     assert await asyncio.gather(*streams) == [48] * 4
     assert await asyncio.to_thread(second_server.process.wait, 60) == 0
     await client.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import time
 
@@ -74,21 +73,13 @@ def serve(args: argparse.Namespace, on_ready=None) -> int:
     """Runs until SIGINT/SIGTERM; returns 0, or 1 when the model cannot be loaded.
     on_ready(url) is called once the model serves (`rayprism run` prints the endpoint)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    code = asyncio.run(_serve(args, on_ready))
-    if code == 0 and _terminated:
-        # After SIGTERM, Ray's failure signal handler (installed with the driver's core worker) leaves the
-        # interpreter to abort in finalization; the server, the model and Ray's driver are shut down by now.
-        logging.shutdown()
-        os._exit(0)
-    return code
+    return asyncio.run(_serve(args, on_ready))
 
 
-_terminated = False
-
-
-def _on_stop_signal(stop: asyncio.Event, sig: int) -> None:
-    global _terminated
-    _terminated = _terminated or sig == signal.SIGTERM
+def _on_stop_signal(stop: asyncio.Event) -> None:
+    # Ray's driver installs absl's failure signal handler, which on SIGTERM arms a 3-second alarm that
+    # aborts the process (for crashes that hang): cancel it, the drain takes longer by design.
+    signal.alarm(0)
     stop.set()
 
 
@@ -105,7 +96,7 @@ async def _serve(args: argparse.Namespace, on_ready) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, _on_stop_signal, stop, sig)
+        loop.add_signal_handler(sig, _on_stop_signal, stop)
     llm = None
     stopped = asyncio.ensure_future(stop.wait())
     try:
