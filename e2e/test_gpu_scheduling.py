@@ -11,7 +11,6 @@ which only needs the pods to exist.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,17 +18,13 @@ import pytest
 import yaml
 
 from e2e.endpoints import kubectl_binary
+from e2e.marks import ON_THE_LOCAL_CONTROL_PLANE
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(os.environ.get("RAYPRISM_E2E") != "1", reason="needs a cluster: make e2e"),
-    pytest.mark.skipif(os.environ.get("RAYPRISM_E2E_LOCAL_KUBELET") != "1",
-                       reason="registers a Node: needs this machine's control plane and its kubelet (make e2e)"),
-]
+pytestmark = ON_THE_LOCAL_CONTROL_PLANE
 
 REPO = Path(__file__).resolve().parents[1]
 NODE, TAINT = "rayprism-e2e-gpu", "rayprism.dev/e2e-gpu"
-NAMESPACE = os.environ.get("RAYPRISM_E2E_NAMESPACE", "rayprism-e2e")
+NAMESPACE = "rayprism-e2e-gpu"
 NAME = "gpus"
 RESULTS: dict = {}
 
@@ -52,10 +47,12 @@ def gpu_node():
     kubectl("patch", "node", NODE, "--subresource=status", "--type=merge",
             "-p", json.dumps({"status": {"capacity": capacity, "allocatable": capacity}}))
     kubectl("create", "namespace", NAMESPACE, check=False)
+    kubectl("label", "namespace", NAMESPACE, "--overwrite", "pod-security.kubernetes.io/enforce=restricted")
     kubectl("wait", "--for=condition=Ready", f"node/{NODE}", "--timeout=60s")
     yield
     kubectl("-n", NAMESPACE, "delete", "infd", NAME, "--ignore-not-found", "--wait=true", "--timeout=120s", check=False)
     kubectl("delete", "node", NODE, "--ignore-not-found")
+    kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
 
 
 def pods() -> list[dict]:

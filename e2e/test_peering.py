@@ -8,7 +8,6 @@ writes (no `kubectl logs` here): the test needs RAYPRISM_E2E_LOCAL_KUBELET=1 (ma
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -18,20 +17,17 @@ import pytest
 import yaml
 
 from e2e.endpoints import kubectl_binary
+from e2e.marks import ON_THE_LOCAL_CONTROL_PLANE
 from e2e.test_watch_namespaces import helm_upgrade
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(os.environ.get("RAYPRISM_E2E") != "1", reason="needs a cluster: make e2e"),
-    pytest.mark.skipif(os.environ.get("RAYPRISM_E2E_LOCAL_KUBELET") != "1",
-                       reason="reads the operator pods' logs from this machine's kubelet (make e2e)"),
-]
+pytestmark = ON_THE_LOCAL_CONTROL_PLANE
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE_NAMESPACE = "rayprism-system"
-NAMESPACE = os.environ.get("RAYPRISM_E2E_NAMESPACE", "rayprism-e2e")
+NAMESPACE = "rayprism-e2e-peering"
 NAME = "peered"
 KUBELET_PODS = REPO / ".cluster" / "kubelet" / "pods"
+OPERATIONS = re.compile(r"(Resuming|Pausing) operations")
 HANDLED = re.compile(rf"\[{NAMESPACE}/{NAME}\] Handler 'deployment_changed' (?:succeeded|is invoked)")
 
 
@@ -47,10 +43,21 @@ def operator_pods() -> list[dict]:
             and p.get("status", {}).get("phase") == "Running"]
 
 
+def log(pod: dict) -> str:
+    """The operator pod's log (a file the kubelet writes)."""
+    path = KUBELET_PODS / pod["metadata"]["uid"] / "operator.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def resumed(pod: dict) -> bool:
+    """Whether kopf last resumed this pod's operations (a peered pod starts paused)."""
+    said = OPERATIONS.findall(log(pod))
+    return bool(said) and said[-1] == "Resuming"
+
+
 def handled(pod: dict) -> int:
-    """How often this operator pod handled the test's InferenceDeployment (its log, kept by the kubelet)."""
-    log = KUBELET_PODS / pod["metadata"]["uid"] / "operator.log"
-    return len(HANDLED.findall(log.read_text(errors="replace"))) if log.exists() else 0
+    """How often this operator pod handled the test's InferenceDeployment."""
+    return len(HANDLED.findall(log(pod)))
 
 
 def infd() -> dict:
@@ -63,15 +70,20 @@ def progressing(status: dict) -> str:
 
 @pytest.fixture(scope="module")
 def two_operators():
+    subprocess.run([kubectl_binary(), "create", "namespace", NAMESPACE], capture_output=True)
+    kubectl("label", "namespace", NAMESPACE, "--overwrite", "pod-security.kubernetes.io/enforce=restricted")
     helm_upgrade("--set", "replicas=2")
+    # kopf starts a peered pod paused, resumes it when no peer of higher priority is alive, and pauses it
+    # again when one appears: settled when exactly one of the two is resumed.
     deadline = time.monotonic() + 120
-    while len(operator_pods()) != 2:
-        assert time.monotonic() < deadline, "two operator pods did not run"
+    while not (len(pods := operator_pods()) == 2 and sum(resumed(p) for p in pods) == 1):
+        assert time.monotonic() < deadline, "two operator pods did not run and settle their peering"
         time.sleep(1)
     yield
     subprocess.run([kubectl_binary(), "-n", NAMESPACE, "delete", "infd", NAME, "--ignore-not-found",
                     "--wait=true", "--timeout=120s"], capture_output=True)
     helm_upgrade("--set", "replicas=1")
+    subprocess.run([kubectl_binary(), "delete", "namespace", NAMESPACE, "--wait=false"], capture_output=True)
 
 
 @pytest.mark.timeout(900)
@@ -90,8 +102,8 @@ def test_one_operator_acts_and_the_other_takes_over_mid_rollout(two_operators):
     [leader] = active
 
     # A rollout (new pods: maxSurge 1 creates the new replica first); the leader goes while it runs.
-    generation = json.loads(kubectl("-n", NAMESPACE, "patch", "infd", NAME, "--type=merge", "-o", "json", "-p",
-                                    json.dumps({"spec": {"engine": {"maxNumSeqs": 17}}})))["metadata"]["generation"]
+    generation = kubectl("-n", NAMESPACE, "patch", "infd", NAME, "--type=merge", "-o", "json", "-p",
+                         json.dumps({"spec": {"engine": {"maxNumSeqs": 17}}}))["metadata"]["generation"]
     deadline = time.monotonic() + 120
     while progressing(infd().get("status", {})) != "RolloutInProgress":
         assert time.monotonic() < deadline, "the rollout did not start"

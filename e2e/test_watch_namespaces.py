@@ -9,8 +9,6 @@ and e2e/run.sh do) and helm (HELM, else on PATH).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,12 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e.endpoints import kubectl_binary
+from e2e.endpoints import helm_binary, kubectl_binary
+from e2e.marks import ON_A_CLUSTER
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(os.environ.get("RAYPRISM_E2E") != "1", reason="needs a cluster: make e2e, or e2e/run.sh"),
-]
+pytestmark = ON_A_CLUSTER
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASE, RELEASE_NAMESPACE = "rayprism", "rayprism-system"
@@ -38,8 +34,7 @@ def kubectl(*args: str, input: str | None = None, check: bool = True) -> subproc
 
 
 def helm_upgrade(*values: str) -> None:
-    helm = os.environ.get("HELM") or shutil.which("helm") or "helm"
-    out = subprocess.run([helm, "upgrade", RELEASE, str(REPO / "charts" / "rayprism"), "-n", RELEASE_NAMESPACE,
+    out = subprocess.run([helm_binary(), "upgrade", RELEASE, str(REPO / "charts" / "rayprism"), "-n", RELEASE_NAMESPACE,
                           "--reuse-values", *values, "--wait", "--timeout", "5m"],
                          capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr

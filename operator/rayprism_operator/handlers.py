@@ -4,10 +4,10 @@ No finalizer is added (no daemons, timers or deletion handlers): the RayClusters
 admin Secret carry ownerReferences, so Kubernetes' garbage collector removes them.
 
 Two operator replicas: kopf's peering (`--peering NAME`, the default unless `--standalone`) pauses the
-watches of every replica but the one with the highest priority, so only it receives events and
-starts reconciles. Known gap: a paused replica keeps the self-scheduled wake-ups it had (progress
-deadline, polls of in-flight weight loads); those reconciles decide from the same cluster state as
-the active replica's, so at worst both make the same change (a duplicate create is then scaled away).
+watches of every replica but the one with the highest priority, so only it receives events. The work
+queue also wakes itself (resyncs, polls of weight loads, the progress deadline): each reconcile first
+checks that this replica leads (peering.py), so a paused one changes nothing. When the leader goes, kopf
+resumes the next one's watches, whose initial listing wakes every InferenceDeployment there.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import kopf
 
 from . import api, metrics, render
 from .kube import KubeClient
+from .peering import Peering
 from .reconciler import Reconciler, Settings
 from .weights import WeightsClient
 from .workqueue import WorkQueue
@@ -35,7 +36,16 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, logger, **_) -
 
     memo.kube = KubeClient(login)
     memo.weights = WeightsClient()
-    memo.queue = WorkQueue(Reconciler(memo.kube, memo.weights, Settings.from_env()).reconcile)
+    reconciler = Reconciler(memo.kube, memo.weights, Settings.from_env())
+    peering = Peering(memo.kube, None if settings.peering.standalone else settings.peering.name,
+                      settings.peering.priority, settings.peering.clusterwide)
+
+    async def reconcile_while_leading(namespace: str, name: str) -> float | None:
+        if not await peering.leads(namespace):
+            return None  # a standby: the leader reconciles; kopf's resumed watches wake this one if it leads
+        return await reconciler.reconcile(namespace, name)
+
+    memo.queue = WorkQueue(reconcile_while_leading)
     memo.metrics = await metrics.serve()  # on RAYPRISM_METRICS_PORT, when set
 
 

@@ -242,13 +242,17 @@ def test_peering_objects_exist_where_the_operator_peers(render, variant):
             {("KopfPeering", ns, name) for ns in values["watchNamespaces"]}
     else:
         assert [(o["kind"], o["metadata"]["name"]) for o in peerings] == [("ClusterKopfPeering", name)]
-    assert _one(objects, "Deployment")["spec"]["replicas"] == values["replicas"]
+    spec = _one(objects, "Deployment")["spec"]
+    assert spec["replicas"] == values["replicas"]
+    # Explicit, so that a later upgrade to one pod (Recreate) can remove it: the real API server refuses a
+    # Recreate Deployment that still carries the defaulted rollingUpdate a chart left implicit.
+    assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
 
 
 def test_standalone_operator_is_one_pod_replaced_by_recreate(render):
     objects = render("default")
     spec = _one(objects, "Deployment")["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate", "rollingUpdate": None}
     assert not [o for o in objects if o["kind"] in ("ClusterKopfPeering", "KopfPeering")]
 
 

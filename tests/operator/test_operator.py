@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import socket
 import subprocess
 import sys
@@ -227,58 +228,65 @@ async def test_delete_removes_every_child(k8s, operator):
     assert len(k8s.replicas("other")) == 1 and settled(k8s, "other", replicas=1)
 
 
-async def test_a_revision_that_fails_to_load_halts_the_rollout_and_the_next_one_resumes(k8s, kuberay):
-    addresses = [f"127.0.57.{i}" for i in range(1, 9)]
-    async with FakeAdminApi(k8s, "demo", addresses) as admin:
+@contextlib.asynccontextmanager
+async def in_place_replicas(k8s, kuberay, replicas: int, subnet: int):
+    """The operator, and `replicas` ready replicas (InPlace, one load at a time) whose servers' admin API is
+    FakeAdminApi, one 127.0.<subnet>.x address each; yields (admin, operator)."""
+    async with FakeAdminApi(k8s, "demo", [f"127.0.{subnet}.{i}" for i in range(1, 9)]) as admin:
         kuberay.assign_pod_ip = admin.start_replica
         op = OperatorThread()
         await op.start()
         try:
             rollout = {"maxSurge": 0, "maxUnavailable": 1, "weightUpdate": "InPlace"}
-            await k8s.post(IDEP_PATH, json=deployment(replicas=3, rollout=rollout))
-            await wait_for(lambda: settled(k8s, replicas=3), what="3 ready replicas")
-            revision, before = status(k8s)["updateRevision"], set(k8s.replicas("demo"))
-            since = len(k8s.timeline)
-            failing = sorted(before)[1]
-            admin.failing.add(kuberay.pod_ips[failing])
-
-            await edit(k8s, {"spec": {"model": {"revision": "v2"}}})
-            # The operator restarts while the first replica loads: it resumes from the annotations and
-            # reads the admin token back from the Secret.
-            await wait_for(lambda: any("rayprism.dev/weights-target" in k8s.objects[RC, NS, n].raw["metadata"]
-                                       ["annotations"] for n in before), what="a load in flight")
-            await op.stop()
-            await op.start()
-            await wait_for(lambda: condition(k8s, "Progressing").get("reason") == "WeightUpdateFailed",
-                           timeout=60, what="the rollout halted")
-            assert condition(k8s, "Progressing")["status"] == "False"
-            assert condition(k8s, "Degraded")["reason"] == "WeightUpdateFailed"
-            assert condition(k8s, "Available")["status"] == "True"
-            # Nothing was replaced: a replacement would start on v2 and fail again. The failing replica
-            # serves v1 still; no load started after the failure.
-            await asyncio.sleep(1)
-            assert set(k8s.replicas("demo")) == before and status(k8s)["updateRevision"] == revision
-            assert admin.weights[kuberay.pod_ips[failing]]["revision"] == "v1"
-            served = {admin.weights[kuberay.pod_ips[n]]["revision"] for n in before}
-            assert status(k8s).get("weightsRevision") == (served.pop() if len(served) == 1 else None)
-            assert k8s.events("WeightUpdateFailed")
-            assert admin.loading_peak == 1  # maxUnavailable: one replica loads at a time
-
-            # v3 loads: the failures were v2's. It loads everywhere, in place, and the rollout completes.
-            admin.failing.clear()
-            await edit(k8s, {"spec": {"model": {"revision": "v3"}}})
-            await wait_for(lambda: status(k8s).get("weightsRevision") == "v3" and settled(k8s, replicas=3),
-                           timeout=60, what="weights v3 everywhere")
-            assert set(k8s.replicas("demo")) == before
-            for name in before:
-                annotations = k8s.objects[RC, NS, name].raw["metadata"]["annotations"]
-                assert annotations["rayprism.dev/weights-revision"] == "v3"
-                head = k8s.objects[RC, NS, name].raw["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-                assert "--model-revision v3" in head["args"][0]  # a restarted head loads v3 too
-                assert admin.weights[kuberay.pod_ips[name]]["revision"] == "v3"
-            assert_bounds(k8s, since, want=3, surge=0, unavailable=1)
+            await k8s.post(IDEP_PATH, json=deployment(replicas=replicas, rollout=rollout))
+            await wait_for(lambda: settled(k8s, replicas=replicas), what=f"{replicas} ready replicas")
+            yield admin, op
         finally:
             await op.stop()
+
+
+async def test_a_revision_that_fails_to_load_halts_the_rollout_and_the_next_one_resumes(k8s, kuberay):
+    async with in_place_replicas(k8s, kuberay, 3, subnet=57) as (admin, op):
+        revision, before = status(k8s)["updateRevision"], set(k8s.replicas("demo"))
+        since = len(k8s.timeline)
+        failing = sorted(before)[1]
+        admin.failing.add(kuberay.pod_ips[failing])
+
+        await edit(k8s, {"spec": {"model": {"revision": "v2"}}})
+        # The operator restarts while the first replica loads: it resumes from the annotations and
+        # reads the admin token back from the Secret.
+        await wait_for(lambda: any("rayprism.dev/weights-target" in k8s.objects[RC, NS, n].raw["metadata"]
+                                   ["annotations"] for n in before), what="a load in flight")
+        await op.stop()
+        await op.start()
+        await wait_for(lambda: condition(k8s, "Progressing").get("reason") == "WeightUpdateFailed",
+                       timeout=60, what="the rollout halted")
+        assert condition(k8s, "Progressing")["status"] == "False"
+        assert condition(k8s, "Degraded")["reason"] == "WeightUpdateFailed"
+        assert condition(k8s, "Available")["status"] == "True"
+        # Nothing was replaced: a replacement would start on v2 and fail again. The failing replica
+        # serves v1 still; no load started after the failure.
+        await asyncio.sleep(1)
+        assert set(k8s.replicas("demo")) == before and status(k8s)["updateRevision"] == revision
+        assert admin.weights[kuberay.pod_ips[failing]]["revision"] == "v1"
+        served = {admin.weights[kuberay.pod_ips[n]]["revision"] for n in before}
+        assert status(k8s).get("weightsRevision") == (served.pop() if len(served) == 1 else None)
+        assert k8s.events("WeightUpdateFailed")
+        assert admin.loading_peak == 1  # maxUnavailable: one replica loads at a time
+
+        # v3 loads: the failures were v2's. It loads everywhere, in place, and the rollout completes.
+        admin.failing.clear()
+        await edit(k8s, {"spec": {"model": {"revision": "v3"}}})
+        await wait_for(lambda: status(k8s).get("weightsRevision") == "v3" and settled(k8s, replicas=3),
+                       timeout=60, what="weights v3 everywhere")
+        assert set(k8s.replicas("demo")) == before
+        for name in before:
+            annotations = k8s.objects[RC, NS, name].raw["metadata"]["annotations"]
+            assert annotations["rayprism.dev/weights-revision"] == "v3"
+            head = k8s.objects[RC, NS, name].raw["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+            assert "--model-revision v3" in head["args"][0]  # a restarted head loads v3 too
+            assert admin.weights[kuberay.pod_ips[name]]["revision"] == "v3"
+        assert_bounds(k8s, since, want=3, surge=0, unavailable=1)
 
 
 async def test_a_replica_back_on_old_weights_is_reported_and_reloaded(k8s, kuberay, monkeypatch):
@@ -286,25 +294,15 @@ async def test_a_replica_back_on_old_weights_is_reported_and_reloaded(k8s, kuber
     whatever the annotation says: status must say what is served, and the operator must load the
     desired revision again. Nothing announces it but the server itself (a periodic resync asks)."""
     monkeypatch.setenv("RAYPRISM_RESYNC_SECONDS", "0.5")
-    addresses = [f"127.0.58.{i}" for i in range(1, 5)]
-    async with FakeAdminApi(k8s, "demo", addresses) as admin:
-        kuberay.assign_pod_ip = admin.start_replica
-        op = OperatorThread()
-        await op.start()
-        try:
-            rollout = {"maxSurge": 0, "maxUnavailable": 1, "weightUpdate": "InPlace"}
-            await k8s.post(IDEP_PATH, json=deployment(replicas=2, rollout=rollout))
-            await wait_for(lambda: settled(k8s, replicas=2), what="2 ready replicas")
-            await edit(k8s, {"spec": {"model": {"revision": "v2"}}})
-            await wait_for(lambda: status(k8s).get("weightsRevision") == "v2", what="weights v2")
-            restarted = kuberay.pod_ips[sorted(k8s.replicas("demo"))[0]]
-            admin.weights[restarted].update(revision="v1", state="ready")  # the server came back on v1
-            await wait_for(lambda: status(k8s).get("weightsRevision") is None, what="status no longer says v2")
-            await wait_for(lambda: admin.weights[restarted] == {**admin.weights[restarted], "revision": "v2",
-                                                                 "state": "ready"}, what="v2 loaded again")
-            await wait_for(lambda: status(k8s).get("weightsRevision") == "v2", what="weights v2 again")
-        finally:
-            await op.stop()
+    async with in_place_replicas(k8s, kuberay, 2, subnet=58) as (admin, _):
+        await edit(k8s, {"spec": {"model": {"revision": "v2"}}})
+        await wait_for(lambda: status(k8s).get("weightsRevision") == "v2", what="weights v2")
+        restarted = kuberay.pod_ips[sorted(k8s.replicas("demo"))[0]]
+        admin.weights[restarted].update(revision="v1", state="ready")  # the server came back on v1
+        await wait_for(lambda: status(k8s).get("weightsRevision") is None, what="status no longer says v2")
+        await wait_for(lambda: admin.weights[restarted] == {**admin.weights[restarted], "revision": "v2",
+                                                             "state": "ready"}, what="v2 loaded again")
+        await wait_for(lambda: status(k8s).get("weightsRevision") == "v2", what="weights v2 again")
 
 
 async def test_children_it_does_not_own_are_refused_and_owned_ones_recreated(k8s, operator):
