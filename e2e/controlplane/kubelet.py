@@ -394,7 +394,7 @@ class Pod:
         value = resources.get(kind, {}).get(resource) or (resources.get("requests", {}).get(resource)
                                                           if kind == "limits" else None)
         if value is None:  # a limit that is not set: the node's allocatable, as a kubelet reports it
-            value = self.kubelet.allocatable.get(resource, "0")
+            value = self.kubelet.capacities.get(self.spec.get("nodeName"), {}).get(resource, "0")
         divisor = quantity(ref.get("divisor", "1"))
         return str(int(-(-quantity(value) // divisor)))  # rounded up, as the kubelet does
 
@@ -678,7 +678,7 @@ class Kubelet:
         self.api, self.state, self.network = api, state, network
         self.api_port = api.server.rsplit(":", 1)[1]
         self.own_nodes = nodes
-        self.allocatable = nodes[0][1] if nodes else {}
+        self.capacities = dict(nodes)  # of the nodes it registered (a test's nodes carry their own)
         self.nodes: set[str] = {name for name, _ in nodes}
         self.pods: dict[str, Pod] = {}  # uid -> pod
         self.stopping: set[asyncio.Task] = set()  # pods being terminated
@@ -874,12 +874,6 @@ def node_spec(text: str) -> tuple[str, dict[str, str]]:
         key, _, value = item.partition("=")
         capacity[key] = value
     return name, capacity
-
-
-def unmount_leftovers(state: Path) -> None:
-    """After a kubelet that was killed: the mountpoint dirs it created on this machine (node.py)."""
-    with Mountpoints():
-        pass
 
 
 def main() -> None:
