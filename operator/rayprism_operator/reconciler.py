@@ -19,7 +19,7 @@ import kopf
 
 from . import api, metrics, planner, render
 from .kube import INFERENCE_DEPLOYMENTS, PODS, RAYCLUSTERS, SECRETS, SERVICES, ApiError, Conflict, KubeClient, NotFound
-from .weights import WeightsClient, admin_url
+from .weights import WeightsClient, admin_url, head_pod_ip
 
 logger = logging.getLogger(__name__)
 
@@ -203,8 +203,10 @@ class Reconciler:
         loading = [c for c in children if target is not None
                    and (c["metadata"].get("annotations") or {}).get(ANNOTATION_WEIGHTS_TARGET) == target
                    and (c["metadata"].get("labels") or {}).get(render.LABEL_REVISION) == revision]
+        # Settled replicas are asked what they serve at their head pod's IP, which KubeRay reports for every
+        # ready head (no DNS lookup of the head Service on each resync).
         settled = [c for c in children if target is not None and c not in loading and is_ready(c)
-                   and not c["metadata"].get("deletionTimestamp")]
+                   and not c["metadata"].get("deletionTimestamp") and head_pod_ip(c)]
         reports, served = await asyncio.gather(
             asyncio.gather(*(self.weights.poll(admin_url(c), token, target) for c in loading)),
             asyncio.gather(*(self.weights.served(admin_url(c), token) for c in settled)))

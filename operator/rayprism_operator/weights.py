@@ -14,9 +14,13 @@ logger = logging.getLogger(__name__)
 TIMEOUT = aiohttp.ClientTimeout(total=10)
 
 
+def head_pod_ip(raycluster: dict) -> str | None:
+    return ((raycluster.get("status") or {}).get("head") or {}).get("podIP")
+
+
 def admin_url(raycluster: dict) -> str:
     """The head pod's IP when KubeRay reports it, else KubeRay's head Service."""
-    pod_ip = ((raycluster.get("status") or {}).get("head") or {}).get("podIP")
+    pod_ip = head_pod_ip(raycluster)
     if pod_ip:
         return f"http://{pod_ip}:{render.SERVER_PORT}"
     meta = raycluster["metadata"]
