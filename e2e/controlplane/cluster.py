@@ -59,13 +59,12 @@ def log(message: str) -> None:
 
 
 def versions() -> dict[str, str]:
+    """The pinned versions (versions.env): KUBERNETES_VERSION, ETCD_VERSION, KUBERAY_VERSION, ..."""
     out = {}
     for line in (HERE / "versions.env").read_text().splitlines():
         if line and not line.startswith("#") and "=" in line:
             key, _, value = line.partition("=")
             out[key] = value.strip('"')
-    out["CONTROLPLANE_VERSIONS"] = out["CONTROLPLANE_VERSIONS"].replace("${KUBERNETES_VERSION}", out["KUBERNETES_VERSION"]) \
-        .replace("${ETCD_VERSION}", out["ETCD_VERSION"]).replace("${KUBERAY_VERSION}", out["KUBERAY_VERSION"])
     return out
 
 

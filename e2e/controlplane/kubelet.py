@@ -792,8 +792,11 @@ class Kubelet:
                 pod.run_task = asyncio.create_task(pod.run())
             elif pod is not None:
                 pod.obj = obj
-        for uid in [u for u in self.pods if u not in listed]:  # deleted with grace 0 by someone else
-            if not self.pods[uid].terminating:
+        for uid in [u for u in self.pods if u not in listed]:
+            if uid in self.finished:  # a completed pod whose object is gone: nothing left to run or report
+                del self.pods[uid]
+                self.finished.discard(uid)
+            elif not self.pods[uid].terminating:  # deleted with grace 0 by someone else
                 self.stop(self.pods[uid], 0, None)
         await self.refresh_hosts()
         for pod in list(self.pods.values()):

@@ -274,16 +274,13 @@ def _requeue_after(obs: Observed, loading: set[str], progress: datetime | None) 
     rollout, waits = obs.spec.rollout, []
     for r in obs.replicas:
         if r.name in loading:
+            elapsed = (obs.now - (r.weights_since or obs.now)).total_seconds()
             # Back-off: a quarter of the time the load has taken, between the poll interval and 10 s, so a
             # replica that does not answer (or answers 5xx) is asked again less and less often.
-            elapsed = (obs.now - (r.weights_since or obs.now)).total_seconds()
             waits.append(min(10.0, max(obs.weights_poll_seconds, elapsed / 4)))
+            waits.append(rollout.weight_update_timeout_seconds - elapsed + 0.1)
     if progress is not None:
         waits.append(rollout.progress_deadline_seconds - (obs.now - progress).total_seconds() + 0.1)
-    for r in obs.replicas:
-        if r.name in loading:
-            started = r.weights_since or obs.now
-            waits.append(rollout.weight_update_timeout_seconds - (obs.now - started).total_seconds() + 0.1)
     return max(0.1, min(waits)) if waits else None
 
 
