@@ -23,7 +23,7 @@ from e2e.test_watch_namespaces import helm_upgrade
 pytestmark = ON_THE_LOCAL_CONTROL_PLANE
 
 REPO = Path(__file__).resolve().parents[1]
-RELEASE_NAMESPACE = "rayprism-system"
+RELEASE, RELEASE_NAMESPACE = "rayprism", "rayprism-system"
 NAMESPACE = "rayprism-e2e-peering"
 NAME = "peered"
 KUBELET_PODS = REPO / ".cluster" / "kubelet" / "pods"
@@ -55,6 +55,17 @@ def resumed(pod: dict) -> bool:
     return bool(said) and said[-1] == "Resuming"
 
 
+def settled(pods: list[dict]) -> bool:
+    """Both pods registered in kopf's peering object, and only the one of highest priority resumed."""
+    peering = kubectl("get", "clusterkopfpeering", RELEASE, "-o", "json").get("status") or {}
+    priority = {p["metadata"]["name"]: max((int(v["priority"]) for k, v in peering.items()
+                                            if f"@{p['metadata']['name']}/" in k), default=None) for p in pods}
+    if len(pods) != 2 or None in priority.values():
+        return False
+    leader = max(pods, key=lambda p: priority[p["metadata"]["name"]])
+    return all(resumed(p) == (p is leader) for p in pods)
+
+
 def handled(pod: dict) -> int:
     """How often this operator pod handled the test's InferenceDeployment."""
     return len(HANDLED.findall(log(pod)))
@@ -74,9 +85,10 @@ def two_operators():
     kubectl("label", "namespace", NAMESPACE, "--overwrite", "pod-security.kubernetes.io/enforce=restricted")
     helm_upgrade("--set", "replicas=2")
     # kopf starts a peered pod paused, resumes it when no peer of higher priority is alive, and pauses it
-    # again when one appears: settled when exactly one of the two is resumed.
+    # again when one appears: settled when both are in the peering object and only the highest is resumed
+    # (a lone resumed pod is not enough: the other may not have registered yet).
     deadline = time.monotonic() + 120
-    while not (len(pods := operator_pods()) == 2 and sum(resumed(p) for p in pods) == 1):
+    while not settled(operator_pods()):
         assert time.monotonic() < deadline, "two operator pods did not run and settle their peering"
         time.sleep(1)
     yield
