@@ -5,26 +5,37 @@ real scheduler binds to them as local processes, and reports their real status.
 
 Each pod gets its own network namespace on the cluster's bridge (a CNI bridge plugin's job: cluster.py
 makes the bridge) and each container its own mount and UTS namespace, where the pod's volumes are mounted
-at their mountPaths, so a rendered command runs byte for byte as in a container.
+at their mountPaths, so a rendered command runs byte for byte as in a container. A container sees the
+host's filesystem, with the checkout standing for the image; /etc/hosts, /etc/resolv.conf and
+/etc/profile are the kubelet's (read-only), /dev/shm a tmpfs of its own (64 MiB), and /tmp/ray a writable
+dir of the pod's own, standing for the container's own writable /tmp where Ray keeps its temp dir.
+With `securityContext.readOnlyRootFilesystem: true` there is no such /tmp/ray: every mount it sees is
+remounted read-only in its mount namespace except its volumes, /proc and /dev (the host's, with a
+/dev/shm of its own), as a runtime gives a read-only root filesystem; it brings its own emptyDir for /tmp
+and whatever else it writes.
 
 What it does as a kubelet does: pod phase, podIP, hostIP, Ready/ContainersReady/Initialized conditions,
 containerStatuses with restart counts and states; init containers in order; restartPolicy with a back-off
 (10 s doubling, at most 5 min); readiness and liveness probes (httpGet, tcpSocket, exec); $(VAR)
 expansion; env from values, fieldRef, resourceFieldRef, Secrets and ConfigMaps; emptyDir (a dir, or a
-tmpfs for medium Memory), Secret, ConfigMap, downwardAPI and projected volumes, with service-account
-tokens from the TokenRequest API bound to the pod and mounted at the path the admission plugin chose;
+tmpfs of its sizeLimit for medium Memory), Secret, ConfigMap, downwardAPI and projected volumes, with
+service-account tokens from the TokenRequest API bound to the pod and mounted at the path the admission
+plugin chose (none where the pod or its ServiceAccount says `automountServiceAccountToken: false`);
 KUBERNETES_SERVICE_HOST/PORT; preStop hooks (exec, httpGet, sleep), SIGTERM, the pod's grace period,
-then SIGKILL, and only then the pod's final deletion. Nodes labelled `rayprism.dev/local-kubelet=true`
-that someone else created (a test that needs a Node with a given number of `nvidia.com/gpu`) are run
-by this kubelet too: it renews their Leases and runs their pods.
+then SIGKILL, and only then the pod's final deletion. Its Nodes report `ephemeral-storage` capacity
+(50Gi unless --node says otherwise), so pods that request or limit it are scheduled. Nodes labelled
+`rayprism.dev/local-kubelet=true` that someone else created (a test that needs a Node with a given
+number of `nvidia.com/gpu`) are run by this kubelet too: it renews their Leases and runs their pods.
 
 What it does not (no container runtime here): no images (containers run this checkout's .venv, i.e. the
 images' packages, with the image's ENV, ENTRYPOINT and CMD read from its Dockerfile), no cgroup limits,
-no user switching (processes run as root; Pod Security admission still checks the specs), no startup
-probes, no port-forward/exec/logs API (logs are files under the state dir), no token refresh (tests run
-for less than the tokens' hour). Pods resolve Service names through an /etc/hosts written from the
-Services' EndpointSlices (headless Services: every address; others: the ready ones), as cluster DNS
-plus kube-proxy would route them; there is no DNS server and no Service IP routing.
+no eviction (neither ephemeral-storage limits nor a disk emptyDir's sizeLimit are enforced: a disk
+emptyDir is a dir under the state dir), no user switching (processes run as root; Pod Security
+admission still checks the specs), no startup probes, no port-forward/exec/logs API (logs are files
+under the state dir), no token refresh (tests run for less than the tokens' hour). Pods resolve
+Service names through an /etc/hosts written from the Services' EndpointSlices (headless Services: every
+address; others: the ready ones), as cluster DNS plus kube-proxy would route them; there is no DNS
+server and no Service IP routing.
 """
 
 from __future__ import annotations
@@ -454,12 +465,15 @@ class Pod:
         argv = [expand(a, env) for a in [*command, *args]]
         if not argv:
             raise PodError(f"container {container.name}: no command and no image ENTRYPOINT/CMD")
-        (ray_tmp := self.root / "ray").mkdir(exist_ok=True)
         (home := self.root / "home").mkdir(exist_ok=True)
         etc = self.kubelet.state / "etc"
-        mounts = [("bind", str(ray_tmp), RAY_TMP, False), ("bind", str(self.root / "hosts"), "/etc/hosts", True),
+        mounts = [("bind", str(self.root / "hosts"), "/etc/hosts", True),
                   ("bind", str(etc / "resolv.conf"), "/etc/resolv.conf", True),
                   ("bind", str(etc / "profile"), "/etc/profile", True)]
+        read_only_root = (spec.get("securityContext") or {}).get("readOnlyRootFilesystem", False)
+        if not read_only_root:  # the container's own writable /tmp, where Ray keeps its temp dir
+            (ray_tmp := self.root / "ray").mkdir(exist_ok=True)
+            mounts.insert(0, ("bind", str(ray_tmp), RAY_TMP, False))
         for mount in spec.get("volumeMounts", []):
             if mount["name"] not in self._volumes:
                 raise PodError(f"container {container.name}: volumeMount {mount['name']!r} names no volume")
@@ -488,7 +502,11 @@ class Pod:
                     script.append(f"mount -o remount,bind,ro {q}")
         script.append(f"[ -e {shlex.quote(str(VENV_BIN / 'python'))} ] || "
                       f"{{ mkdir -p {shlex.quote(image_root)}; mount --bind {shlex.quote(stash)} {shlex.quote(image_root)}; }}")
-        script += [f"umount {shlex.quote(stash)}", f"cd {shlex.quote(spec.get('workingDir') or str(home))}", 'exec "$@"']
+        script.append(f"umount {shlex.quote(stash)}")
+        if read_only_root:
+            volumes = [os.path.normpath(m["mountPath"]) for m in spec.get("volumeMounts", [])]
+            script.append(self.read_only_script(volumes))
+        script += [f"cd {shlex.quote(spec.get('workingDir') or str(home))}", 'exec "$@"']
         env.setdefault("HOME", str(home))
         container.env = env
         log_file = open(self.root / f"{container.name}.log", "ab")  # a restart appends
@@ -501,6 +519,21 @@ class Pod:
         container.started_at = now()
         container.waiting = ("", "")
         container.ready = "readinessProbe" not in spec
+
+    @staticmethod
+    def read_only_script(volumes: list[str]) -> str:
+        """Shell lines that make every mount the container sees read-only but its volumes, /proc, /dev and
+        the mounts under those two (/dev/shm): the host's /, the checkout, /etc/hosts, /sys (read-only in a
+        runtime's unprivileged containers too). Bind remounts change only this mount namespace's mounts. A
+        mount hidden under a volume (its path is no mount point any more) cannot be reached: left alone."""
+        exempt = "|".join(["/proc", "/proc/*", "/dev", "/dev/*", *map(shlex.quote, volumes)])
+        return "\n".join([
+            "while IFS= read -r target; do",
+            "  printf -v target '%b' \"$target\"",  # findmnt -r writes a space as \x20
+            f"  case \"$target\" in {exempt}) continue;; esac",
+            "  mountpoint -q \"$target\" || continue",
+            "  mount -o remount,bind,ro \"$target\"",
+            "done < <(findmnt -rn -o TARGET)"])
 
     # --- probes and hooks
 
