@@ -10,6 +10,11 @@ The binaries come from build.sh (built from Go modules once per machine, cached 
 State lives in `.cluster/` (ignored by git): the PKI, etcd's data, pid files, `kubeconfig`, and `logs/`
 (one file per component, kept by `down` for diagnosis until the next `up`).
 
+The API server writes an audit log, `.cluster/logs/audit.log` (level Metadata: who called what, and the
+answer's code; AUDIT_POLICY leaves out the periodic noise). `python -m e2e.controlplane.audit --user U`
+says what one user called. The kubelet has an identity of its own (`rayprism-kubelet`, in
+system:masters) so that its polling can be left out of that log and nobody else's calls are.
+
 Networking: the pods' bridge is made first, and the API server listens on the bridge's address only (not
 on 0.0.0.0), so the processes here and the pods in their network namespaces reach it at one address,
 which is also the `kubernetes` Service's endpoint. There is no kube-proxy: Service IPs are allocated but
@@ -39,6 +44,9 @@ LOGS = STATE / "logs"
 PKI = STATE / "pki"
 RUN = STATE / "run"
 KUBECONFIG = STATE / "kubeconfig"
+KUBELET_KUBECONFIG = STATE / "kubelet.kubeconfig"
+AUDIT_LOG = LOGS / "audit.log"
+KUBELET_USER = "rayprism-kubelet"
 HERE = Path(__file__).resolve().parent
 
 API_PORT = 6443
@@ -48,6 +56,29 @@ POD_SUPERNET = "10.214.0.0/16"
 BRIDGE = "rpk8s0"
 # Components, in start order; `down` stops them in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "ray-operator", "kubelet")
+# Metadata for every request (no bodies), except what an idle cluster repeats forever: Leases (node
+# heartbeats, leader election), reads of Events, the kubelet's polling and node heartbeats, health checks.
+# The first matching rule wins.
+AUDIT_POLICY = f"""\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: None
+  resources: [{{group: coordination.k8s.io, resources: [leases]}}]
+- level: None
+  verbs: [get, list, watch]
+  resources: [{{group: "", resources: [events]}}, {{group: events.k8s.io, resources: [events]}}]
+- level: None
+  users: [{KUBELET_USER}]
+  verbs: [get, list, watch]
+- level: None
+  users: [{KUBELET_USER}]
+  resources: [{{group: "", resources: [nodes/status]}}]
+- level: None
+  nonResourceURLs: [/healthz*, /livez*, /readyz*]
+- level: Metadata
+"""
 
 
 class ClusterError(RuntimeError):
@@ -155,25 +186,27 @@ def make_pki(gateway: str) -> None:
              "-extfile", str(PKI / "apiserver.ext"), "-out", str(PKI / "apiserver.crt"))
     _openssl("genrsa", "-out", str(PKI / "sa.key"), "2048")
     _openssl("rsa", "-in", str(PKI / "sa.key"), "-pubout", "-out", str(PKI / "sa.pub"))
-    token = secrets.token_hex(24)
-    # The admin (system:masters) is the only static token: users, the controllers and KubeRay use it;
-    # pods authenticate with their service-account tokens (TokenRequest), which RBAC then limits.
-    (PKI / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n')
+    token, kubelet_token = secrets.token_hex(24), secrets.token_hex(24)
+    # Two static tokens, both system:masters: the admin (users, the controllers and KubeRay use it) and
+    # the kubelet (its own name in the audit log). Pods authenticate with their service-account tokens
+    # (TokenRequest), which RBAC then limits.
+    (PKI / "tokens.csv").write_text(f'{token},admin,admin,"system:masters"\n'
+                                    f'{kubelet_token},{KUBELET_USER},{KUBELET_USER},"system:masters"\n')
     (PKI / "admin.token").write_text(token)
+    (PKI / "kubelet.token").write_text(kubelet_token)
 
 
-def write_kubeconfig(server: str) -> None:
+def write_kubeconfig(path: Path, server: str, user: str, token: str) -> None:
     import base64
 
     ca = base64.b64encode((PKI / "ca.crt").read_bytes()).decode()
-    token = (PKI / "admin.token").read_text()
-    KUBECONFIG.write_text(json.dumps({
+    path.write_text(json.dumps({
         "apiVersion": "v1", "kind": "Config", "current-context": "rayprism-e2e",
         "clusters": [{"name": "rayprism-e2e", "cluster": {"server": server, "certificate-authority-data": ca}}],
-        "users": [{"name": "admin", "user": {"token": token}}],
-        "contexts": [{"name": "rayprism-e2e", "context": {"cluster": "rayprism-e2e", "user": "admin"}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "rayprism-e2e", "context": {"cluster": "rayprism-e2e", "user": user}}],
     }, indent=1))
-    KUBECONFIG.chmod(0o600)
+    path.chmod(0o600)
 
 
 def start(component: str, argv: list[str], env: dict[str, str] | None = None) -> None:
@@ -224,8 +257,10 @@ def up(nodes: list[str]) -> None:
     gateway = net["gateway"]
     make_pki(gateway)
     server = f"https://{gateway}:{API_PORT}"
-    write_kubeconfig(server)
     token = (PKI / "admin.token").read_text()
+    write_kubeconfig(KUBECONFIG, server, "admin", token)
+    write_kubeconfig(KUBELET_KUBECONFIG, server, KUBELET_USER, (PKI / "kubelet.token").read_text())
+    (STATE / "audit-policy.yaml").write_text(AUDIT_POLICY)
     kubeconfig = {"KUBECONFIG": str(KUBECONFIG)}
 
     start("etcd", [str(bin_dir / "etcd"), "--name=e2e", f"--data-dir={STATE / 'etcd'}",
@@ -247,6 +282,9 @@ def up(nodes: list[str]) -> None:
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         f"--service-account-key-file={PKI / 'sa.pub'}", f"--service-account-signing-key-file={PKI / 'sa.key'}",
         f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=false",
+        f"--audit-policy-file={STATE / 'audit-policy.yaml'}", f"--audit-log-path={AUDIT_LOG}",
+        # Rotated at 100 MB, three old files kept (audit-<time>.log beside it; audit.py reads them too).
+        "--audit-log-maxsize=100", "--audit-log-maxbackup=3",
         "--profiling=false", "--v=1"])
     wait_healthy("kube-apiserver", f"{server}/readyz", token=token)
     log(f"kube-apiserver is ready at {server}")
@@ -281,7 +319,7 @@ def up(nodes: list[str]) -> None:
     wait_healthy("ray-operator", "http://127.0.0.1:18081/healthz")
     log(f"KubeRay {v['KUBERAY_VERSION']} operator is healthy")
 
-    start("kubelet", [sys.executable, "-m", "e2e.controlplane.kubelet", "--kubeconfig", str(KUBECONFIG),
+    start("kubelet", [sys.executable, "-m", "e2e.controlplane.kubelet", "--kubeconfig", str(KUBELET_KUBECONFIG),
                       "--state", str(STATE / "kubelet"), "--network", str(STATE / "network.json"),
                       *sum((["--node", n] for n in nodes), [])],
           env={"PYTHONPATH": str(REPO), "KUBERNETES_VERSION": v["KUBERNETES_VERSION"]})
