@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # machine kind: pip downloads it once and its cache serves later installs); a GPU image pins its own.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test unit-test run crd images e2e e2e-kind cluster cluster-down clean
+.PHONY: install test unit-test lock run crd images e2e e2e-kind cluster cluster-down clean
 
 install: $(STAMP)
 
@@ -26,6 +26,16 @@ test: unit-test e2e
 
 unit-test: install
 	$(BIN)/python -m pytest -q -m "not gpu and not e2e" tests
+
+# The images' hash-pinned Python dependencies (requirements/*.txt), for their Python 3.12 on x86-64
+# Linux. uv keeps the pins that still satisfy pyproject.toml; delete a lock to re-resolve it afresh.
+UV_VERSION ?= 0.13.9
+UV_COMPILE = $(BIN)/uv pip compile --quiet --generate-hashes --python-version 3.12 --python-platform x86_64-manylinux_2_28
+lock: install
+	$(BIN)/python -m pip install -q "uv==$(UV_VERSION)"
+	$(UV_COMPILE) pyproject.toml requirements/operator.in --extra operator -o requirements/operator.txt
+	$(UV_COMPILE) pyproject.toml requirements/worker.in --extra worker \
+	  --override requirements/worker-overrides.txt -o requirements/worker.txt
 
 run: install
 	$(BIN)/rayprism run examples/smollm2.yaml

@@ -75,12 +75,16 @@ cluster-wide install, each namespace's Role's rules otherwise.
 - apiGroups: [""]
   resources: [services]
   verbs: [get, create, patch]
-# The admin-token Secret of every InferenceDeployment: created once, then read for the token. Neither is
-# listed, watched (kopf watches only the two resources above) or deleted: the garbage collector removes
-# both, and the RayClusters' pods, through their ownerReferences.
+# The admin-token Secret of every InferenceDeployment: created, never read (the token is derived from the
+# operator's key), listed, watched or deleted: the garbage collector removes it, the NetworkPolicies, the
+# Service and the RayClusters' pods through their ownerReferences.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create]
+  verbs: [create]
+# The NetworkPolicies of every InferenceDeployment: Ray's ports within one replica, the server's ports.
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [list, create, patch, delete]
 # Events about scaling and rollouts (kopf posts core/v1 events).
 - apiGroups: [""]
   resources: [events]
