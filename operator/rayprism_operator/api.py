@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "rayprism.dev"
@@ -34,6 +34,10 @@ MAX_NAME_LENGTH = KUBERAY_MAX_RAYCLUSTER_NAME_LENGTH - REPLICA_NAME_SUFFIX_LENGT
 DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 SUPPORTED_URI_SCHEMES = ("hf", "s3", "pvc", "file", "builtin")
 URI_PATTERN = r"^(hf|s3|pvc|file|builtin)://.+$"
+LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+# Labels the operator and KubeRay set on the pods, and select them by.
+RESERVED_LABEL_PREFIXES = ("app.kubernetes.io/name", f"{GROUP}/", "ray.io/")
 
 
 class SpecError(ValueError):
@@ -104,6 +108,21 @@ CROSS_FIELD_RULES: dict[str, list[CrossFieldRule]] = {
             cel="self.maxSurge > 0 || self.maxUnavailable > 0",
             message="rollout.maxSurge and rollout.maxUnavailable must not both be 0",
             check=lambda r: r.max_surge > 0 or r.max_unavailable > 0,
+        ),
+    ],
+    "pods": [
+        CrossFieldRule(
+            cel="!has(self.labels) || self.labels.all(k, !k.startsWith('app.kubernetes.io/name') && !k.startsWith('rayprism.dev/') && "
+            "!k.startsWith('ray.io/'))",
+            message="pods.labels must not set app.kubernetes.io/name, rayprism.dev/* or ray.io/*: the operator and "
+            "KubeRay set those labels and select the pods by them",
+            check=lambda p: not any(k.startswith(RESERVED_LABEL_PREFIXES) for k in p.labels),
+        ),
+        CrossFieldRule(
+            cel="!has(self.labels) || self.labels.all(k, k.matches('" + LABEL_KEY + "'))",
+            message="pods.labels: every key must be a label key: [prefix/]name, the name at most 63 letters, "
+            "digits, '-', '_' and '.', the prefix a DNS subdomain",
+            check=lambda p: all(re.fullmatch(LABEL_KEY, k) for k in p.labels),
         ),
     ],
     "model": [
@@ -244,6 +263,16 @@ class Resources(_Model):
         description="Size of /dev/shm in worker pods: Ray's object store takes 80% of it (at most 30% of memory), "
         "NCCL uses the rest.",
     )
+    cache_storage: str = Field(
+        default="40Gi", pattern=QUANTITY,
+        description="Disk of each pod's cache (downloaded weights, compiled kernels): an emptyDir of this size, "
+        "requested as ephemeral-storage. The root filesystem is read-only.",
+    )
+    tmp_storage: str = Field(
+        default="8Gi", pattern=QUANTITY,
+        description="Disk of each pod's /tmp, where Ray keeps its session (logs, sockets, spilled objects): an "
+        "emptyDir of this size, requested as ephemeral-storage.",
+    )
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the pods.")
 
@@ -297,9 +326,80 @@ class Rollout(_Model):
         return _check_rules("rollout", self)
 
 
+class LabelSelectorRequirement(_Model):
+    key: str = Field(min_length=1, description="Label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(description="In, NotIn, Exists or DoesNotExist.")
+    values: list[str] = Field(default_factory=list, description="Values for In and NotIn.")
+
+
+class LabelSelector(_Model):
+    match_labels: dict[str, str] = Field(default_factory=dict, description="Labels that must all match.")
+    match_expressions: list[LabelSelectorRequirement] = Field(
+        default_factory=list, description="Requirements that must all hold.")
+
+
+class IPBlock(_Model):
+    cidr: str = Field(min_length=1, description="An IP range, such as 10.0.0.0/8.")
+    except_: list[str] = Field(default_factory=list, alias="except", description="Ranges within cidr to leave out.")
+
+
+class NetworkPolicyPeer(_Model):
+    """A source the OpenAI port admits, as in a NetworkPolicy's ingress `from`."""
+
+    pod_selector: LabelSelector | None = Field(
+        default=None, description="Pods (in namespaceSelector's namespaces, else in this one).")
+    namespace_selector: LabelSelector | None = Field(default=None, description="Namespaces; {} is every namespace.")
+    ip_block: IPBlock | None = Field(default=None, description="Addresses outside the cluster (load balancers).")
+
+
 class ServiceSpec(_Model):
     port: int = Field(default=8000, ge=1, le=65535, description="Port of the OpenAI-compatible Service.")
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(default="ClusterIP", description="Service type.")
+    allow_from: list[NetworkPolicyPeer] = Field(
+        default_factory=list,
+        description="Who may reach the OpenAI port (and /metrics on it), as NetworkPolicy peers; empty admits "
+        "every source. Ray's ports are open only within a replica and the admin port only to the operator's "
+        "namespace, whatever this says.",
+    )
+
+
+# Kubernetes objects passed through to the pods as written (affinity, topologySpreadConstraints): the API
+# server checks them against the Pod schema when the RayCluster is created, and a refusal is reported
+# in the Degraded condition with the field's path.
+KubernetesObject = Annotated[dict[str, Any], WithJsonSchema(
+    {"type": "object", "x-kubernetes-preserve-unknown-fields": True})]
+
+
+
+class LocalObjectReference(_Model):
+    name: str = Field(min_length=1, max_length=253, description="Name of an object in the same namespace.")
+
+
+class PodOptions(_Model):
+    model_config = ConfigDict(json_schema_extra=rules_schema("pods"))
+
+    labels: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] = Field(
+        default_factory=dict, max_length=64,
+        description="Labels added to every model pod (not app.kubernetes.io/name, rayprism.dev/* or ray.io/*, "
+        "which the operator and KubeRay set).",
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict, max_length=64, description="Annotations added to every model pod.")
+    priority_class_name: str | None = Field(default=None, max_length=253, description="PriorityClass of the pods.")
+    affinity: KubernetesObject | None = Field(default=None, description="Affinity of the pods (core/v1 Affinity).")
+    topology_spread_constraints: list[KubernetesObject] = Field(
+        default_factory=list, description="How the pods spread over topology domains (core/v1 "
+        "TopologySpreadConstraint).")
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, description="Secrets for pulling the worker image.")
+    service_account_name: str | None = Field(
+        default=None, max_length=253, description="ServiceAccount of the pods; its token is not mounted.")
+    runtime_class_name: str | None = Field(
+        default=None, max_length=253, description="RuntimeClass of the pods (for example nvidia).")
+
+    @model_validator(mode="after")
+    def _rules(self) -> "PodOptions":
+        return _check_rules("pods", self)
 
 
 class InferenceDeploymentSpec(_Model):
@@ -315,6 +415,8 @@ class InferenceDeploymentSpec(_Model):
         default=None, description="Worker image override; default: the operator's configured worker image.", max_length=512
     )
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="The Service in front of all replicas.")
+    pods: PodOptions = Field(
+        default_factory=PodOptions, description="Scheduling and metadata of every model pod (head and workers).")
 
     @model_validator(mode="after")
     def _rules(self) -> "InferenceDeploymentSpec":

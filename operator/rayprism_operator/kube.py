@@ -25,6 +25,7 @@ RAYCLUSTERS = ("/apis/ray.io/v1", "rayclusters")
 SERVICES = ("/api/v1", "services")
 SECRETS = ("/api/v1", "secrets")
 PODS = ("/api/v1", "pods")
+NETWORK_POLICIES = ("/apis/networking.k8s.io/v1", "networkpolicies")
 
 # Retried here for idempotent requests; everything else fails the reconcile, which the work queue
 # retries with backoff.

@@ -7,18 +7,19 @@ InferenceDeployment), so any reconcile, including the first one after a restart,
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import os
 import secrets
 import string
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import kopf
 
 from . import api, metrics, planner, render
-from .kube import INFERENCE_DEPLOYMENTS, PODS, RAYCLUSTERS, SECRETS, SERVICES, ApiError, Conflict, KubeClient, NotFound
+from .kube import (INFERENCE_DEPLOYMENTS, NETWORK_POLICIES, PODS, RAYCLUSTERS, SECRETS, SERVICES, ApiError, Conflict,
+                   KubeClient, NotFound)
 from .weights import WeightsClient, admin_url, head_pod_ip
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ ANNOTATION_WEIGHTS_TARGET = f"{api.GROUP}/weights-target"  # revision being load
 ANNOTATION_WEIGHTS_SINCE = f"{api.GROUP}/weights-since"  # when a load was last asked for, or finished
 ANNOTATION_WEIGHTS_FAILED = f"{api.GROUP}/weights-failed"  # revision whose load failed: replace
 SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
+# The namespace of the pod's service account, i.e. the operator's own, as every in-cluster client finds it.
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
 class Gone(Exception):
@@ -37,6 +40,7 @@ class Gone(Exception):
 class Settings:
     """Operator-wide settings, from the environment (the Helm chart sets them)."""
 
+    admin_key: bytes = b""  # the key of every admin token (render.admin_token)
     options: render.RenderOptions = render.RenderOptions()
     weights_poll_seconds: float = planner.DEFAULT_WEIGHTS_POLL_SECONDS
     # Look again at least this often: what no watch event announces, such as a replica's server that
@@ -45,9 +49,23 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> "Settings":
+        key_file = os.environ.get("RAYPRISM_ADMIN_KEY_FILE")
+        if not key_file:
+            raise kopf.PermanentError("RAYPRISM_ADMIN_KEY_FILE is not set: the operator derives the replicas' admin "
+                                      "tokens from the key in that file (the Helm chart mounts one)")
+        try:
+            admin_key = Path(key_file).read_bytes().strip()
+        except OSError as e:
+            raise kopf.PermanentError(f"RAYPRISM_ADMIN_KEY_FILE {key_file}: {e.strerror}") from None
+        if len(admin_key) < 32:
+            raise kopf.PermanentError(f"RAYPRISM_ADMIN_KEY_FILE {key_file}: the key must be at least 32 bytes")
+        namespace = os.environ.get("RAYPRISM_OPERATOR_NAMESPACE") or (
+            SERVICE_ACCOUNT_NAMESPACE.read_text().strip() if SERVICE_ACCOUNT_NAMESPACE.exists() else None)
         return cls(
+            admin_key=admin_key,
             options=render.RenderOptions(
-                default_image=os.environ.get("RAYPRISM_DEFAULT_WORKER_IMAGE", render.DEFAULT_WORKER_IMAGE)),
+                default_image=os.environ.get("RAYPRISM_DEFAULT_WORKER_IMAGE", render.DEFAULT_WORKER_IMAGE),
+                operator_namespace=namespace),
             weights_poll_seconds=float(os.environ.get("RAYPRISM_WEIGHTS_POLL_SECONDS",
                                                       planner.DEFAULT_WEIGHTS_POLL_SECONDS)),
             resync_seconds=float(os.environ.get("RAYPRISM_RESYNC_SECONDS", 30.0)),
@@ -160,14 +178,15 @@ class Reconciler:
             await self._report_degraded(body, "InvalidSpec", str(e), now)
             return None
 
+        children = await self._replicas(infd)
         try:
-            token = await self._admin_token(infd)
+            token = await self._ensure_admin_secret(infd)
             await self._ensure_service(infd)
+            await self._ensure_network_policies(infd, [c["metadata"]["name"] for c in children])
         except NotOwned as e:  # the user's object: never adopted or changed; say so, look again later
             await self._report_degraded(body, "ChildNotOwned", str(e), now)
             return self.settings.resync_seconds
         revision = render.revision_hash(infd.spec, self.settings.options)
-        children = await self._replicas(infd)
         replicas = await self._observe(children, revision, infd.spec.model.revision, token, now)
         plan = planner.plan(planner.Observed(
             spec=infd.spec, update_revision=revision, generation=infd.metadata.generation,
@@ -259,31 +278,49 @@ class Reconciler:
     async def _create_replica(self, infd: api.InferenceDeployment, revision: str) -> None:
         for _ in range(3):  # a suffix already taken is a 409: draw another
             suffix = "".join(secrets.choice(SUFFIX_ALPHABET) for _ in range(5))
+            raycluster = render.render_raycluster(infd, revision, suffix, self.settings.options)
+            # The replica's NetworkPolicy first, so that its pods never run with Ray's ports open.
+            await self._create_if_absent(NETWORK_POLICIES, render.render_replica_network_policy(
+                infd, raycluster["metadata"]["name"]))
             try:
-                await self.kube.create(RAYCLUSTERS, infd.metadata.namespace,
-                                       render.render_raycluster(infd, revision, suffix, self.settings.options))
+                await self.kube.create(RAYCLUSTERS, infd.metadata.namespace, raycluster)
                 return
             except Conflict:
-                continue
+                continue  # the policy of a name not ours goes with the next pass (_ensure_network_policies)
         raise RuntimeError(f"could not find a free replica name for {infd.metadata.name}")
 
-    async def _admin_token(self, infd: api.InferenceDeployment) -> str:
-        """The replicas' admin token: generated once, then always read back from the Secret (recreated,
-        with a new token, if someone deleted it; a Secret of that name we do not own is refused)."""
-        namespace, name = infd.metadata.namespace, render.admin_secret_name(infd.metadata.name)
+    async def _create_if_absent(self, resource: tuple[str, str], obj: dict) -> None:
         try:
-            secret = await self.kube.get(SECRETS, namespace, name)
-        except NotFound:
-            try:
-                secret = await self.kube.create(
-                    SECRETS, namespace, render.render_admin_secret(infd, secrets.token_urlsafe(32)))
-            except Conflict:
-                secret = await self.kube.get(SECRETS, namespace, name)
-        _check_owned(secret, infd)
-        token = (secret.get("data") or {}).get(render.ADMIN_TOKEN_KEY)
-        if not token:
-            raise NotOwned(f"Secret {namespace}/{name} has no key {render.ADMIN_TOKEN_KEY!r}")
-        return base64.b64decode(token).decode()
+            await self.kube.create(resource, obj["metadata"]["namespace"], obj)
+        except Conflict:
+            pass
+
+    async def _ensure_admin_secret(self, infd: api.InferenceDeployment) -> str:
+        """The replicas' admin token, derived from the operator's key, and its Secret (which the heads mount),
+        created when absent. Never read: the operator may create Secrets but not read any. A Secret of that name
+        holding another token shows as replicas that refuse the operator (401, in the Degraded condition)."""
+        token = render.admin_token(self.settings.admin_key, infd)
+        await self._create_if_absent(SECRETS, render.render_admin_secret(infd, token))
+        return token
+
+    async def _ensure_network_policies(self, infd: api.InferenceDeployment, replicas: list[str]) -> None:
+        """One NetworkPolicy per replica (Ray's ports) and one for the heads' server; the others it owns go."""
+        namespace = infd.metadata.namespace
+        serving = render.render_serving_network_policy(infd, self.settings.options.operator_namespace)
+        wanted = {serving["metadata"]["name"]: serving} | {
+            render.replica_network_policy_name(r): render.render_replica_network_policy(infd, r) for r in replicas}
+        existing = {p["metadata"]["name"]: p for p in await self.kube.list(
+            NETWORK_POLICIES, namespace, render.selector_labels(infd.metadata.name))}
+        for name, policy in wanted.items():
+            if name not in existing:
+                await self._create_if_absent(NETWORK_POLICIES, policy)
+            elif existing[name].get("spec") != policy["spec"]:
+                _check_owned(existing[name], infd)
+                await self.kube.patch(NETWORK_POLICIES, namespace, name, {"spec": policy["spec"]})
+        for name, policy in existing.items():
+            owned = any(o.get("uid") == infd.metadata.uid for o in policy["metadata"].get("ownerReferences") or [])
+            if name not in wanted and owned:
+                await self.kube.delete(NETWORK_POLICIES, namespace, name)
 
     async def _ensure_service(self, infd: api.InferenceDeployment) -> None:
         desired = render.render_service(infd)

@@ -7,6 +7,7 @@ operator, `rayprism render` and the tests all see the same objects for the same 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import re
@@ -20,6 +21,8 @@ from .api import InferenceDeployment, InferenceDeploymentSpec
 DEFAULT_WORKER_IMAGE = "ghcr.io/rayprism/worker:0.1.0"
 RAY_VERSION = "2.60.0"
 SERVER_PORT = 8000
+ADMIN_PORT = 8001  # the admin API's own port: the user-facing Service does not expose it
+GCS_PORT = 6379
 
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_DEPLOYMENT = f"{api.GROUP}/deployment"
@@ -31,6 +34,7 @@ KUBERAY_OVERWRITE_CMD = "ray.io/overwrite-container-cmd"
 ADMIN_TOKEN_DIR = "/etc/rayprism/admin"
 ADMIN_TOKEN_KEY = "token"
 CACHE_DIR = "/var/cache/rayprism"
+TMP_DIR = "/tmp"  # Ray's session dir (/tmp/ray) is in it
 MODELS_DIR = "/models"
 WORKER_GROUP = "workers"
 # Ray's object store in a worker pod: Ray's own default share of the pod's memory, but within this share
@@ -51,6 +55,8 @@ class RenderOptions:
     default_image: str = DEFAULT_WORKER_IMAGE
     image_pull_policy: str = "IfNotPresent"
     s3_sync_image: str = "amazon/aws-cli:2.22.35"
+    # Where the operator runs: the only namespace the replicas' admin port admits (None: any, token only).
+    operator_namespace: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,7 +153,7 @@ def service_name(deployment: str) -> str:
 
 def head_service_url(replica: str, namespace: str) -> str:
     """KubeRay's per-replica head Service, where the operator reaches the admin API."""
-    return f"http://{replica}-head-svc.{namespace}.svc:{SERVER_PORT}"
+    return f"http://{replica}-head-svc.{namespace}.svc:{ADMIN_PORT}"
 
 
 def endpoint_url(infd: InferenceDeployment) -> str:
@@ -180,6 +186,7 @@ def serve_args(spec: InferenceDeploymentSpec) -> list[str]:
         "--kv-cache-memory-fraction", str(engine.kv_cache_memory_fraction),
         "--max-queue-size", str(engine.max_queue_size),
         "--port", str(SERVER_PORT),
+        "--admin-port", str(ADMIN_PORT),
         "--drain-seconds", str(spec.rollout.drain_seconds),
     ]
     if model.revision:
@@ -194,9 +201,12 @@ def serve_args(spec: InferenceDeploymentSpec) -> list[str]:
 
 
 def _volumes_and_mounts(spec: InferenceDeploymentSpec, admin_secret: str | None) -> tuple[list[dict], list[dict]]:
-    """Volumes of a head pod (admin_secret given) or of a worker pod (None)."""
-    volumes = [{"name": "cache", "emptyDir": {}}]
-    mounts = [{"name": "cache", "mountPath": CACHE_DIR}]
+    """Volumes of a head pod (admin_secret given) or of a worker pod (None). The root filesystem is read-only:
+    what a pod writes goes to these (see ephemeral_storage_bytes)."""
+    resources = spec.resources
+    volumes = [{"name": "cache", "emptyDir": {"sizeLimit": resources.cache_storage}},
+               {"name": "tmp", "emptyDir": {"sizeLimit": resources.tmp_storage}}]
+    mounts = [{"name": "cache", "mountPath": CACHE_DIR}, {"name": "tmp", "mountPath": TMP_DIR}]
     if admin_secret:
         volumes.append({"name": "admin-token", "secret": {"secretName": admin_secret, "defaultMode": 0o440}})
         mounts.append({"name": "admin-token", "mountPath": ADMIN_TOKEN_DIR, "readOnly": True})
@@ -224,8 +234,10 @@ def _s3_init_containers(spec: InferenceDeploymentSpec, options: RenderOptions) -
             "name": f"sync-model-{i}",
             "image": options.s3_sync_image,
             "command": ["aws", "s3", "sync", resolved, resolved.replace("s3://", f"{MODELS_DIR}/s3/", 1)],
+            "env": [{"name": "HOME", "value": TMP_DIR}],  # the AWS CLI's ~/.aws cache, off the read-only root
             "envFrom": _env_from(spec),
-            "volumeMounts": [{"name": "s3-models", "mountPath": f"{MODELS_DIR}/s3"}],
+            "volumeMounts": [{"name": "s3-models", "mountPath": f"{MODELS_DIR}/s3"},
+                             {"name": "tmp", "mountPath": TMP_DIR}],
             "securityContext": CONTAINER_SECURITY,
         })
     return containers
@@ -240,24 +252,50 @@ def _env() -> list[dict]:
     return [
         {"name": "XDG_CACHE_HOME", "value": CACHE_DIR},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
         # Ray renices its worker processes to 15; here they are the model ranks, the serving path itself.
         {"name": "RAY_worker_niceness", "value": "0"},
     ]
 
 
-CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+# KubeRay copies the Ray container's securityContext into the init container it adds (wait-gcs-ready).
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                      "readOnlyRootFilesystem": True}
+
+
+def ephemeral_storage_bytes(spec: InferenceDeploymentSpec) -> int:
+    """The pod's disk: its cache and /tmp emptyDirs (the root filesystem is read-only)."""
+    return quantity_bytes(spec.resources.cache_storage) + quantity_bytes(spec.resources.tmp_storage)
 
 
 def _pod_spec_common(spec: InferenceDeploymentSpec) -> dict:
     # Pod Security `restricted`: non-root, the runtime's default seccomp profile, and (CONTAINER_SECURITY)
-    # no capabilities and no privilege escalation.
+    # no capabilities and no privilege escalation. Nothing in the pods talks to the API server: no token.
     out: dict = {"securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
-                                     "seccompProfile": {"type": "RuntimeDefault"}}}
-    if spec.resources.node_selector:
-        out["nodeSelector"] = dict(spec.resources.node_selector)
-    if spec.resources.tolerations:
-        out["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.resources.tolerations]
+                                     "seccompProfile": {"type": "RuntimeDefault"}},
+                 "automountServiceAccountToken": False}
+    resources, pods = spec.resources, spec.pods
+    if resources.node_selector:
+        out["nodeSelector"] = dict(resources.node_selector)
+    if resources.tolerations:
+        out["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in resources.tolerations]
+    for key, value in {"priorityClassName": pods.priority_class_name, "affinity": pods.affinity,
+                       "topologySpreadConstraints": pods.topology_spread_constraints,
+                       "imagePullSecrets": [r.model_dump() for r in pods.image_pull_secrets],
+                       "serviceAccountName": pods.service_account_name,
+                       "runtimeClassName": pods.runtime_class_name}.items():
+        if value:
+            out[key] = value
     return out
+
+
+def _pod_metadata(infd: InferenceDeployment, revision: str) -> dict:
+    """The pod template's metadata: the user's labels under the operator's (which select the pods)."""
+    pods = infd.spec.pods
+    metadata: dict = {"labels": {**pods.labels, **labels(infd.metadata.name, revision)}}
+    if pods.annotations:
+        metadata["annotations"] = dict(pods.annotations)
+    return metadata
 
 
 def head_command(spec: InferenceDeploymentSpec) -> str:
@@ -277,6 +315,9 @@ def head_command(spec: InferenceDeploymentSpec) -> str:
 # Service's clients need a moment more to drop it. The head serves that long before it stops or loads.
 READINESS_PROBE = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 2, "timeoutSeconds": 3,
                    "failureThreshold": 2}
+# /live fails only when the engine is dead (not while loading or draining): then the kubelet restarts the head.
+LIVENESS_PROBE = {"httpGet": {"path": "/live", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5,
+                  "failureThreshold": 3}
 UNREADY_DELAY_S = READINESS_PROBE["periodSeconds"] * READINESS_PROBE["failureThreshold"] + 3
 
 
@@ -318,14 +359,16 @@ def _head_group(infd: InferenceDeployment, revision: str, options: RenderOptions
         "command": ["/bin/bash", "-c", "--"],
         "args": [head_command(spec)],
         "env": _env(),
+        # KubeRay's head Service publishes these (and Ray's metrics port): no dashboard, no Ray client.
         "ports": [
-            {"name": "gcs-server", "containerPort": 6379},
-            {"name": "dashboard", "containerPort": 8265},
-            {"name": "client", "containerPort": 10001},
+            {"name": "gcs-server", "containerPort": GCS_PORT},
             {"name": "http", "containerPort": SERVER_PORT},
+            {"name": "admin", "containerPort": ADMIN_PORT},
         ],
         "readinessProbe": READINESS_PROBE,
-        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
+        "livenessProbe": LIVENESS_PROBE,
+        "resources": {"requests": {"cpu": cpu, "memory": memory, "ephemeral-storage": str(ephemeral_storage_bytes(spec))},
+                      "limits": {"cpu": cpu, "memory": memory}},
         "volumeMounts": mounts,
         "securityContext": CONTAINER_SECURITY,
     }
@@ -336,9 +379,10 @@ def _head_group(infd: InferenceDeployment, revision: str, options: RenderOptions
     if init := _s3_init_containers(spec, options):
         pod_spec["initContainers"] = init
     return {
-        # No GPUs and no CPUs for Ray tasks on the head: every rank lands on a worker pod.
-        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
-        "template": {"metadata": {"labels": labels(infd.metadata.name, revision)}, "spec": pod_spec},
+        # No GPUs and no CPUs for Ray tasks on the head: every rank lands on a worker pod. The dashboard
+        # (and its job API) only on the pod's loopback: nothing off the pod needs it (port-forward reaches it).
+        "rayStartParams": {"dashboard-host": "127.0.0.1", "num-cpus": "0", "num-gpus": "0"},
+        "template": {"metadata": _pod_metadata(infd, revision), "spec": pod_spec},
     }
 
 
@@ -359,7 +403,8 @@ def _worker_group(infd: InferenceDeployment, revision: str, options: RenderOptio
         "args": [WORKER_COMMAND],
         "env": _env(),
         "lifecycle": {"preStop": worker_pre_stop(spec)},
-        "resources": {"requests": dict(limits), "limits": limits},
+        "resources": {"requests": {**limits, "ephemeral-storage": str(ephemeral_storage_bytes(spec))},
+                      "limits": limits},
         "volumeMounts": mounts,
         "securityContext": CONTAINER_SECURITY,
     }
@@ -375,7 +420,7 @@ def _worker_group(infd: InferenceDeployment, revision: str, options: RenderOptio
         "minReplicas": topo.pods,
         "maxReplicas": topo.pods,
         "rayStartParams": start_params,
-        "template": {"metadata": {"labels": labels(infd.metadata.name, revision)}, "spec": pod_spec},
+        "template": {"metadata": _pod_metadata(infd, revision), "spec": pod_spec},
     }
 
 
@@ -399,6 +444,9 @@ def render_raycluster(
         },
         "spec": {
             "rayVersion": RAY_VERSION,
+            # Every Ray port (GCS, dashboard, client) needs the token KubeRay generates into a Secret of the
+            # RayCluster's name and gives the Ray containers (RAY_AUTH_MODE, RAY_AUTH_TOKEN).
+            "authOptions": {"mode": "token"},
             "enableInTreeAutoscaling": False,
             "headGroupSpec": _head_group(infd, revision, options),
             "workerGroupSpecs": [_worker_group(infd, revision, options)],
@@ -426,6 +474,53 @@ def render_service(infd: InferenceDeployment) -> dict:
     }
 
 
+def replica_network_policy_name(replica: str) -> str:
+    return f"{replica}-ray"
+
+
+def serving_network_policy_name(deployment: str) -> str:
+    return f"{deployment}-serving"
+
+
+def _network_policy(infd: InferenceDeployment, name: str, pod_selector: dict, ingress: list[dict]) -> dict:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": infd.metadata.namespace,
+                     "labels": selector_labels(infd.metadata.name), "ownerReferences": [owner_reference(infd)]},
+        "spec": {"podSelector": {"matchLabels": pod_selector}, "policyTypes": ["Ingress"], "ingress": ingress},
+    }
+
+
+def render_replica_network_policy(infd: InferenceDeployment, replica: str) -> dict:
+    """Ray's ports (GCS, raylets, object managers, workers: most of them chosen at random) admit only the pods
+    of the same replica, i.e. of the same RayCluster, which KubeRay labels ray.io/cluster."""
+    members = {"ray.io/cluster": replica}
+    return _network_policy(infd, replica_network_policy_name(replica), members, [{"from": [{"podSelector": {
+        "matchLabels": members}}]}])
+
+
+def render_serving_network_policy(infd: InferenceDeployment, operator_namespace: str | None) -> dict:
+    """The head pods' server: the OpenAI port from spec.service.allowFrom (everyone when empty), the admin port
+    from the operator's namespace. Policies add up: with the replica's own, that is all a head admits."""
+    allow_from = [peer.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True)
+                  for peer in infd.spec.service.allow_from]
+    openai = {"ports": [{"protocol": "TCP", "port": SERVER_PORT}], **({"from": allow_from} if allow_from else {})}
+    admin: dict = {"ports": [{"protocol": "TCP", "port": ADMIN_PORT}]}
+    if operator_namespace:
+        admin["from"] = [{"namespaceSelector": {"matchLabels": {
+            "kubernetes.io/metadata.name": operator_namespace}}}]
+    heads = {**selector_labels(infd.metadata.name), KUBERAY_NODE_TYPE: "head"}
+    return _network_policy(infd, serving_network_policy_name(infd.metadata.name), heads, [openai, admin])
+
+
+def admin_token(key: bytes, infd: InferenceDeployment) -> str:
+    """The replicas' admin bearer token, derived from the operator's key: the operator writes it into the admin
+    Secret and never needs to read a Secret back. The uid makes a re-created InferenceDeployment's differ."""
+    message = f"{infd.metadata.namespace}/{infd.metadata.name}/{infd.metadata.uid or ''}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
 def render_admin_secret(infd: InferenceDeployment, token: str) -> dict:
     """The bearer token the operator uses for the replicas' admin API (mounted into every head)."""
     name = infd.metadata.name
@@ -447,8 +542,11 @@ def render_all(infd: InferenceDeployment, options: RenderOptions = RenderOptions
                token: str = "<generated by the operator>") -> list[dict]:
     """Everything the operator creates for a new InferenceDeployment (replica suffixes by index)."""
     revision = revision_hash(infd.spec, options)
+    replicas = [render_raycluster(infd, revision, f"r{i}", options) for i in range(infd.spec.replicas)]
     return [
         render_admin_secret(infd, token),
         render_service(infd),
-        *(render_raycluster(infd, revision, f"r{i}", options) for i in range(infd.spec.replicas)),
+        render_serving_network_policy(infd, options.operator_namespace),
+        *(render_replica_network_policy(infd, r["metadata"]["name"]) for r in replicas),
+        *replicas,
     ]

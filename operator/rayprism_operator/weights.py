@@ -22,7 +22,7 @@ def admin_url(raycluster: dict) -> str:
     """The head pod's IP when KubeRay reports it, else KubeRay's head Service."""
     pod_ip = head_pod_ip(raycluster)
     if pod_ip:
-        return f"http://{pod_ip}:{render.SERVER_PORT}"
+        return f"http://{pod_ip}:{render.ADMIN_PORT}"
     meta = raycluster["metadata"]
     return render.head_service_url(meta["name"], meta["namespace"])
 

@@ -17,7 +17,7 @@ def test_render_prints_every_object():
     result = _rayprism("render", str(EXAMPLES / "llama.yaml"))
     assert result.returncode == 0, result.stderr
     docs = list(yaml.safe_load_all(result.stdout))
-    assert [d["kind"] for d in docs] == ["Secret", "Service", "RayCluster", "RayCluster"]
+    assert [d["kind"] for d in docs] == ["Secret", "Service", *["NetworkPolicy"] * 3, "RayCluster", "RayCluster"]
 
 
 def test_crd_prints_the_crd():

@@ -104,6 +104,13 @@ CASES = [
     {"spec.model.uri": "gs://bucket/m"},
     {"spec.model.uri": "pvc://models/llama"},
     {"spec.model.uri": "s3://bucket/llama/{revision}"},
+    {"spec.pods.labels": {"team": "search", "example.com/tier": "gold"}},
+    {"spec.pods.labels": {"ray.io/cluster": "other"}},
+    {"spec.pods.labels": {"rayprism.dev/revision": "x"}},
+    {"spec.pods.labels": {"app.kubernetes.io/name": "x"}},
+    {"spec.pods.labels": {"app.kubernetes.io/part-of": "search"}},
+    {"spec.pods.labels": {"-bad": "x"}},
+    {"spec.pods.labels": {"Example.com/a": "x"}},
 ]
 
 
@@ -129,6 +136,7 @@ def test_cel_rules_agree_with_python(llama, changes):
     cel_ok &= all(_cel(r["rule"], defaulted["model"]) for r in _rules_at(schema["properties"]["model"])
                   if "oldSelf" not in r["rule"])
     cel_ok &= all(_cel(r["rule"], defaulted["rollout"]) for r in _rules_at(schema["properties"]["rollout"]))
+    cel_ok &= all(_cel(r["rule"], spec.get("pods", {})) for r in _rules_at(schema["properties"]["pods"]))
     assert cel_ok == python_ok
 
 

@@ -4,6 +4,7 @@ import functools
 import subprocess
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -60,7 +61,7 @@ def test_gpu_resource_name_is_used(llama):
 def test_every_object_is_labelled_and_owned(llama):
     infd = _infd(llama)
     objects = render.render_all(infd, OPTIONS)
-    assert [o["kind"] for o in objects] == ["Secret", "Service", "RayCluster", "RayCluster"]
+    assert [o["kind"] for o in objects] == ["Secret", "Service", *["NetworkPolicy"] * 3, "RayCluster", "RayCluster"]
     for obj in objects:
         meta = obj["metadata"]
         assert meta["labels"]["app.kubernetes.io/name"] == "rayprism"
@@ -70,7 +71,7 @@ def test_every_object_is_labelled_and_owned(llama):
             "uid": "0b9d-uid", "controller": True, "blockOwnerDeletion": True,
         }]
     revision = render.revision_hash(infd.spec, OPTIONS)
-    for cluster in objects[2:]:
+    for cluster in (o for o in objects if o["kind"] == "RayCluster"):
         assert cluster["metadata"]["labels"]["rayprism.dev/revision"] == revision
         assert cluster["metadata"]["name"].startswith(f"llama-3-1-8b-{revision}-")
         head = cluster["spec"]["headGroupSpec"]["template"]
@@ -130,15 +131,107 @@ def _containers(cluster: dict) -> list[dict]:
 def test_pods_meet_pod_security_restricted(llama, uri):
     """What Pod Security `restricted` checks of each pod KubeRay builds from the templates (the e2e suite
     runs them in a namespace that enforces it): non-root, the RuntimeDefault seccomp profile, and in every
-    container, init containers included, no capabilities and no privilege escalation."""
-    cluster = render.render_raycluster(_infd(with_changes(llama, **{"spec.model.uri": uri})), "abc", "x")
+    container, init containers included, no capabilities and no privilege escalation. Beyond it: a read-only
+    root filesystem (KubeRay's wait-gcs-ready copies the Ray container's securityContext and mounts), every
+    writable path a sized emptyDir requested as ephemeral-storage, and no service-account token."""
+    infd = _infd(with_changes(llama, **{"spec.model.uri": uri, "spec.resources.cacheStorage": "30Gi",
+                                        "spec.resources.tmpStorage": "2Gi"}))
+    cluster = render.render_raycluster(infd, "abc", "x")
     for group in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]:
         pod = group["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
         assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        disks = {v["name"]: v["emptyDir"] for v in pod["volumes"] if "emptyDir" in v and not v["emptyDir"].get("medium")}
+        assert disks["cache"] == {"sizeLimit": "30Gi"} and disks["tmp"] == {"sizeLimit": "2Gi"}
         for container in pod["containers"] + pod.get("initContainers", []):
             assert container["securityContext"]["allowPrivilegeEscalation"] is False, container["name"]
             assert container["securityContext"]["capabilities"]["drop"] == ["ALL"], container["name"]
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True, container["name"]
+            assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], container["name"]
+        main = pod["containers"][0]
+        assert {"name": "cache", "mountPath": render.CACHE_DIR} in main["volumeMounts"]
+        assert main["resources"]["requests"]["ephemeral-storage"] == str(32 * 2**30)
+
+
+def test_ray_needs_its_token_and_keeps_its_dashboard_to_the_pod(llama):
+    """KubeRay turns authOptions into RAY_AUTH_MODE/RAY_AUTH_TOKEN (from a Secret it generates) in every Ray
+    container; the head publishes GCS, the server and its admin port, and no dashboard or Ray client port."""
+    cluster = render.render_raycluster(_infd(llama), "abc", "x")
+    assert cluster["spec"]["authOptions"] == {"mode": "token"}
+    head = cluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    container = head["template"]["spec"]["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"gcs-server": 6379, "http": 8000,
+                                                                          "admin": 8001}
+    assert "--admin-port 8001" in container["args"][0]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/live", "port": "http"}
+
+
+def test_network_policies(llama):
+    """Ray's ports admit only the replica's own pods; the OpenAI port whom spec.service.allowFrom names (all when
+    empty); the admin port the operator's namespace. Checked against the Kubernetes schema; the API server
+    of the e2e suite accepts them (no NetworkPolicy controller runs there to enforce them)."""
+    allow = [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}, {"ipBlock": {"cidr": "10.0.0.0/8",
+                                                                                     "except": ["10.1.0.0/16"]}}]
+    infd = _infd(with_changes(llama, **{"spec.service.allowFrom": allow}))
+    replica = render.render_replica_network_policy(infd, "llama-3-1-8b-abc-x")
+    assert replica["metadata"]["name"] == "llama-3-1-8b-abc-x-ray"
+    assert replica["spec"] == {"podSelector": {"matchLabels": {"ray.io/cluster": "llama-3-1-8b-abc-x"}},
+                               "policyTypes": ["Ingress"],
+                               "ingress": [{"from": [{"podSelector": {"matchLabels": {
+                                   "ray.io/cluster": "llama-3-1-8b-abc-x"}}}]}]}
+    serving = render.render_serving_network_policy(infd, "rayprism-system")
+    assert serving["spec"]["podSelector"]["matchLabels"]["ray.io/node-type"] == "head"
+    assert serving["spec"]["ingress"] == [
+        {"ports": [{"protocol": "TCP", "port": 8000}], "from": allow},
+        {"ports": [{"protocol": "TCP", "port": 8001}],
+         "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "rayprism-system"}}}]}]
+    open_to_all = render.render_serving_network_policy(_infd(llama), None)
+    assert open_to_all["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000}]},
+                                              {"ports": [{"protocol": "TCP", "port": 8001}]}]
+    for policy in (replica, serving, open_to_all):
+        kubernetes_validate.validate(policy, "1.33", strict=True)
+
+
+def test_admin_token_is_derived_from_the_key_and_the_object(llama):
+    infd = _infd(llama)
+    token = render.admin_token(b"k" * 32, infd)
+    assert token == render.admin_token(b"k" * 32, _infd(llama)) and len(token) == 64
+    assert token != render.admin_token(b"j" * 32, infd)
+    infd.metadata.uid = "another-uid"  # deleted and created again under the same name
+    assert token != render.admin_token(b"k" * 32, infd)
+
+
+POD_OPTIONS = {
+    "spec.pods.labels": {"team": "search", "example.com/tier": "gold"},
+    "spec.pods.annotations": {"example.com/owner": "search@example.com"},
+    "spec.pods.priorityClassName": "inference-high",
+    "spec.pods.affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "gpu.model", "operator": "In", "values": ["H200"]}]}]}}},
+    "spec.pods.topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                             "whenUnsatisfiable": "ScheduleAnyway",
+                                             "labelSelector": {"matchLabels": {"rayprism.dev/deployment": "x"}}}],
+    "spec.pods.imagePullSecrets": [{"name": "registry"}],
+    "spec.pods.serviceAccountName": "inference",
+    "spec.pods.runtimeClassName": "nvidia",
+}
+
+
+def test_pod_options_reach_every_pod(llama):
+    infd = _infd(with_changes(llama, **POD_OPTIONS))
+    cluster = render.render_raycluster(infd, "abc", "x")
+    for group in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]:
+        template = group["template"]
+        assert template["metadata"]["labels"]["team"] == "search"
+        assert template["metadata"]["labels"]["rayprism.dev/revision"] == "abc"
+        assert template["metadata"]["annotations"] == {"example.com/owner": "search@example.com"}
+        pod = template["spec"]
+        assert pod["priorityClassName"] == "inference-high" and pod["runtimeClassName"] == "nvidia"
+        assert pod["affinity"] == POD_OPTIONS["spec.pods.affinity"]
+        assert pod["topologySpreadConstraints"] == POD_OPTIONS["spec.pods.topologySpreadConstraints"]
+        assert pod["imagePullSecrets"] == [{"name": "registry"}] and pod["serviceAccountName"] == "inference"
+    assert _hash(with_changes(llama, **POD_OPTIONS)) != _hash(llama)  # new pods carry them
 
 
 def test_ray_workers_keep_normal_priority(llama):
@@ -183,6 +276,7 @@ HASH_KEEPING = [
     {"spec.rollout.maxSurge": 3},
     {"spec.rollout.strategy": "Recreate"},
     {"spec.service.port": 9000},
+    {"spec.service.allowFrom": [{"namespaceSelector": {}}]},
     {"spec.model.revision": "new-weights"},          # InPlace: weights load into running replicas
     {"spec.engine.maxNumSeqs": 256},                  # written out, equal to the default
     {"spec.rollout.weightUpdate": "Rolling"},         # switching how weights update rolls nothing
@@ -247,10 +341,11 @@ def _unknown_fields(obj, schema, path=""):
                "spec.resources.tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
                "spec.resources.nodeSelector": {"pool": "h100"}}),
     ("llama", {"spec.model.uri": "s3://bucket/llama/{revision}"}),
+    ("llama", POD_OPTIONS),
 ])
 def test_rayclusters_validate_against_kuberay_crd(request, example, changes):
     infd = _infd(with_changes(request.getfixturevalue(example), **changes))
     schema = _kuberay_schema()
-    for cluster in render.render_all(infd, OPTIONS)[2:]:
+    for cluster in (o for o in render.render_all(infd, OPTIONS) if o["kind"] == "RayCluster"):
         jsonschema.validate(cluster, schema)
         assert list(_unknown_fields(cluster, schema)) == []

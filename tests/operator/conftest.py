@@ -6,7 +6,7 @@ import kubernetes.config.kube_config
 import pytest
 from kmock import Server
 
-from .harness import WORKER_IMAGE, ApiServerEmulator, FakeKubeRay, OperatorThread, register, write_kubeconfig
+from .harness import ADMIN_KEY, WORKER_IMAGE, ApiServerEmulator, FakeKubeRay, OperatorThread, register, write_kubeconfig
 
 
 @pytest.fixture
@@ -22,6 +22,9 @@ async def k8s(tmp_path, monkeypatch):
         monkeypatch.setenv("RAYPRISM_WEIGHTS_POLL_SECONDS", "0.2")
         monkeypatch.setenv("RAYPRISM_RESYNC_SECONDS", "2")  # what no watch event announces, seen soon
         monkeypatch.setenv("RAYPRISM_DEFAULT_WORKER_IMAGE", WORKER_IMAGE)  # as the Helm chart sets it
+        (key := tmp_path / "admin-key").write_text(ADMIN_KEY)  # the chart mounts its key Secret so
+        monkeypatch.setenv("RAYPRISM_ADMIN_KEY_FILE", str(key))
+        monkeypatch.setenv("RAYPRISM_OPERATOR_NAMESPACE", "rayprism-system")
         yield emulator
 
 

@@ -26,10 +26,12 @@ IDEP = kmock.resource("rayprism.dev/v1alpha1/inferencedeployments")
 RC = kmock.resource("ray.io/v1/rayclusters")
 EVENTS = kmock.resource("v1/events")
 SECRETS = kmock.resource("v1/secrets")
+NETWORK_POLICIES = kmock.resource("networking.k8s.io/v1/networkpolicies")
 SERVICES = kmock.resource("v1/services")
 NS = "default"
 IDEP_PATH = f"/apis/rayprism.dev/v1alpha1/namespaces/{NS}/inferencedeployments"
 RC_PATH = f"/apis/ray.io/v1/namespaces/{NS}/rayclusters"
+ADMIN_KEY = "k" * 48  # the operator's admin-token key, as the chart's Secret holds one
 WORKER_IMAGE = "registry.test/rayprism-worker:test"
 VERBS = {"get", "list", "watch", "create", "patch", "update", "delete"}
 
@@ -112,7 +114,9 @@ class ApiServerEmulator(KubernetesEmulator):
             self.requests_served += 1
             if not self.keep_requests:  # kmock 0.8 private API: the request logs of the root and reactions
                 self._forget(request)
-        if action == kmock.action.DELETE and request.resource:
+        # As the real garbage collector does for every object it sees: a child created for an owner that is
+        # gone (a reconcile racing the owner's deletion) is collected too.
+        if action in (kmock.action.DELETE, kmock.action.CREATE) and request.resource:
             await self._collect_garbage()
         writes = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
         if self.record_timeline and request.resource == RC and action in writes:
@@ -184,6 +188,8 @@ def register(k: KubernetesEmulator) -> None:
     for plural, kind in [("services", "Service"), ("secrets", "Secret"), ("events", "Event"), ("pods", "Pod")]:
         k.resources[f"v1/{plural}"] = kmock.ResourceInfo(kind=kind, singular=kind.lower(), namespaced=True,
                                                          verbs=VERBS)
+    k.resources["networking.k8s.io/v1/networkpolicies"] = kmock.ResourceInfo(
+        kind="NetworkPolicy", singular="networkpolicy", namespaced=True, verbs=VERBS)
 
 
 class FakeKubeRay:
@@ -283,7 +289,7 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: s
 
 class FakeAdminApi:
     """Stands in for the replicas' rayprism servers (contracts.md section 3, the admin weights API): one
-    aiohttp server on port 8000 of several loopback addresses, one address per replica's head pod IP.
+    aiohttp server on the admin port of several loopback addresses, one address per replica's head pod IP.
     A POSTed revision loads for `load_seconds`, then is ready, or failed on the addresses in `failing`."""
 
     def __init__(self, k8s: ApiServerEmulator, deployment: str, addresses: list[str], load_seconds: float = 0.3):
@@ -344,7 +350,7 @@ class FakeAdminApi:
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         for address in self.free:
-            await web.TCPSite(self._runner, address, render.SERVER_PORT).start()
+            await web.TCPSite(self._runner, address, render.ADMIN_PORT).start()
         return self
 
     async def __aexit__(self, *exc) -> None:
