@@ -141,6 +141,10 @@ def test_abort_running_and_waiting(engine):
         ("hi", SamplingParams(stop="x"), "stop"),
         ("hi", SamplingParams(stop=None), "stop"),
         ("hi", SamplingParams(stop_token_ids=[-1]), "stop_token_ids"),
+        ("hi", SamplingParams(temperature=float("inf")), "temperature"),
+        ("hi", SamplingParams(temperature=float("nan")), "temperature"),
+        ("hi", SamplingParams(seed=2**64), "seed"),        # torch.Generator.manual_seed would raise
+        ("hi", SamplingParams(seed=-(2**63) - 1), "seed"),
     ],
 )
 def test_bad_requests_rejected_before_the_model(engine, monkeypatch, prompt, params, param):
@@ -197,3 +201,43 @@ def test_load_weights_and_update_from_tensors(tiny_llama_dir, tiny_qwen2_dir, tm
     engine.load_weights(tiny_llama_dir)
     engine.update_weights_from_tensors(load_file(f"{other}/model.safetensors").items())
     assert tokens(generate(engine, PROMPTS, GREEDY)) == reference
+
+
+def test_extreme_valid_parameters_sample(engine):
+    """The ends of every accepted range: no overflow (top_k, seeds) and no NaN (tiny temperature)."""
+    extremes = [SamplingParams(max_tokens=3, temperature=1e-30, top_k=10**30, seed=2**64 - 1),
+                SamplingParams(max_tokens=3, temperature=1e6, top_p=1e-9, seed=-(2**63)),
+                SamplingParams(max_tokens=3, temperature=1.0, seed=-1, logprobs=20)]
+    results = generate(engine, ["hi"] * len(extremes), extremes)
+    assert all(r["finish_reason"] in ("stop", "length") for r in results.values())
+
+
+def test_a_request_that_fails_in_the_engine_ends_alone(engine, monkeypatch):
+    """Per-request work raising (sampling setup, then detokenising) fails that request only."""
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    doomed = SamplingParams(max_tokens=8, temperature=1.0, seed=666, ignore_eos=True)
+    expected = tokens(generate(engine, PROMPTS[:3], [GREEDY, seeded, seeded]))
+    generator_for, decode = engine.sampler.generator_for, engine.tokenizer.decode
+
+    def generator_failing_for_seed_666(seq):
+        if seq.params.seed == 666:
+            raise RuntimeError("injected sampling fault")
+        return generator_for(seq)
+
+    def decode_failing_on_token_666(ids, **kwargs):
+        if 666 in ids:
+            raise RuntimeError("injected detokenising fault")
+        return decode(ids, **kwargs)
+
+    monkeypatch.setattr(engine.sampler, "generator_for", generator_failing_for_seed_666)
+    for staggered in (False, True):   # the doomed row last in a batch, then first (prefilled with the others)
+        results = generate(engine, PROMPTS[:3] + ["doomed"], [GREEDY, seeded, seeded, doomed], staggered)
+        assert [r["finish_reason"] for r in results.values()] == ["length"] * 3 + ["error"]
+        assert tokens(results)[:3] == expected
+
+    monkeypatch.setattr(engine.tokenizer, "decode", decode_failing_on_token_666)
+    results = generate(engine, PROMPTS[:3] + [[5, 666, 7]], [GREEDY, seeded, seeded, GREEDY])
+    assert [r["finish_reason"] for r in results.values()] == ["length"] * 3 + ["error"]
+    assert tokens(results)[:3] == expected
+    stats = engine.stats()
+    assert (stats["num_running"], stats["num_waiting"], stats["kv_cache_usage"]) == (0, 0, 0.0)

@@ -17,9 +17,17 @@ import ray
 from rayprism.engine import EngineConfig, RequestOutput, SamplingParams
 from rayprism.executor import EngineDeadError, Placement, RayExecutor
 
-__all__ = ["LLM", "SamplingParams", "CompletionOutput", "EngineDeadError"]
+__all__ = ["LLM", "SamplingParams", "CompletionOutput", "EngineDeadError", "RequestFailedError"]
 
 Prompt = str | list[int]
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed on this request alone (its traceback is in rank 0's log); the replica serves on."""
+
+    def __init__(self, request_id: str):
+        super().__init__(f"request {request_id} failed in the engine")
+        self.request_id = request_id
 
 
 @dataclass
@@ -101,6 +109,11 @@ class LLM:
         """Raises EngineDeadError unless every worker answers."""
         self._executor.check_health()
 
+    def check_alive(self) -> None:
+        """Raises EngineDeadError once the replica has failed for good (a worker died or stopped answering, the
+        engine's step loop died) or was shut down. Calls no worker: the executor's monitor pings them."""
+        self._executor._raise_if_unusable()
+
     def memory(self) -> list[dict]:
         """Per rank: process RSS and (on CUDA) allocated/reserved device memory."""
         return self._executor.memory()
@@ -126,9 +139,9 @@ class LLM:
         remaining = len(outputs)
         while remaining:
             request_id, item = results.get()
-            if isinstance(item, BaseException):
+            if isinstance(item, BaseException) or item.finish_reason == "error":
                 self._abort_all(outputs)
-                raise item
+                raise _error(request_id, item)
             outputs[request_id].add(item)
             remaining -= item.finished
         return list(outputs.values())
@@ -158,9 +171,9 @@ class LLM:
         try:
             while not finished:
                 item = await items.get()
-                if isinstance(item, BaseException):
+                if isinstance(item, BaseException) or item.finish_reason == "error":
                     finished = True
-                    raise item
+                    raise _error(request_id, item)
                 result.add(item)
                 finished = item.finished
                 if stream:
@@ -217,6 +230,10 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _error(request_id: str, item: RequestOutput | BaseException) -> BaseException:
+    return item if isinstance(item, BaseException) else RequestFailedError(request_id)
 
 
 def _params_per_prompt(params, count: int) -> list[SamplingParams]:

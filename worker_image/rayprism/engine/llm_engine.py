@@ -7,10 +7,15 @@ reads back the previous pass's tokens, so the host's work (scheduling, batching,
 runs while the device computes. A decoding sequence's next input is then its previous token still on the
 device (sequence.PENDING in token_ids until read). A sequence that stops on a token (EOS, a stop string)
 has already been given one more step, whose token is dropped; length limits are known ahead and cost nothing.
+
+One request never takes the others down: if sampling or detokenising raises for one sequence, that request
+ends with finish_reason "error" (the traceback is logged here) and the rest of the batch goes on. Errors of
+the batch as a whole (the forward pass) still propagate: the replica is then dead.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -26,6 +31,8 @@ from .sampling import InvalidRequestError, SamplingParams
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, SequenceStatus
 
+log = logging.getLogger(__name__)
+
 # Prompt tokens decoded together with the first output tokens, so that tokenizers which drop a leading
 # space when decoding a lone token (sentencepiece) still produce the right text.
 DETOKENIZE_CONTEXT = 5
@@ -37,7 +44,7 @@ class RequestOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" (see _fail) | None
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[dict] | None
@@ -70,7 +77,7 @@ class LLMEngine:
         )
         self.sampler = Sampler(self.runner.device, config.seed)
         self.requests: dict[str, Sequence] = {}
-        self.aborted: list[Sequence] = []
+        self.ended: list[Sequence] = []  # aborted or failed: their last (empty) output goes out with the next step
         self.in_flight: LaunchedStep | None = None
         self.ready: list[RequestOutput] = []  # outputs of a step finished outside step() (see _drain)
         self._arrivals = itertools.count()
@@ -115,10 +122,17 @@ class LLMEngine:
         if seq is None:
             return  # unknown or already finished
         self.scheduler.finish(seq, "abort")
-        self.aborted.append(seq)
+        self.ended.append(seq)
+
+    def _fail(self, seq: Sequence) -> None:
+        """Ends a request whose processing raised (call it in the except block: it logs the traceback)."""
+        log.exception("request %s failed in the engine; the other requests go on", seq.request_id)
+        if self.requests.pop(seq.request_id, None) is not None:
+            self.scheduler.finish(seq, "error")
+            self.ended.append(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests or self.aborted or self.ready)
+        return bool(self.requests or self.ended or self.ready)
 
     def stats(self) -> dict:
         return {
@@ -133,8 +147,8 @@ class LLMEngine:
     # --- stepping -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Launch the next forward pass, then finish the previous one (its outputs are returned)."""
-        outputs = self.ready + [self._output(seq, [], "", None) for seq in self.aborted]
-        self.ready, self.aborted = [], []
+        outputs = self.ready + [self._output(seq, [], "", None) for seq in self.ended]
+        self.ready, self.ended = [], []
         if self.sleeping:  # requests wait (none are lost) until wake_up
             return outputs
         previous, self.in_flight = self.in_flight, self._launch()
@@ -154,7 +168,7 @@ class LLMEngine:
         batch = Batch.from_sequences(seqs, num_prefill, self.config.block_size, previous_rows, greedy)
         result = self.runner.call("execute_model", batch.pack())
         logits = None if greedy else result
-        token_ids = result if greedy else self.sampler(logits, seqs)
+        token_ids = result if greedy else self._sample(logits, seqs)
         self.runner.previous_tokens = token_ids  # the next batch's pending inputs name rows of it
         sampled = None
         if token_ids.is_cuda:  # a copy and an event: reading them back will not wait for later steps
@@ -169,6 +183,19 @@ class LLMEngine:
         wants_logprobs = any(seq.params.logprobs is not None for seq in seqs)
         return LaunchedStep(seqs, token_ids, sampled, logits if wants_logprobs else None)
 
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        try:
+            return self.sampler(logits, seqs)
+        except Exception:  # noqa: BLE001 - find the request at fault: sample row by row, fail the rows that raise
+            rows = []
+            for row, seq in enumerate(seqs):
+                try:
+                    rows.append(self.sampler(logits[row: row + 1], [seq]))
+                except Exception:  # noqa: BLE001
+                    self._fail(seq)
+                    rows.append(logits[row: row + 1].argmax(dim=-1))  # keeps the other rows in place
+            return torch.cat(rows)
+
     def _finish(self, step: LaunchedStep) -> list[RequestOutput]:
         """Read back a launched step's tokens (waits for that step only) and turn them into outputs."""
         token_ids = self._read_tokens(step)
@@ -176,17 +203,24 @@ class LLMEngine:
         outputs = []
         for row, (seq, token_id) in enumerate(zip(step.seqs, token_ids)):
             if seq.status is SequenceStatus.FINISHED:
-                continue  # aborted, or stopped by its previous token while this step was in flight
-            seq.token_ids[seq.num_known_tokens] = token_id
-            seq.num_pending -= 1
-            new_text = self._process_token(seq, token_id)
-            if seq.finish_reason:
-                seq.drop_pending()
-                self.scheduler.finish(seq, seq.finish_reason)
-                del self.requests[seq.request_id]
-            token_logprobs = logprobs[row] if logprobs else None  # None for requests that did not ask
-            outputs.append(self._output(seq, [token_id], new_text, [token_logprobs] if token_logprobs else None))
+                continue  # aborted, failed, or stopped by its previous token while this step was in flight
+            try:
+                outputs.append(self._advance(seq, token_id, logprobs[row] if logprobs else None))
+            except Exception:  # noqa: BLE001
+                self._fail(seq)
         return outputs
+
+    def _advance(self, seq: Sequence, token_id: int, token_logprobs: dict | None) -> RequestOutput:
+        """Take a sampled token into its sequence: stop conditions, text, and the request's output."""
+        seq.token_ids[seq.num_known_tokens] = token_id
+        seq.num_pending -= 1
+        new_text = self._process_token(seq, token_id)
+        if seq.finish_reason:
+            seq.drop_pending()
+            self.scheduler.finish(seq, seq.finish_reason)
+            del self.requests[seq.request_id]
+        # token_logprobs is None for requests that did not ask
+        return self._output(seq, [token_id], new_text, [token_logprobs] if token_logprobs else None)
 
     @staticmethod
     def _read_tokens(step: LaunchedStep) -> list[int]:

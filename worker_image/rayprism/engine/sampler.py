@@ -5,6 +5,10 @@ import torch
 
 from .sequence import Sequence
 
+# Logits divided by a smaller temperature can overflow float32 to inf (then softmax gives NaN); at 1e-3 the
+# distribution is greedy for any practical purpose already.
+MIN_TEMPERATURE = 1e-3
+
 
 class Sampler:
     def __init__(self, device: torch.device, seed: int):
@@ -27,13 +31,15 @@ class Sampler:
         greedy = logits.argmax(dim=-1)
         sampled = greedy
         if any(p.temperature > 0 for p in params):
-            temps = torch.tensor([p.temperature or 1.0 for p in params], device=logits.device)
+            temps = torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], device=logits.device)
             probs = self._filter(logits / temps[:, None], params).softmax(dim=-1)
             # Exponential race (argmax of p / Exp(1)) draws from probs; each row uses its own generator
-            # so a seeded request gets the same tokens whatever else is in the batch.
+            # so a seeded request gets the same tokens whatever else is in the batch. Generators are all set
+            # up before any draws: one that fails leaves the others' streams untouched.
+            generators = [self.generator_for(seq) for seq in seqs]
             noise = torch.empty_like(probs)
-            for row, seq in enumerate(seqs):
-                noise[row].exponential_(generator=self.generator_for(seq))
+            for row, generator in enumerate(generators):
+                noise[row].exponential_(generator=generator)
             is_greedy = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
             sampled = torch.where(is_greedy, greedy, (probs / noise).argmax(dim=-1))
         return sampled
@@ -46,8 +52,9 @@ class Sampler:
         if not any(top_ks) and all(p == 1.0 for p in top_ps):
             return logits
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-        k = torch.tensor([k or logits.shape[-1] for k in top_ks], device=logits.device)[:, None]
+        vocab_size = logits.shape[-1]
+        ranks = torch.arange(vocab_size, device=logits.device)[None, :]
+        k = torch.tensor([min(k, vocab_size) if k else vocab_size for k in top_ks], device=logits.device)[:, None]
         drop = ranks >= k
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always survives

@@ -1,9 +1,13 @@
 """Per-request sampling parameters and their validation."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+# What torch.Generator.manual_seed takes; a negative seed counts modulo 2**64 (-1 is 2**64 - 1), so the
+# signed 64-bit seeds other servers accept work too.
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 
 
 class InvalidRequestError(ValueError):
@@ -29,14 +33,14 @@ class SamplingParams:
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise InvalidRequestError("max_tokens", f"must be an integer > 0, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise InvalidRequestError("temperature", f"must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
+            raise InvalidRequestError("temperature", f"must be a finite number >= 0, got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             raise InvalidRequestError("top_p", f"must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequestError("top_k", f"must be 0 (disabled) or >= 1, got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise InvalidRequestError("seed", f"must be an integer or None, got {self.seed!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and MIN_SEED <= self.seed <= MAX_SEED):
+            raise InvalidRequestError("seed", f"must be None or an integer in [{MIN_SEED}, {MAX_SEED}], got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError("stop", f"must be a list of non-empty strings, got {self.stop!r}")
         if not isinstance(self.stop_token_ids, list) or not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
