@@ -13,8 +13,6 @@ ON_A_CLUSTER = [
                        reason="needs a cluster prepared by e2e/run.sh or `make e2e` (they set RAYPRISM_E2E=1)"),
 ]
 # Tests that register Nodes run by our kubelet or read its pods' log files: this machine's control plane only.
-ON_THE_LOCAL_CONTROL_PLANE = [
-    *ON_A_CLUSTER,
-    pytest.mark.skipif(os.environ.get("RAYPRISM_E2E_LOCAL_KUBELET") != "1",
-                       reason="needs this machine's control plane and its kubelet (make e2e)"),
-]
+LOCAL_CONTROL_PLANE_ONLY = pytest.mark.skipif(os.environ.get("RAYPRISM_E2E_LOCAL_KUBELET") != "1",
+                                              reason="needs this machine's control plane and its kubelet (make e2e)")
+ON_THE_LOCAL_CONTROL_PLANE = [*ON_A_CLUSTER, LOCAL_CONTROL_PLANE_ONLY]

@@ -43,7 +43,7 @@ def gpu_node():
         "kubernetes.io/hostname": NODE, "rayprism.dev/local-kubelet": "true"}},
         "spec": {"taints": [{"key": TAINT, "value": "true", "effect": "NoSchedule"}]}}
     kubectl("apply", "-f", "-", input=json.dumps(node))
-    capacity = {"cpu": "4", "memory": "16Gi", "pods": "20", "nvidia.com/gpu": "1"}
+    capacity = {"cpu": "4", "memory": "16Gi", "pods": "20", "nvidia.com/gpu": "1", "ephemeral-storage": "20Gi"}
     kubectl("patch", "node", NODE, "--subresource=status", "--type=merge",
             "-p", json.dumps({"status": {"capacity": capacity, "allocatable": capacity}}))
     kubectl("create", "namespace", NAMESPACE, check=False)

@@ -50,7 +50,8 @@ OPERATOR_GRANTS = {
     ("ray.io", "rayclusters"): ALL_VERBS,
     # Neither listed, watched nor deleted: the garbage collector removes them through their ownerReferences.
     ("", "services"): {"get", "create", "patch"},
-    ("", "secrets"): {"get", "create"},
+    ("", "secrets"): {"create"},  # never read: the admin tokens are derived from the operator's key
+    ("networking.k8s.io", "networkpolicies"): {"list", "create", "patch", "delete"},
     ("", "pods"): {"list"},
     ("", "events"): {"create", "patch"},
 }
