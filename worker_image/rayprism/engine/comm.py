@@ -83,7 +83,15 @@ def setup_tensor_parallel_comm(device: torch.device, max_bytes: int = DEFAULT_MA
             reason, ok = "another rank could not set it up", False
     if not ok:
         _buffer = _fused = None
-        logger.warning("tensor-parallel all-reduce: symmetric memory off (%s); using dist.all_reduce", reason)
+        if device.type == "cuda" and reason != "RAYPRISM_SYMM_MEM=0":
+            # Loud: decode is measurably slower on this path. Pods under Pod Security `restricted` (no
+            # capabilities, RuntimeDefault seccomp) may be refused the CUDA IPC that maps peers' buffers.
+            logger.warning("TENSOR-PARALLEL FALLBACK: symmetric memory could not be set up (%s); every all-reduce "
+                           "now goes through NCCL (dist.all_reduce), which makes decode slower. If the pods run "
+                           "under a restricted security context, CUDA IPC between the ranks may be what failed.",
+                           reason)
+        else:
+            logger.info("tensor-parallel all-reduce: symmetric memory off (%s); using dist.all_reduce", reason)
         return False
     logger.info("tensor-parallel all-reduce: symmetric memory up to %d bytes (one-shot up to %d)", max_bytes,
                 ONE_SHOT_MAX_BYTES)
