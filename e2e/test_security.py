@@ -195,6 +195,25 @@ def test_admin_api_is_on_its_own_port(deployment):
         assert status == expected, f"/admin/v1/weights on port {port}: {status}"
 
 
+@pytest.mark.timeout(300)
+def test_a_typo_in_passed_through_pod_fields_is_named(deployment):
+    """spec.pods.affinity passes through as written; the operator creates RayClusters with strict field
+    validation, so a field the Pod schema lacks is an error naming it, in Degraded, not silently dropped."""
+    typo = manifest()
+    typo["metadata"]["name"] = "typo"
+    typo["spec"]["pods"] = {"affinity": {"nodeAffinity": {"requiredDuringScheduling": {}}}}
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(typo))
+    try:
+        kubectl("-n", NAMESPACE, "wait", "--for=jsonpath={.status.conditions[?(@.type=='Degraded')].reason}=ApplyFailed",
+                "infd/typo", "--timeout=240s", timeout=270)
+        degraded = next(c for c in kubectl_json(NAMESPACE, "get", "infd", "typo")["status"]["conditions"]
+                        if c["type"] == "Degraded")
+        assert "affinity.nodeAffinity.requiredDuringScheduling" in degraded["message"], degraded
+        assert not kubectl_json(NAMESPACE, "get", "rayclusters", "-l", "rayprism.dev/deployment=typo")["items"]
+    finally:
+        kubectl("-n", NAMESPACE, "delete", "infd", "typo", "--ignore-not-found", "--wait=false", check=False)
+
+
 @LOCAL_CONTROL_PLANE_ONLY  # reads the audit log of this machine's API server
 def test_operator_used_only_what_it_is_granted(deployment):
     """Every call of the operator's ServiceAccount in the audit log (this suite's so far) was allowed, and

@@ -31,6 +31,7 @@ NETWORK_POLICIES = ("/apis/networking.k8s.io/v1", "networkpolicies")
 # retries with backoff.
 TRANSIENT_STATUSES = {429, 500, 502, 503, 504}
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
+STRICT = {"fieldValidation": "Strict"}
 
 
 class ApiError(Exception):
@@ -118,12 +119,14 @@ class KubeClient:
         # Filtered here too: a selector is only a hint to servers that may ignore it (emulators do).
         return [i for i in items if labels.items() <= (i.get("metadata", {}).get("labels") or {}).items()]
 
+    # Strict: a field the API server does not know (a typo passed through spec.pods.affinity, say) is an error
+    # naming it, which reaches the Degraded condition, rather than dropped without a word.
     async def create(self, resource: tuple[str, str], namespace: str, body: dict) -> dict:
-        return await self.request("POST", _path(resource, namespace), body)
+        return await self.request("POST", _path(resource, namespace), body, params=STRICT)
 
     async def patch(self, resource: tuple[str, str], namespace: str, name: str, body: dict,
                     subresource: str | None = None) -> dict:
-        return await self.request("PATCH", _path(resource, namespace, name, subresource), body)
+        return await self.request("PATCH", _path(resource, namespace, name, subresource), body, params=STRICT)
 
     async def delete(self, resource: tuple[str, str], namespace: str, name: str) -> None:
         try:
