@@ -280,13 +280,16 @@ class Reconciler:
             suffix = "".join(secrets.choice(SUFFIX_ALPHABET) for _ in range(5))
             raycluster = render.render_raycluster(infd, revision, suffix, self.settings.options)
             # The replica's NetworkPolicy first, so that its pods never run with Ray's ports open.
-            await self._create_if_absent(NETWORK_POLICIES, render.render_replica_network_policy(
-                infd, raycluster["metadata"]["name"]))
+            policy = render.render_replica_network_policy(infd, raycluster["metadata"]["name"])
+            await self._create_if_absent(NETWORK_POLICIES, policy)
             try:
                 await self.kube.create(RAYCLUSTERS, infd.metadata.namespace, raycluster)
                 return
             except Conflict:
                 continue  # the policy of a name not ours goes with the next pass (_ensure_network_policies)
+            except ApiError:  # refused: no replica, no policy
+                await self.kube.delete(NETWORK_POLICIES, infd.metadata.namespace, policy["metadata"]["name"])
+                raise
         raise RuntimeError(f"could not find a free replica name for {infd.metadata.name}")
 
     async def _create_if_absent(self, resource: tuple[str, str], obj: dict) -> None:
