@@ -330,6 +330,6 @@ def test_notes_tell_how_to_apply_llama_and_reach_it(helm):
     out = _run([helm, "install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client"])
     assert out.returncode == 0, out.stderr
     notes = out.stdout.split("NOTES:", 1)[1]
-    assert "kubectl -n default apply -f examples/llama.yaml" in notes
+    assert "kubectl -n default apply -f - <<'EOF'" in notes  # the manifest inline (test_operator_pod.py)
     assert "port-forward svc/llama-3-1-8b 8000:8000" in notes
     assert "http://localhost:8000/v1/chat/completions" in notes

@@ -28,12 +28,32 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
+{{/* An image reference from (dict "image" <values> "appVersion" <default tag>): repository@digest when
+a digest is set (the tag is then ignored), repository:tag otherwise. */}}
+{{- define "rayprism.imageRef" -}}
+{{- if .image.digest -}}
+{{- printf "%s@%s" .image.repository .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .image.repository (default .appVersion .image.tag) -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "rayprism.operatorImage" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- include "rayprism.imageRef" (dict "image" .Values.image "appVersion" .Chart.AppVersion) -}}
 {{- end -}}
 
 {{- define "rayprism.workerImage" -}}
-{{- printf "%s:%s" .Values.defaultWorkerImage.repository (default .Chart.AppVersion .Values.defaultWorkerImage.tag) -}}
+{{- include "rayprism.imageRef" (dict "image" .Values.defaultWorkerImage "appVersion" .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* The user's Secret holding the key of the InferenceDeployments' admin tokens; empty: the chart makes
+its own. (adminKey may be missing: `helm upgrade --reuse-values` from a chart without it.) */}}
+{{- define "rayprism.adminKeyExistingSecret" -}}
+{{- (.Values.adminKey | default dict).existingSecret | default "" -}}
+{{- end -}}
+
+{{- define "rayprism.adminKeySecretName" -}}
+{{- include "rayprism.adminKeyExistingSecret" . | default (printf "%s-admin-key" (include "rayprism.fullname" .)) -}}
 {{- end -}}
 
 {{/* Peering is on exactly when more than one operator pod runs. */}}
