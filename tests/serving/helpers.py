@@ -1,7 +1,8 @@
 """Helpers of the serving tests: tiny random-weight checkpoints, a bare-engine reference, Ray clusters started
-with `ray start`, and a `rayprism serve` subprocess."""
+with `ray start`, a `rayprism serve` subprocess, and a fault to inject into its Ray workers."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -141,11 +142,13 @@ class ServeProcess:
     """`rayprism serve ...` in a subprocess, waited for until /health answers 200."""
 
     def __init__(self, flags: list[str], env: dict | None = None, timeout_s: float = 180):
-        self.port = free_port()
+        self.port, admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.admin_url = f"http://127.0.0.1:{admin_port}"
         self.log_path = Path(tempfile.mkstemp(prefix="rayprism-serve-", suffix=".log")[1])
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rayprism.cli", "serve", *flags, "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "rayprism.cli", "serve", *flags, "--host", "127.0.0.1", "--port", str(self.port),
+             "--admin-port", str(admin_port)],
             stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -170,3 +173,26 @@ class ServeProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
+
+
+FAULTY_SEED = 666
+
+
+def fail_sampling_for_the_faulty_seed() -> None:
+    """Sampling a request seeded FAULTY_SEED raises, as a bug in per-request sampling setup would."""
+    from rayprism.engine.sampler import Sampler
+
+    generator_for = Sampler.generator_for
+
+    def failing(self, seq):
+        if seq.params.seed == FAULTY_SEED:
+            raise RuntimeError("injected sampling fault")
+        return generator_for(self, seq)
+
+    Sampler.generator_for = failing
+
+
+# ServeProcess(env=FAULTY_WORKERS_ENV): Ray runs the fault's setup hook in every worker process of the job.
+FAULTY_WORKERS_ENV = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {
+    "worker_process_setup_hook": f"{__name__}.{fail_sampling_for_the_faulty_seed.__name__}",
+    "env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}}})}

@@ -1,6 +1,7 @@
 """`rayprism serve` (a subprocess on a `ray start` cluster) driven by the official openai client and raw HTTP:
-completions and chat, streaming, 64 concurrent streams, errors, the bounded queue, client disconnects,
-metrics, the admin weights API with a live weight update, and a killed worker."""
+completions and chat, streaming, 64 concurrent streams, errors (parameters, routes, bodies, a request failing
+in the engine), the bounded queue, client disconnects, metrics, the admin weights API on its own port with a
+live weight update, the probes, and a killed worker."""
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +13,7 @@ import pytest
 import requests
 
 from rayprism.engine import SamplingParams
-from tests.serving.helpers import RayNodes, ServeProcess, reference_outputs
+from tests.serving.helpers import FAULTY_SEED, FAULTY_WORKERS_ENV, RayNodes, ServeProcess, reference_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +114,33 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
     ("completions", {"model": MODEL, "prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     ("completions", {"model": MODEL, "prompt": "hi", "stop": 5}, 400, "stop"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stop": ["x"] * 17}, 400, "stop"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stop": "x" * 1025}, 400, "stop"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [1] * 257}, 400, "stop_token_ids"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ("completions", {"model": MODEL, "prompt": "hi", "seed": 2**64}, 400, "seed"),      # killed the engine once
+    ("completions", {"model": MODEL, "prompt": "hi", "seed": -(2**63) - 1}, 400, "seed"),
+    ("completions", {"model": MODEL, "prompt": "hi", "seed": 1.5}, 400, "seed"),
+    ("completions", b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    ("completions", b'{"model": "tiny", "prompt": "hi", "temperature": Infinity}', 400, "temperature"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ("completions", {"model": MODEL, "prompt": "hi", "top_k": -1}, 400, "top_k"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    ("completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("completions", {"model": MODEL, "prompt": "hi", "stream": True, "stream_options": {"include_usage": 1}},
+     400, "stream_options"),
+    ("completions", {"model": MODEL, "prompt": [5, -1]}, 400, "prompt"),
+    ("completions", {"model": MODEL, "prompt": [5, 10**30]}, 400, "prompt"),
+    ("completions", {"model": MODEL, "prompt": [5] * 600}, 400, "prompt"),
+    ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10**30}, 400, "max_tokens"),
+    ("completions", {"model": MODEL, "prompt": "\ud800"}, 400, None),         # a lone surrogate
+    ("completions", b'{"model": "tiny", "prompt": "\\udfff"}', 400, None),
+    ("completions", b"[" * 100_000 + b"]" * 100_000, 400, None),             # nested too deeply
+    ("completions", b'{"model": "tiny", "prompt": "hi", "seed": 1' + b"0" * 5000 + b"}", 400, None),
+    ("completions", b"\xff\xfe", 400, None),                                  # not UTF-8
     ("completions", {"model": MODEL, "prompt": "hi " * 600}, 400, "prompt"),
     ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
     ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
@@ -120,6 +148,12 @@ BAD_REQUESTS = [
     ("chat/completions", {"model": MODEL, "messages": [{"content": "hi"}]}, 400, "messages[0]"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 3}]}, 400,
      "messages[0].content"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+     400, "top_logprobs"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                          "top_logprobs": 21}, 400, "top_logprobs"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}] * 513}, 400,
+     "messages"),
 ]
 
 
@@ -127,9 +161,44 @@ BAD_REQUESTS = [
 def test_bad_requests_get_openai_errors(server, endpoint, body, status, param):
     data = body if isinstance(body, bytes) else None
     response = requests.post(f"{server.url}/v1/{endpoint}", data=data, json=None if data else body, timeout=30)
+    assert_openai_error(response, status, param)
+
+
+def assert_openai_error(response: requests.Response, status: int, param: str | None = None) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
-    assert error["message"] and error["type"] and error["param"] == param
+    assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["type"]
+    assert error["param"] == param and response.headers["X-Request-Id"]
+    return error
+
+
+@pytest.mark.parametrize("seed", [0, -1, -(2**63), 2**63, 2**64 - 1])
+def test_every_seed_in_range_samples(client, seed):
+    completion = client.completions.create(model=MODEL, prompt="seeded", max_tokens=2, seed=seed)
+    assert completion.usage.completion_tokens >= 1
+
+
+def test_probes_while_serving(server):
+    assert requests.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+    assert requests.get(f"{server.url}/live", timeout=10).json() == {"status": "alive"}
+
+
+def test_unknown_routes_and_methods_are_openai_errors(server):
+    assert_openai_error(requests.get(f"{server.url}/v1/nothing", timeout=10), 404)
+    response = requests.get(f"{server.url}/v1/completions", timeout=10)
+    assert_openai_error(response, 405)
+    assert response.headers["Allow"] == "POST"
+    assert requests.get(f"{server.url}/v1/models", timeout=10).headers["X-Request-Id"]
+
+
+def test_huge_prompt_refused_before_tokenising(server):
+    for endpoint, body in (("completions", {"prompt": "word " * 4_000_000}),
+                           ("chat/completions", {"messages": [{"role": "user", "content": "word " * 4_000_000}]})):
+        started = time.monotonic()
+        response = requests.post(f"{server.url}/v1/{endpoint}", json={"model": MODEL, **body}, timeout=30)
+        assert time.monotonic() - started < 2     # tokenising 20 MB took 15 s
+        error = assert_openai_error(response, 400, "messages" if "chat" in endpoint else "prompt")
+        assert error["code"] == "context_length_exceeded"
 
 
 def test_body_too_large_and_still_serving(server, client):
@@ -147,7 +216,7 @@ async def test_full_queue_answers_429(server):
             await client.completions.create(model=MODEL, prompt="queue", **greedy(100))
             return 200
         except openai.RateLimitError as err:
-            assert err.body["code"] == "queue_full"
+            assert err.body["code"] == "queue_full" and err.response.headers["Retry-After"] == "1"
             return 429
 
     statuses = await asyncio.gather(*(one() for _ in range(MAX_NUM_SEQS + MAX_QUEUE_SIZE + 16)))
@@ -193,7 +262,16 @@ def test_metrics(server, client):
 
 def admin(server, method: str, token: str | None = TOKEN, **kwargs) -> requests.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return requests.request(method, f"{server.url}/admin/v1/weights", headers=headers, timeout=30, **kwargs)
+    return requests.request(method, f"{server.admin_url}/admin/v1/weights", headers=headers, timeout=30, **kwargs)
+
+
+def test_admin_api_only_on_the_admin_port(server):
+    for method in ("GET", "POST"):
+        response = requests.request(method, f"{server.url}/admin/v1/weights", json={"revision": "b"}, timeout=10,
+                                    headers={"Authorization": f"Bearer {TOKEN}"})
+        assert_openai_error(response, 404)
+    assert_openai_error(requests.get(f"{server.admin_url}/health", timeout=10), 404)
+    assert_openai_error(requests.post(f"{server.admin_url}/v1/completions", json={}, timeout=10), 404)
 
 
 def wait_for_weights(server, deadline_s: float = 60) -> dict:
@@ -204,10 +282,10 @@ def wait_for_weights(server, deadline_s: float = 60) -> dict:
 
 
 def test_admin_token_is_required(server):
-    assert admin(server, "GET").status_code == 403          # no token configured yet
+    assert_openai_error(admin(server, "GET"), 403)          # no token configured yet
     server.token_file.write_text(TOKEN + "\n")
-    assert admin(server, "GET", token=None).status_code == 401
-    assert admin(server, "GET", token="wrong").status_code == 401
+    assert_openai_error(admin(server, "GET", token=None), 401)
+    assert_openai_error(admin(server, "GET", token="wrong"), 401)
     assert admin(server, "GET").json() == {"revision": "a", "uri": admin(server, "GET").json()["uri"],
                                            "state": "ready", "error": None}
     assert admin(server, "POST", json={"uri": "x"}).status_code == 400
@@ -251,6 +329,44 @@ async def test_weight_update_while_streaming(server, checkpoints):
 
 
 @pytest.fixture
+def faulty_server(cluster, checkpoints):
+    """Its worker fails sampling for requests seeded FAULTY_SEED."""
+    process = ServeProcess(["--model", str(checkpoints["a"]), "--served-model-name", MODEL, "--device", "cpu",
+                            "--ray-address", cluster.address], env=FAULTY_WORKERS_ENV)
+    yield process
+    process.stop()
+
+
+async def test_a_request_failing_in_the_engine_fails_alone(faulty_server):
+    url = faulty_server.url
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+    async def stream(seed: int) -> int:
+        chunks = [c async for c in await client.completions.create(
+            model=MODEL, prompt="sampled", stream=True, stream_options={"include_usage": True}, seed=seed,
+            max_tokens=400, temperature=1.0, extra_body={"ignore_eos": True})]
+        return chunks[-1].usage.completion_tokens
+
+    streams = [asyncio.create_task(stream(seed)) for seed in range(6)]
+    await asyncio.sleep(0.3)      # the doomed requests join the streams' batch
+    for streamed in (False, True):
+        response = await asyncio.to_thread(requests.post, f"{url}/v1/completions", timeout=30, json={
+            "model": MODEL, "prompt": "doomed", "seed": FAULTY_SEED, "temperature": 1.0, "stream": streamed})
+        error = assert_openai_error(response, 500)
+        request_id = response.headers["X-Request-Id"]
+        assert error["code"] == "internal_error" and request_id in error["message"]
+        assert "Traceback" not in response.text and "injected" not in response.text
+        assert f"request {request_id} failed" in faulty_server.log()   # the details stay in the log
+    assert not any(s.done() for s in streams)      # they shared the failing requests' steps
+    assert await asyncio.gather(*streams) == [400] * 6
+    for probe in ("health", "live"):
+        assert (await asyncio.to_thread(requests.get, f"{url}/{probe}", timeout=10)).status_code == 200
+    after = await client.completions.create(model=MODEL, prompt="after", seed=1, **greedy(4))
+    assert after.usage.completion_tokens == 4
+    await client.close()
+
+
+@pytest.fixture
 def second_server(cluster, checkpoints):
     process = ServeProcess(["--model", str(checkpoints["a"]), "--served-model-name", MODEL, "--device", "cpu",
                             "--ray-address", cluster.address, "--unready-delay-seconds", "4", "--drain-seconds", "60"])
@@ -274,6 +390,8 @@ async def test_sigterm_drains_streams_then_exits(second_server):
     await asyncio.sleep(0.3)
     health = await asyncio.to_thread(requests.get, f"{second_server.url}/health", timeout=5)
     assert health.status_code == 503 and health.json()["status"] == "draining"
+    live = await asyncio.to_thread(requests.get, f"{second_server.url}/live", timeout=5)
+    assert live.status_code == 200       # draining is alive: no restart
     # A request from a client whose endpoint list is not updated yet is still served.
     late = await client.completions.create(model=MODEL, prompt="late", **greedy(4))
     assert late.usage.completion_tokens == 4
@@ -300,6 +418,9 @@ def test_killed_worker_fails_requests_and_health(server, cluster, client):
     while requests.get(f"{server.url}/health", timeout=15).status_code != 503:
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    live = requests.get(f"{server.url}/live", timeout=5)
+    assert live.status_code == 503 and live.json()["status"] == "dead"
+    assert "Traceback" not in live.text
     with pytest.raises(openai.InternalServerError) as err:
         client.completions.create(model=MODEL, prompt="after", **greedy(2))
     assert err.value.status_code == 503

@@ -1,13 +1,30 @@
-"""The aiohttp application: OpenAI-compatible API, /health, /metrics and the admin weights API."""
+"""The aiohttp applications of one replica.
+
+The OpenAI port: /v1/models, /v1/completions, /v1/chat/completions, /metrics, and two probes:
+  GET /health  readiness: 200 only while the model serves; 503 while it loads, while draining (before a
+               weights load, on SIGTERM) and once the engine is dead. The Service routes by it.
+  GET /live    liveness: 200 while the process and its engine are alive, loading and draining included;
+               503 only once the engine is dead for good (a worker died or stopped answering, the step loop
+               died), so that the kubelet restarts the pod.
+The admin port (--admin-port) serves only the weights API, /admin/v1/weights (GET, POST), behind a bearer
+token; the OpenAI port answers it 404 like any unknown route.
+
+Every error is answered in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, unknown routes
+and methods included; every response carries an X-Request-Id, and an unexpected exception is logged under
+that id and answered 500 with the id alone (no exception text: it can hold file paths and internals).
+"""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
 import os
+import re
 import time
+import uuid
 from pathlib import Path
 
 from aiohttp import web
@@ -23,6 +40,10 @@ log = logging.getLogger(__name__)
 ADMIN_TOKEN_ENV = "RAYPRISM_ADMIN_TOKEN"
 MAX_BODY_BYTES = 32 * 1024 * 1024
 _HEALTH_TIMEOUT_S = 10
+_RETRY_AFTER_S = 1
+# A lone surrogate can only enter a string through a JSON escape in this range; only then is the body checked.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+REQUEST_ID = web.RequestKey("request_id", str)
 
 
 class Server:
@@ -52,17 +73,20 @@ class Server:
         self.weights.update(state="ready", error=None)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES)
-        app.add_routes([
+        """The OpenAI port."""
+        return _application([
             web.get("/v1/models", self.models),
-            web.post("/v1/completions", lambda r: self.generate(r, chat=False)),
-            web.post("/v1/chat/completions", lambda r: self.generate(r, chat=True)),
+            web.post("/v1/completions", functools.partial(self.generate, chat=False)),
+            web.post("/v1/chat/completions", functools.partial(self.generate, chat=True)),
             web.get("/health", self.health),
+            web.get("/live", self.live),
             web.get("/metrics", self.metrics_page),
-            web.get("/admin/v1/weights", self.get_weights),
-            web.post("/admin/v1/weights", self.post_weights),
         ])
-        return app
+
+    def admin_app(self) -> web.Application:
+        """The admin port: kept off the OpenAI port so that only what reaches this port can try the token."""
+        return _application([web.get("/admin/v1/weights", self.get_weights),
+                             web.post("/admin/v1/weights", self.post_weights)])
 
     # ---- OpenAI API --------------------------------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
@@ -78,11 +102,13 @@ class Server:
             llm = self._ready_llm()
             self._check_model(body)
             req = protocol.parse_request(body, chat=chat)
+            protocol.check_prompt_size(req, llm.max_model_len)
             prompt_ids = await asyncio.get_running_loop().run_in_executor(None, self._tokenize, llm, req)
             self._fit_context(llm, req, len(prompt_ids))
             if self.in_flight >= self.max_in_flight:
                 raise APIError(429, f"the server is at its limit of {self.max_in_flight} requests in flight; "
-                                    "retry later", type="rate_limit_error", code="queue_full")
+                                    "retry later", type="rate_limit_error", code="queue_full",
+                               headers={"Retry-After": str(_RETRY_AFTER_S)})
             self.in_flight += 1
             self.metrics.prompt_tokens.inc(len(prompt_ids))
             try:
@@ -90,14 +116,14 @@ class Server:
                 return await respond(request, llm, req, prompt_ids)
             finally:
                 self.in_flight -= 1
-        except APIError as err:
-            status = err.status
-            return web.json_response(err.body(), status=err.status)
         except _ClientGone as gone:
             status = 499     # nginx's "client closed request"
             return gone.response
         except asyncio.CancelledError:   # the client went away (aiohttp handler cancellation)
             status = 499
+            raise
+        except Exception as err:   # answered by _answer_errors
+            status = err.status if isinstance(err, APIError) else 500
             raise
         finally:
             self.metrics.requests.labels(endpoint, str(status)).inc()
@@ -146,8 +172,9 @@ class Server:
                               f"this model's maximum context length of {limit} tokens", "max_tokens",
                               "context_length_exceeded")
 
-    async def _outputs(self, llm, req: ParsedRequest, prompt_ids: list[int]):
-        """The request's RequestOutputs, timed into the metrics; engine errors become APIErrors."""
+    async def _outputs(self, request, llm, req: ParsedRequest, prompt_ids: list[int]):
+        """The request's RequestOutputs, timed into the metrics; engine errors become APIErrors (a stream that
+        has begun can still report them)."""
         arrival = last = time.monotonic()
         generator = llm.generate_async(prompt_ids, req.params, stream=True)
         async with contextlib.aclosing(generator):
@@ -158,11 +185,11 @@ class Server:
                     return
                 except InvalidRequestError as err:
                     raise bad_request(str(err), err.param) from None
-                except EngineDeadError as err:
-                    raise APIError(503, str(err), type="service_unavailable", code="engine_unavailable") from None
-                except Exception as err:  # noqa: BLE001
-                    log.exception("request failed")
-                    raise APIError(500, f"{type(err).__name__}: {err}", type="internal_error") from None
+                except EngineDeadError:   # the executor logged why (it can hold a traceback)
+                    raise APIError(503, "this replica's engine has failed; retry on another replica",
+                                   type="service_unavailable", code="engine_unavailable") from None
+                except Exception:  # noqa: BLE001
+                    raise _internal_error(request) from None
                 now = time.monotonic()
                 if output.new_token_ids:
                     if output.num_output_tokens == len(output.new_token_ids):
@@ -183,7 +210,7 @@ class Server:
 
     async def _complete(self, request, llm, req: ParsedRequest, prompt_ids: list[int]) -> web.Response:
         text, entries, output = "", [], None
-        async for output in self._outputs(llm, req, prompt_ids):
+        async for output in self._outputs(request, llm, req, prompt_ids):
             text += output.new_text
             entries += output.logprobs or []
         choice = protocol.choice(req, text, output.finish_reason, self._logprobs(llm, req, entries), delta=False)
@@ -191,7 +218,7 @@ class Server:
         return web.json_response(protocol.envelope(req, self.served_model_name, [choice], chunk=False, usage=usage))
 
     async def _stream(self, request, llm, req: ParsedRequest, prompt_ids: list[int]) -> web.StreamResponse:
-        outputs = self._outputs(llm, req, prompt_ids)
+        outputs = self._outputs(request, llm, req, prompt_ids)
         async with contextlib.aclosing(outputs):
             first = await anext(outputs)    # errors before the first token still get their HTTP status
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -231,8 +258,16 @@ class Server:
             await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, self.llm.check_health),
                                    _HEALTH_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001
-            return web.json_response({"status": "unhealthy", "error": str(err) or type(err).__name__}, status=503)
+            return web.json_response({"status": "unhealthy", "error": _first_line(err)}, status=503)
         return web.json_response({"status": "ok"})
+
+    async def live(self, request: web.Request) -> web.Response:
+        if self.llm is not None:
+            try:
+                self.llm.check_alive()
+            except EngineDeadError as err:
+                return web.json_response({"status": "dead", "error": _first_line(err)}, status=503)
+        return web.json_response({"status": "alive"})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
@@ -248,25 +283,19 @@ class Server:
             raise APIError(401, "missing or wrong bearer token", type="authentication_error")
 
     async def get_weights(self, request: web.Request) -> web.Response:
-        try:
-            self._authorize(request)
-        except APIError as err:
-            return web.json_response(err.body(), status=err.status)
+        self._authorize(request)
         return web.json_response(self.weights)
 
     async def post_weights(self, request: web.Request) -> web.Response:
-        try:
-            self._authorize(request)
-            body = await _json_body(request)
-            if not isinstance(body, dict) or not isinstance(body.get("revision"), str) or not body["revision"]:
-                raise bad_request("'revision' is required (a non-empty string)", "revision")
-            uri = body.get("uri")
-            if uri is not None and (not isinstance(uri, str) or not uri):
-                raise bad_request("'uri' must be a non-empty string", "uri")
-            if self.weights["state"] == "loading":
-                raise APIError(409, "a weights load is already in progress", type="conflict")
-        except APIError as err:
-            return web.json_response(err.body(), status=err.status)
+        self._authorize(request)
+        body = await _json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("revision"), str) or not body["revision"]:
+            raise bad_request("'revision' is required (a non-empty string)", "revision")
+        uri = body.get("uri")
+        if uri is not None and (not isinstance(uri, str) or not uri):
+            raise bad_request("'uri' must be a non-empty string", "uri")
+        if self.weights["state"] == "loading":
+            raise APIError(409, "a weights load is already in progress", type="conflict")
         revision, uri = body["revision"], uri or self.weights["uri"]
         if self.weights["state"] == "ready" and (revision, uri) == (self.weights["revision"], self.weights["uri"]):
             return web.json_response({"revision": revision, "state": "ready"})
@@ -308,12 +337,63 @@ class _ClientGone(Exception):
         self.response = response
 
 
+def _application(routes) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_answer_errors])
+    app.add_routes(routes)
+    app.on_response_prepare.append(_tag_request_id)
+    return app
+
+
+@web.middleware
+async def _answer_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error in OpenAI's shape: APIErrors, aiohttp's own (unknown route, wrong method) and the rest."""
+    request[REQUEST_ID] = uuid.uuid4().hex
+    try:
+        return await handler(request)
+    except APIError as err:
+        error = err
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        allow = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else None
+        error = APIError(err.status, f"{err.reason}: {request.method} {request.path}",
+                         code=err.reason.lower().replace(" ", "_"), headers=allow)
+    except Exception:  # noqa: BLE001
+        error = _internal_error(request)
+    return web.json_response(error.body(), status=error.status, headers=error.headers)
+
+
+async def _tag_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    if REQUEST_ID in request:
+        response.headers["X-Request-Id"] = request[REQUEST_ID]
+
+
+def _internal_error(request: web.Request) -> APIError:
+    """Call in an except block: the exception is logged under the request's id, the client gets the id only."""
+    log.exception("request %s failed", request[REQUEST_ID])
+    return APIError(500, f"internal server error (request id {request[REQUEST_ID]})", type="internal_error",
+                    code="internal_error")
+
+
+def _first_line(err: Exception) -> str:
+    """An error's first line: the executor's errors go on with a worker's traceback, not for clients."""
+    return str(err).partition("\n")[0] or type(err).__name__
+
+
 async def _json_body(request: web.Request):
     try:
-        return await request.json()
+        text = (await request.read()).decode()   # JSON is UTF-8 (RFC 8259), whatever the charset says
+        body = json.loads(text)
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(body, ensure_ascii=False).encode()   # raises on a lone surrogate (a valid pair is fine)
+        return body
     except web.HTTPRequestEntityTooLarge:
         raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except RecursionError:
+        raise bad_request("the request body is nested too deeply") from None
+    except UnicodeEncodeError:
+        raise bad_request("the request body holds a lone surrogate (\\ud800-\\udfff): not valid Unicode") from None
+    except ValueError as err:   # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise bad_request(f"the request body is not valid JSON: {err}") from None
 
 

@@ -35,7 +35,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-queue-size", type=_non_negative_int, default=1024,
         help="requests admitted beyond --max-num-seqs before answering 429")
     add("--host", default="0.0.0.0")
-    add("--port", type=int, default=8000)
+    add("--port", type=int, default=8000, help="the OpenAI API, /health, /live and /metrics")
+    add("--admin-port", type=int, default=8001, help="the admin weights API (/admin/v1/weights), and nothing else")
     add("--ray-address", default="auto",
         help="'auto' joins the Ray cluster of this node, 'local' starts one, or a Ray address (host:port)")
     add("--drain-seconds", type=_non_negative_float, default=30.0,
@@ -88,10 +89,13 @@ async def _serve(args: argparse.Namespace, on_ready) -> int:
                     max_in_flight=args.max_num_seqs + args.max_queue_size, admin_token_file=args.admin_token_file,
                     drain_s=args.drain_seconds, unready_delay_s=args.unready_delay_seconds)
     # Cancel handlers whose client went away, so a disconnected request is aborted in the engine.
-    runner = web.AppRunner(server.app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, args.host, args.port).start()
-    log.info("listening on http://%s:%d (health is 503 until the model is loaded)", args.host, args.port)
+    runners = [web.AppRunner(server.app(), handler_cancellation=True, access_log=None),
+               web.AppRunner(server.admin_app(), access_log=None)]
+    for runner, port in zip(runners, (args.port, args.admin_port)):
+        await runner.setup()
+        await web.TCPSite(runner, args.host, port).start()
+    log.info("listening on http://%s:%d (health is 503 until the model is loaded), admin API on port %d",
+             args.host, args.port, args.admin_port)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -124,7 +128,8 @@ async def _serve(args: argparse.Namespace, on_ready) -> int:
     finally:
         log.info("shutting down")
         stopped.cancel()
-        await runner.cleanup()
+        for runner in runners:
+            await runner.cleanup()
         if llm is not None:
             await loop.run_in_executor(None, llm.shutdown)
 

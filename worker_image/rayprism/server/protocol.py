@@ -1,4 +1,8 @@
-"""OpenAI request parsing and response shapes (completions and chat completions)."""
+"""OpenAI request parsing and response shapes (completions and chat completions).
+
+Every field a request may carry is checked here, type and range, so that a bad value is a 400 naming it
+(`param`) and never an error deep in the engine. Unknown fields are ignored, as other OpenAI-compatible
+servers do."""
 from __future__ import annotations
 
 import time
@@ -6,15 +10,22 @@ import uuid
 from dataclasses import dataclass
 
 from rayprism.engine import InvalidRequestError, SamplingParams
+from rayprism.engine.sampling import MAX_LOGPROBS
+
+MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 1024, 256
+# Checked before tokenising: no tokenizer turns more characters than this into one token, so a longer prompt
+# cannot fit the context (and tokenising megabytes only to refuse them costs seconds of CPU).
+MAX_CHARS_PER_TOKEN = 64
 
 
 class APIError(Exception):
     """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -39,7 +50,7 @@ class ParsedRequest:
 
 
 _NOT_SUPPORTED_UNLESS = {"n": 1, "best_of": 1, "echo": False, "presence_penalty": 0, "frequency_penalty": 0,
-                         "suffix": None, "logit_bias": None, "tools": None, "response_format": None}
+                         "suffix": None, "logit_bias": {}, "tools": [], "response_format": None}
 
 
 def parse_request(body, *, chat: bool) -> ParsedRequest:
@@ -54,26 +65,30 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
         messages = _messages(body.get("messages"))
         max_tokens = _field(body, "max_completion_tokens", int, None)
         max_tokens = max_tokens if max_tokens is not None else _field(body, "max_tokens", int, None)
-        logprobs = _field(body, "top_logprobs", int, 0) if _field(body, "logprobs", bool, False) else None
+        wants_logprobs = _field(body, "logprobs", bool, False)
+        top_logprobs = _ranged(body, "top_logprobs", 0, MAX_LOGPROBS)
+        if top_logprobs is not None and not wants_logprobs:
+            raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        logprobs = (top_logprobs or 0) if wants_logprobs else None
     else:
         prompt = _prompt(body.get("prompt"))
         max_tokens = _field(body, "max_tokens", int, 16)
-        logprobs = _field(body, "logprobs", int, None)
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise bad_request("'stop' must be a string or a list of strings", "stop")
+        logprobs = _ranged(body, "logprobs", 0, MAX_LOGPROBS)
     stream = _field(body, "stream", bool, False)
-    stream_options = _field(body, "stream_options", dict, {}) or {}
+    stream_options = _field(body, "stream_options", dict, {})
+    if stream_options and not stream:
+        raise bad_request("'stream_options' needs 'stream': true", "stream_options")
+    include_usage = stream_options.get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad_request("'stream_options.include_usage' must be a boolean", "stream_options")
     values = dict(
         max_tokens=max_tokens if max_tokens is not None else 1,   # chat default filled in once the prompt is known
         temperature=_field(body, "temperature", (int, float), 1.0),
         top_p=_field(body, "top_p", (int, float), 1.0),
         top_k=_field(body, "top_k", int, 0),
         seed=_field(body, "seed", int, None),
-        stop=stop or [],
-        stop_token_ids=_field(body, "stop_token_ids", list, []),
+        stop=_stop(body.get("stop")),
+        stop_token_ids=_stop_token_ids(body.get("stop_token_ids")),
         ignore_eos=_field(body, "ignore_eos", bool, False),
         logprobs=logprobs,
     )
@@ -84,8 +99,23 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
         raise bad_request(str(err), err.param) from None
     return ParsedRequest(chat=chat, prompt=prompt, messages=messages, params=params,
                          max_tokens_given=max_tokens is not None, stream=stream,
-                         include_usage=bool(stream_options.get("include_usage")), logprobs=logprobs,
+                         include_usage=include_usage, logprobs=logprobs,
                          id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()))
+
+
+def check_prompt_size(req: ParsedRequest, max_model_len: int) -> None:
+    """Refuses, before tokenising, a prompt too long for the context whatever the tokenizer."""
+    if req.chat:
+        if len(req.messages) > max_model_len:   # every message costs at least one token
+            raise bad_request(f"{len(req.messages)} messages cannot fit the model's maximum context length of "
+                              f"{max_model_len} tokens", "messages", "context_length_exceeded")
+        chars = sum(len(value) for m in req.messages for value in m.values() if isinstance(value, str))
+        param = "messages"
+    else:
+        chars, param = len(req.prompt) if isinstance(req.prompt, str) else 0, "prompt"
+    if chars > max_model_len * MAX_CHARS_PER_TOKEN:
+        raise bad_request(f"the prompt has {chars} characters, more than this model's maximum context length of "
+                          f"{max_model_len} tokens can hold", param, "context_length_exceeded")
 
 
 def _field(body: dict, key: str, types, default):
@@ -97,6 +127,32 @@ def _field(body: dict, key: str, types, default):
         names = " or ".join(t.__name__ for t in types)
         raise bad_request(f"'{key}' must be {names}, got {type(value).__name__}", key)
     return value
+
+
+def _ranged(body: dict, key: str, low: int, high: int) -> int | None:
+    value = _field(body, key, int, None)
+    if value is not None and not low <= value <= high:
+        raise bad_request(f"'{key}' must be in [{low}, {high}], got {value}", key)
+    return value
+
+
+def _stop(stop) -> list[str]:
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise bad_request("'stop' must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad_request(f"'stop': at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters",
+                          "stop")
+    return stop
+
+
+def _stop_token_ids(ids) -> list[int]:
+    ids = [] if ids is None else ids
+    if not (isinstance(ids, list) and len(ids) <= MAX_STOP_TOKEN_IDS
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+        raise bad_request(f"'stop_token_ids' must be a list of at most {MAX_STOP_TOKEN_IDS} integers",
+                          "stop_token_ids")
+    return ids
 
 
 def _prompt(prompt) -> str | list[int]:

@@ -1,0 +1,28 @@
+"""The server's aiohttp apps in-process, before a model is loaded: the probes and the admin port's routes."""
+from aiohttp.test_utils import TestClient, TestServer
+
+from rayprism.server.app import Server
+
+
+def loading_server() -> Server:
+    return Server(served_model_name="tiny", model_uri="file:///nowhere", revision=None, max_in_flight=4,
+                  admin_token_file=None)
+
+
+async def test_loading_is_alive_but_not_ready():
+    async with TestClient(TestServer(loading_server().app())) as client:
+        assert (await client.get("/live")).status == 200
+        health = await client.get("/health")
+        assert health.status == 503 and (await health.json())["status"] == "loading"
+        response = await client.post("/v1/completions", json={"model": "tiny", "prompt": "hi"})
+        assert response.status == 503 and (await response.json())["error"]["code"] == "model_not_ready"
+
+
+async def test_admin_routes_live_on_the_admin_app_only():
+    server = loading_server()
+    async with TestClient(TestServer(server.app())) as openai_port, \
+            TestClient(TestServer(server.admin_app())) as admin_port:
+        assert (await openai_port.get("/admin/v1/weights")).status == 404
+        response = await admin_port.get("/admin/v1/weights")    # reached: no token configured
+        assert response.status == 403 and (await response.json())["error"]["type"] == "permission_error"
+        assert (await admin_port.get("/live")).status == 404
