@@ -57,8 +57,9 @@ BRIDGE = "rpk8s0"
 # Components, in start order; `down` stops them in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "ray-operator", "kubelet")
 # Metadata for every request (no bodies), except what an idle cluster repeats forever: Leases (node
-# heartbeats, leader election), reads of Events, the kubelet's polling and node heartbeats, health checks.
-# The first matching rule wins.
+# heartbeats, leader election), reads of Events, the kubelet's polling and node heartbeats, the API
+# server's own reads (its endpoint reconciler, OpenAPI aggregation), health checks. The first matching
+# rule wins.
 AUDIT_POLICY = f"""\
 apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -75,6 +76,9 @@ rules:
 - level: None
   users: [{KUBELET_USER}]
   resources: [{{group: "", resources: [nodes/status]}}]
+- level: None
+  users: [system:apiserver]
+  verbs: [get, list, watch]
 - level: None
   nonResourceURLs: [/healthz*, /livez*, /readyz*]
 - level: Metadata
