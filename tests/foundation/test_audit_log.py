@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
 
 import pytest
 
-# The checkout's own e2e package, imported by name: tests/foundation/test_packaging.py takes a top-level
-# `import e2e` for a third-party module (its FIRST_PARTY does not list e2e).
-audit = importlib.import_module("e2e.controlplane.audit")
+from e2e.controlplane import audit
 
 OPERATOR = "system:serviceaccount:rayprism-system:rayprism"
 

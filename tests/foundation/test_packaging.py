@@ -12,7 +12,7 @@ import pytest
 from .conftest import REPO
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-FIRST_PARTY = {"rayprism", "rayprism_operator", "tests"}
+FIRST_PARTY = {"rayprism", "rayprism_operator", "tests", "e2e"}
 # Imported, deliberately not declared for the worker: torch's CUDA wheels depend on the matching triton (the
 # worker image's base image has it); the engine imports it only on CUDA paths. (The dev extra declares it, for the
 # kernels' CPU tests under Triton's interpreter.)
