@@ -40,7 +40,8 @@ class SamplingParams:
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequestError("top_k", f"must be 0 (disabled) or >= 1, got {self.top_k!r}")
         if self.seed is not None and not (isinstance(self.seed, int) and MIN_SEED <= self.seed <= MAX_SEED):
-            raise InvalidRequestError("seed", f"must be None or an integer in [{MIN_SEED}, {MAX_SEED}], got {self.seed!r}")
+            raise InvalidRequestError("seed",
+                                      f"must be None or an integer in [{MIN_SEED}, {MAX_SEED}], got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError("stop", f"must be a list of non-empty strings, got {self.stop!r}")
         if not isinstance(self.stop_token_ids, list) or not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):

@@ -13,8 +13,8 @@ from rayprism.engine import InvalidRequestError, SamplingParams
 from rayprism.engine.sampling import MAX_LOGPROBS
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 1024, 256
-# Checked before tokenising: no tokenizer turns more characters than this into one token, so a longer prompt
-# cannot fit the context (and tokenising megabytes only to refuse them costs seconds of CPU).
+# Checked before tokenising (megabytes cost seconds of CPU only to be refused): text averages about 4
+# characters per token, so a prompt of more than this many per token of the context cannot fit it.
 MAX_CHARS_PER_TOKEN = 64
 
 
