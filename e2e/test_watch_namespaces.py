@@ -41,8 +41,11 @@ def helm_upgrade(*values: str) -> None:
 
 
 def can_i(verb: str, resource: str, namespace: str | None) -> bool:
+    """`resource` may name a subresource: inferencedeployments.rayprism.dev/status."""
     scope = ["-n", namespace] if namespace else ["-A"]
-    out = kubectl("auth", "can-i", verb, resource, "--as", SERVICE_ACCOUNT, *scope, check=False)
+    resource, _, subresource = resource.partition("/")
+    sub = ["--subresource", subresource] if subresource else []
+    out = kubectl("auth", "can-i", verb, resource, *sub, "--as", SERVICE_ACCOUNT, *scope, check=False)
     return out.stdout.strip() == "yes"
 
 
@@ -75,6 +78,7 @@ def scoped_release():
 def test_operator_acts_only_in_the_watched_namespace(scoped_release):
     # What the authorizer allows the operator's ServiceAccount, from the chart's Role and RoleBinding.
     assert can_i("patch", "inferencedeployments.rayprism.dev/status", WATCHED)
+    assert not can_i("patch", "inferencedeployments.rayprism.dev", WATCHED)  # the status only
     assert can_i("create", "rayclusters.ray.io", WATCHED)
     assert not can_i("list", "inferencedeployments.rayprism.dev", None)
     assert not can_i("create", "rayclusters.ray.io", UNWATCHED)

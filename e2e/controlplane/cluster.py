@@ -282,7 +282,10 @@ def up(nodes: list[str]) -> None:
         f"--tls-cert-file={PKI / 'apiserver.crt'}", f"--tls-private-key-file={PKI / 'apiserver.key'}",
         f"--client-ca-file={PKI / 'ca.crt'}", f"--token-auth-file={PKI / 'tokens.csv'}",
         "--authorization-mode=Node,RBAC", "--anonymous-auth=false",
-        # The default admission plugins (PodSecurity, ServiceAccount, ResourceQuota, ...) stay on.
+        # The default admission plugins (PodSecurity, ServiceAccount, ResourceQuota, ...) stay on, and
+        # OwnerReferencesPermissionEnforcement as on OpenShift: setting blockOwnerDeletion in a child's
+        # ownerReference needs update on the owner's finalizers (the operator's RBAC grants it for that).
+        "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         f"--service-account-key-file={PKI / 'sa.pub'}", f"--service-account-signing-key-file={PKI / 'sa.key'}",
         f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=false",

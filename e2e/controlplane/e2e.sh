@@ -49,4 +49,6 @@ done
   --set logLevel=debug --wait --timeout 5m
 
 log "suite"
-RAYPRISM_E2E=1 RAYPRISM_E2E_SMALL=1 $PY -m pytest -v -x -rP -p no:cacheprovider -m e2e e2e/
+# E2E_TESTS: other test paths or node ids than the whole suite (e.g. e2e/test_security.py).
+# shellcheck disable=SC2086
+RAYPRISM_E2E=1 RAYPRISM_E2E_SMALL=1 $PY -m pytest -v -x -rP -p no:cacheprovider -m e2e ${E2E_TESTS:-e2e/}

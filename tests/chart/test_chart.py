@@ -40,20 +40,18 @@ VARIANTS = {
     "crd-upgrade-job": {"crds": {"upgradeJob": {"enabled": True}}},
 }
 
-ALL_VERBS = {"get", "list", "watch", "create", "patch", "delete"}
 # What the operator touches in each namespace it serves (the brief of the operator issue).
 OPERATOR_GRANTS = {
-    ("rayprism.dev", "inferencedeployments"): {"get", "list", "watch", "patch"},
-    ("rayprism.dev", "inferencedeployments/status"): {"get", "patch"},
-    ("rayprism.dev", "inferencedeployments/scale"): {"get", "patch"},
+    ("rayprism.dev", "inferencedeployments"): {"get", "list", "watch"},
+    ("rayprism.dev", "inferencedeployments/status"): {"patch"},
     ("rayprism.dev", "inferencedeployments/finalizers"): {"update"},  # blockOwnerDeletion (OpenShift)
-    ("ray.io", "rayclusters"): ALL_VERBS,
+    ("ray.io", "rayclusters"): {"list", "watch", "create", "patch", "delete"},
     # Neither listed, watched nor deleted: the garbage collector removes them through their ownerReferences.
     ("", "services"): {"get", "create", "patch"},
     ("", "secrets"): {"create"},  # never read: the admin tokens are derived from the operator's key
     ("networking.k8s.io", "networkpolicies"): {"list", "create", "patch", "delete"},
     ("", "pods"): {"list"},
-    ("", "events"): {"create", "patch"},
+    ("", "events"): {"create"},
 }
 # kopf's observation of the cluster (kopf/_core/reactor/observation.py): CRDs always, namespaces only
 # when it serves a list of namespaces.

@@ -70,22 +70,25 @@ RBAC rules for what the operator touches in the namespaces it serves: a ClusterR
 cluster-wide install, each namespace's Role's rules otherwise.
 */}}
 {{- define "rayprism.operatorRules" -}}
-# The API it serves. Subresources: status is written by the operator, scale is what `kubectl scale` uses.
+# Only what the operator calls, as the API server's audit log of the e2e suite shows it (e2e/test_security.py
+# checks that log against these rules). The API it serves: read and watched by kopf and the reconciler,
+# which writes nothing but the status (not the scale subresource: that is for `kubectl scale` users).
 - apiGroups: [rayprism.dev]
   resources: [inferencedeployments]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch]
 - apiGroups: [rayprism.dev]
-  resources: [inferencedeployments/status, inferencedeployments/scale]
-  verbs: [get, patch]
+  resources: [inferencedeployments/status]
+  verbs: [patch]
 # Every child's ownerReference sets blockOwnerDeletion; where the OwnerReferencesPermissionEnforcement
-# admission plugin is on (OpenShift), that needs update on the owner's finalizers. Nothing else uses it.
+# admission plugin is on (OpenShift, and the e2e control plane), that needs update on the owner's
+# finalizers. No request uses it: admission checks it.
 - apiGroups: [rayprism.dev]
   resources: [inferencedeployments/finalizers]
   verbs: [update]
-# The replicas it creates: one KubeRay RayCluster each.
+# The replicas it creates: one KubeRay RayCluster each; listed and watched, never read one by one.
 - apiGroups: [ray.io]
   resources: [rayclusters]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [list, watch, create, patch, delete]
 # The replicas' pods, read only: why one does not run (unschedulable, image pull, crash loop) reaches the
 # InferenceDeployment's Degraded condition and Events.
 - apiGroups: [""]
@@ -105,8 +108,8 @@ cluster-wide install, each namespace's Role's rules otherwise.
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [list, create, patch, delete]
-# Events about scaling and rollouts (kopf posts core/v1 events).
+# Events about scaling and rollouts (kopf posts core/v1 events and never updates one).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
 {{- end -}}
