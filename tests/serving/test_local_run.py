@@ -47,6 +47,7 @@ def test_run_serves_the_manifest_and_ctrl_c_stops_everything(tmp_path, checkpoin
         output = "".join(lines)
         assert f"ready: http://127.0.0.1:{port}/v1 (model 'tiny-local')" in output
         assert "curl " in output and "/v1/chat/completions" in output
+        assert "no admin API" in output  # nothing to reach it: a second run, or port 8001 in use, is no clash
         children = psutil.Process(process.pid).children(recursive=True)
         assert any("raylet" in " ".join(c.cmdline()) for c in children)
         response = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30, json={

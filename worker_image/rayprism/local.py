@@ -18,13 +18,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def serve_namespace(file: str, host: str, port: int) -> argparse.Namespace:
-    """The parsed `rayprism serve` flags for the manifest (as the operator renders them), host/port overridden."""
+    """The parsed `rayprism serve` flags for the manifest (as the operator renders them), host/port overridden,
+    and no admin API (no operator talks to a local run)."""
     from rayprism.server.cli import add_serve_arguments
 
     spec = load_inference_deployment(file).spec
     parser = argparse.ArgumentParser(prog="rayprism serve")
     add_serve_arguments(parser)
-    return parser.parse_args([*serve_args(spec), "--host", host, "--port", str(port)])
+    return parser.parse_args([*serve_args(spec), "--host", host, "--port", str(port), "--admin-port", "0"])
 
 
 def run(args: argparse.Namespace) -> int:

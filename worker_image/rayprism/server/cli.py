@@ -36,7 +36,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests admitted beyond --max-num-seqs before answering 429")
     add("--host", default="0.0.0.0")
     add("--port", type=int, default=8000, help="the OpenAI API, /health, /live and /metrics")
-    add("--admin-port", type=int, default=8001, help="the admin weights API (/admin/v1/weights), and nothing else")
+    add("--admin-port", type=int, default=8001,
+        help="the admin weights API (/admin/v1/weights), and nothing else; 0: no admin API")
     add("--ray-address", default="auto",
         help="'auto' joins the Ray cluster of this node, 'local' starts one, or a Ray address (host:port)")
     add("--drain-seconds", type=_non_negative_float, default=30.0,
@@ -89,13 +90,14 @@ async def _serve(args: argparse.Namespace, on_ready) -> int:
                     max_in_flight=args.max_num_seqs + args.max_queue_size, admin_token_file=args.admin_token_file,
                     drain_s=args.drain_seconds, unready_delay_s=args.unready_delay_seconds)
     # Cancel handlers whose client went away, so a disconnected request is aborted in the engine.
-    runners = [web.AppRunner(server.app(), handler_cancellation=True, access_log=None),
-               web.AppRunner(server.admin_app(), access_log=None)]
+    runners = [web.AppRunner(server.app(), handler_cancellation=True, access_log=None)]
+    if args.admin_port:
+        runners.append(web.AppRunner(server.admin_app(), access_log=None))
     for runner, port in zip(runners, (args.port, args.admin_port)):
         await runner.setup()
         await web.TCPSite(runner, args.host, port).start()
-    log.info("listening on http://%s:%d (health is 503 until the model is loaded), admin API on port %d",
-             args.host, args.port, args.admin_port)
+    log.info("listening on http://%s:%d (health is 503 until the model is loaded), %s", args.host, args.port,
+             f"admin API on port {args.admin_port}" if args.admin_port else "no admin API")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
