@@ -1,6 +1,8 @@
-"""The server's aiohttp apps in-process, before a model is loaded: the probes and the admin port's routes."""
+"""The server's aiohttp apps in-process, before a model is loaded: the probes, the admin port's routes, the
+model card by id and /version."""
 from aiohttp.test_utils import TestClient, TestServer
 
+import rayprism
 from rayprism.server.app import Server
 
 
@@ -26,3 +28,15 @@ async def test_admin_routes_live_on_the_admin_app_only():
         response = await admin_port.get("/admin/v1/weights")    # reached: no token configured
         assert response.status == 403 and (await response.json())["error"]["type"] == "permission_error"
         assert (await admin_port.get("/live")).status == 404
+
+
+async def test_model_card_by_id_and_version():
+    server = Server(served_model_name="org/tiny", model_uri="file:///nowhere", revision=None, max_in_flight=4,
+                    admin_token_file=None)
+    async with TestClient(TestServer(server.app())) as client:
+        card = await (await client.get("/v1/models/org/tiny")).json()
+        assert card == (await (await client.get("/v1/models")).json())["data"][0]
+        response = await client.get("/v1/models/gpt-4")
+        error = (await response.json())["error"]
+        assert response.status == 404 and (error["code"], error["param"]) == ("model_not_found", "model")
+        assert await (await client.get("/version")).json() == {"version": rayprism.__version__}

@@ -1,7 +1,8 @@
 """`rayprism serve` (a subprocess on a `ray start` cluster) driven by the official openai client and raw HTTP:
-completions and chat, streaming, 64 concurrent streams, errors (parameters, routes, bodies, a request failing
-in the engine), the bounded queue, client disconnects, metrics, the admin weights API on its own port with a
-live weight update, the probes, and a killed worker."""
+completions and chat, streaming, the model card by id, vLLM's /tokenize and /detokenize, 64 concurrent
+streams, errors (parameters, routes, bodies, a request failing in the engine), the bounded queue, client
+disconnects, metrics (vLLM's names included), the admin weights API on its own port with a live weight update,
+the probes, and a killed worker."""
 from __future__ import annotations
 
 import asyncio
@@ -70,6 +71,30 @@ def test_chat_completions(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_model_by_id_tokenize_and_detokenize(server, client):
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    prompt, messages = "Once upon a time", [{"role": "user", "content": "Say hi"}]
+    completion = client.completions.create(model=MODEL, prompt=prompt, **greedy(1))
+    chat = client.chat.completions.create(model=MODEL, messages=messages, **greedy(1))
+    tokenized = post(server, "/tokenize", {"model": MODEL, "prompt": prompt, "return_token_strs": True})
+    assert tokenized["count"] == len(tokenized["tokens"]) == len(tokenized["token_strs"]) == \
+        completion.usage.prompt_tokens
+    assert tokenized["max_model_len"] == client.models.retrieve(MODEL).max_model_len
+    assert post(server, "/detokenize", {"model": MODEL, "tokens": tokenized["tokens"]}) == {"prompt": prompt}
+    chat_tokens = post(server, "/tokenize", {"messages": messages})     # model is optional, as in vLLM
+    assert chat_tokens["count"] == chat.usage.prompt_tokens and chat_tokens["token_strs"] is None
+    assert post(server, "/tokenize", {"messages": messages, "add_generation_prompt": False})["count"] < \
+        chat_tokens["count"]
+
+
+def post(server, path: str, body: dict) -> dict:
+    response = requests.post(f"{server.url}{path}", json=body, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def test_logprobs(client):
@@ -154,13 +179,32 @@ BAD_REQUESTS = [
                           "top_logprobs": 21}, 400, "top_logprobs"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}] * 513}, 400,
      "messages"),
+    ("/tokenize", [1], 400, None),
+    ("/tokenize", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+    ("/tokenize", {"model": 5, "prompt": "hi"}, 400, "model"),
+    ("/tokenize", {"model": MODEL}, 400, "prompt"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/tokenize", {"prompt": "x" * (512 * 64 + 1)}, 400, "prompt"),
+    ("/tokenize", {"prompt": "hi", "add_special_tokens": "yes"}, 400, "add_special_tokens"),
+    ("/tokenize", {"prompt": "hi", "return_token_strs": 1}, 400, "return_token_strs"),
+    ("/tokenize", {"messages": "hi"}, 400, "messages"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}], "continue_final_message": True}, 400,
+     "continue_final_message"),
+    ("/detokenize", {"model": "gpt-4", "tokens": [1]}, 404, "model"),
+    ("/detokenize", {"model": MODEL}, 400, "tokens"),
+    ("/detokenize", {"tokens": "hi"}, 400, "tokens"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [49152]}, 400, "tokens"),       # the tokenizer has 49,152 tokens
+    ("/detokenize", {"tokens": [True]}, 400, "tokens"),
+    ("/detokenize", {"tokens": [1] * 513}, 400, "tokens"),     # more than a context's worth
 ]
 
 
 @pytest.mark.parametrize("endpoint,body,status,param", BAD_REQUESTS)
 def test_bad_requests_get_openai_errors(server, endpoint, body, status, param):
     data = body if isinstance(body, bytes) else None
-    response = requests.post(f"{server.url}/v1/{endpoint}", data=data, json=None if data else body, timeout=30)
+    path = endpoint if endpoint.startswith("/") else f"/v1/{endpoint}"   # vLLM's own routes are not under /v1
+    response = requests.post(f"{server.url}{path}", data=data, json=None if data else body, timeout=30)
     assert_openai_error(response, status, param)
 
 

@@ -1,6 +1,7 @@
 """The aiohttp applications of one replica.
 
-The OpenAI port: /v1/models, /v1/completions, /v1/chat/completions, /metrics, and two probes:
+The OpenAI port: /v1/models (and /v1/models/{id}), /v1/completions, /v1/chat/completions, /metrics, vLLM's
+/tokenize, /detokenize and /version, and two probes:
   GET /health  readiness: 200 only while the model serves; 503 while it loads, while draining (before a
                weights load, on SIGTERM) and once the engine is dead. The Service routes by it.
   GET /live    liveness: 200 while the process and its engine are alive, loading and draining included;
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from rayprism import __version__
 from rayprism.engine import InvalidRequestError
 from rayprism.executor import EngineDeadError
 from rayprism.server import protocol
@@ -76,8 +78,12 @@ class Server:
         """The OpenAI port."""
         return _application([
             web.get("/v1/models", self.models),
+            web.get("/v1/models/{model:.+}", self.model),   # a served name can hold slashes (org/name)
             web.post("/v1/completions", functools.partial(self.generate, chat=False)),
             web.post("/v1/chat/completions", functools.partial(self.generate, chat=True)),
+            web.post("/tokenize", self.tokenize),
+            web.post("/detokenize", self.detokenize),
+            web.get("/version", self.version),
             web.get("/health", self.health),
             web.get("/live", self.live),
             web.get("/metrics", self.metrics_page),
@@ -89,10 +95,43 @@ class Server:
                              web.post("/admin/v1/weights", self.post_weights)])
 
     # ---- OpenAI API --------------------------------------------------------------------------------
-    async def models(self, request: web.Request) -> web.Response:
-        card = {"id": self.served_model_name, "object": "model", "created": 0, "owned_by": "rayprism",
+    def _card(self) -> dict:
+        return {"id": self.served_model_name, "object": "model", "created": 0, "owned_by": "rayprism",
                 "root": self.weights["uri"], "max_model_len": self.llm.max_model_len if self.llm else None}
-        return web.json_response({"object": "list", "data": [card]})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        model = request.match_info["model"]
+        if model != self.served_model_name:
+            raise self._not_found(model)
+        return web.json_response(self._card())
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": __version__})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        llm = self._ready_llm()
+        self._check_model(body, required=False)   # vLLM's tokenize and detokenize default to the served model
+        req = protocol.parse_tokenize(body)
+        protocol.check_prompt_size(req, llm.max_model_len)
+        tokenize = functools.partial(self._tokenize, llm, req, add_special_tokens=req.add_special_tokens,
+                                     add_generation_prompt=req.add_generation_prompt,
+                                     continue_final_message=req.continue_final_message)
+        ids = await asyncio.get_running_loop().run_in_executor(None, tokenize)
+        strs = llm.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return web.json_response({"count": len(ids), "max_model_len": llm.max_model_len, "tokens": ids,
+                                  "token_strs": strs})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        llm = self._ready_llm()
+        self._check_model(body, required=False)
+        tokens = protocol.parse_detokenize(body, len(llm.tokenizer), llm.max_model_len)
+        text = await asyncio.get_running_loop().run_in_executor(None, llm.tokenizer.decode, tokens)
+        return web.json_response({"prompt": text})
 
     async def generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         endpoint = "chat/completions" if chat else "completions"
@@ -103,7 +142,8 @@ class Server:
             self._check_model(body)
             req = protocol.parse_request(body, chat=chat)
             protocol.check_prompt_size(req, llm.max_model_len)
-            prompt_ids = await asyncio.get_running_loop().run_in_executor(None, self._tokenize, llm, req)
+            tokenize = functools.partial(self._tokenize, llm, req, add_special_tokens=not req.chat)
+            prompt_ids = await asyncio.get_running_loop().run_in_executor(None, tokenize)
             self._fit_context(llm, req, len(prompt_ids))
             if self.in_flight >= self.max_in_flight:
                 raise APIError(429, f"the server is at its limit of {self.max_in_flight} requests in flight; "
@@ -136,27 +176,37 @@ class Server:
             raise APIError(503, message, type="service_unavailable", code="model_not_ready")
         return self.llm
 
-    def _check_model(self, body) -> None:
+    def _check_model(self, body, required: bool = True) -> None:
         if not isinstance(body, dict):
             raise bad_request("the request body must be a JSON object")
         model = body.get("model")
+        if model is None and not required:
+            return
         if not isinstance(model, str):
             raise bad_request("'model' is required (a string)", "model")
         if model != self.served_model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves "
-                                f"'{self.served_model_name}'", param="model", code="model_not_found")
+            raise self._not_found(model)
+
+    def _not_found(self, model: str) -> APIError:
+        return APIError(404, f"the model '{model}' does not exist; this server serves '{self.served_model_name}'",
+                        param="model", code="model_not_found")
 
     @staticmethod
-    def _tokenize(llm, req: ParsedRequest) -> list[int]:
+    def _tokenize(llm, req: ParsedRequest | protocol.TokenizeRequest, *, add_special_tokens: bool,
+                  add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+        """Chat requests go through the chat template, whose text holds the special tokens it wants (hence
+        add_special_tokens False for chat, as in vLLM)."""
         tokenizer = llm.tokenizer
         if req.chat:
             try:
-                text = tokenizer.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+                text = tokenizer.apply_chat_template(req.messages, tokenize=False,
+                                                     add_generation_prompt=add_generation_prompt,
+                                                     continue_final_message=continue_final_message)
             except Exception as err:  # noqa: BLE001 - the template rejected the conversation
                 raise bad_request(f"'messages' do not fit the chat template: {err}", "messages") from None
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
+            return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
         if isinstance(req.prompt, str):
-            return tokenizer(req.prompt)["input_ids"]
+            return tokenizer(req.prompt, add_special_tokens=add_special_tokens)["input_ids"]
         return req.prompt
 
     @staticmethod

@@ -1,4 +1,5 @@
-"""OpenAI request parsing and response shapes (completions and chat completions).
+"""OpenAI request parsing and response shapes (completions and chat completions), and vLLM's
+/tokenize and /detokenize requests.
 
 Every field a request may carry is checked here, type and range, so that a bad value is a 400 naming it
 (`param`) and never an error deep in the engine. Unknown fields are ignored, as other OpenAI-compatible
@@ -103,7 +104,7 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
                          id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()))
 
 
-def check_prompt_size(req: ParsedRequest, max_model_len: int) -> None:
+def check_prompt_size(req: ParsedRequest | TokenizeRequest, max_model_len: int) -> None:
     """Refuses, before tokenising, a prompt too long for the context whatever the tokenizer."""
     if req.chat:
         if len(req.messages) > max_model_len:   # every message costs at least one token
@@ -116,6 +117,47 @@ def check_prompt_size(req: ParsedRequest, max_model_len: int) -> None:
     if chars > max_model_len * MAX_CHARS_PER_TOKEN:
         raise bad_request(f"the prompt has {chars} characters, more than this model's maximum context length of "
                           f"{max_model_len} tokens can hold", param, "context_length_exceeded")
+
+
+@dataclass
+class TokenizeRequest:
+    """vLLM's /tokenize: TokenizeCompletionRequest (prompt) or TokenizeChatRequest (messages)."""
+    chat: bool
+    prompt: str | None
+    messages: list[dict] | None
+    add_special_tokens: bool
+    add_generation_prompt: bool
+    continue_final_message: bool
+    return_token_strs: bool
+
+
+def parse_tokenize(body: dict) -> TokenizeRequest:
+    chat = "messages" in body
+    if chat:
+        prompt, messages = None, _messages(body["messages"])
+    else:
+        prompt, messages = body.get("prompt"), None
+        if not isinstance(prompt, str):
+            raise bad_request("'prompt' (a string) or 'messages' is required", "prompt")
+    generation_prompt = _field(body, "add_generation_prompt", bool, True)
+    continue_final = _field(body, "continue_final_message", bool, False)
+    if chat and generation_prompt and continue_final:
+        raise bad_request("'continue_final_message' and 'add_generation_prompt' cannot both be true",
+                          "continue_final_message")
+    return TokenizeRequest(chat=chat, prompt=prompt, messages=messages,
+                           add_special_tokens=_field(body, "add_special_tokens", bool, not chat),
+                           add_generation_prompt=generation_prompt, continue_final_message=continue_final,
+                           return_token_strs=_field(body, "return_token_strs", bool, False))
+
+
+def parse_detokenize(body: dict, vocab_size: int, max_tokens: int) -> list[int]:
+    """vLLM's /detokenize: {"tokens": [...]}, at most a context's worth of ids the tokenizer knows."""
+    tokens = body.get("tokens")
+    if not (isinstance(tokens, list) and len(tokens) <= max_tokens
+            and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in tokens)):
+        raise bad_request(f"'tokens' must be a list of at most {max_tokens} token ids in [0, {vocab_size})",
+                          "tokens")
+    return tokens
 
 
 def _field(body: dict, key: str, types, default):
