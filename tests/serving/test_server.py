@@ -12,6 +12,7 @@ import time
 import openai
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from rayprism.engine import SamplingParams
 from tests.serving.helpers import FAULTY_SEED, FAULTY_WORKERS_ENV, RayNodes, ServeProcess, reference_outputs
@@ -281,6 +282,7 @@ def test_client_disconnect_aborts_the_request(server):
     disconnected = 'rayprism_requests_total{endpoint="completions",status="499"}'
     before = metric(server, disconnected, default=0)
     aborted = metric(server, "rayprism_aborted_requests")
+    vllm_aborted = scrape(server)["vllm:request_success"][ABORTED]
     response = requests.post(f"{server.url}/v1/completions", stream=True, timeout=30, json={
         "model": MODEL, "prompt": "go", "max_tokens": 480, "ignore_eos": True, "stream": True})
     next(response.iter_lines())
@@ -291,6 +293,10 @@ def test_client_disconnect_aborts_the_request(server):
     assert metric(server, "rayprism_requests_in_flight") == 0
     assert metric(server, disconnected) == before + 1
     assert metric(server, "rayprism_aborted_requests") == aborted + 1    # the engine dropped it
+    assert scrape(server)["vllm:request_success"][ABORTED] == vllm_aborted + 1
+
+
+ABORTED = ("vllm:request_success_total", (("finished_reason", "abort"),))
 
 
 def test_metrics(server, client):
@@ -302,6 +308,59 @@ def test_metrics(server, client):
     assert metric(server, "rayprism_inter_token_latency_seconds_count") >= 3
     assert 0 <= metric(server, "rayprism_kv_cache_usage_ratio") <= 1
     assert metric(server, "rayprism_queue_depth") >= 0
+
+
+def scrape(server) -> dict:
+    """/metrics parsed as Prometheus parses it: {family name: {(sample name, labels other than model_name): value}},
+    checking on the way that every vLLM sample is labelled with the served model name."""
+    families = {}
+    for family in text_string_to_metric_families(requests.get(f"{server.url}/metrics", timeout=10).text):
+        samples = families.setdefault(family.name, {"type": family.type})
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            if family.name.startswith("vllm:"):
+                assert labels.pop("model_name") == MODEL, sample
+            samples[(sample.name, tuple(sorted(labels.items())))] = sample.value
+    return families
+
+
+def test_vllm_metrics_count_what_the_responses_report(server, client):
+    before = scrape(server)
+    length = client.completions.create(model=MODEL, prompt="vLLM's names", **greedy(5))
+    assert length.choices[0].text
+    stop = client.completions.create(model=MODEL, prompt="vLLM's names", max_tokens=5, temperature=0,
+                                     stop=[length.choices[0].text[0]])   # the greedy text again, stopped early
+    assert (length.choices[0].finish_reason, stop.choices[0].finish_reason) == ("length", "stop")
+    after = scrape(server)
+
+    def moved(family: str, sample: str, **labels) -> float:
+        key = (sample, tuple(sorted(labels.items())))
+        return after[family][key] - before[family].get(key, 0)
+
+    for name, kind in (("vllm:num_requests_running", "gauge"), ("vllm:num_requests_waiting", "gauge"),
+                       ("vllm:kv_cache_usage_perc", "gauge"), ("vllm:cache_config_info", "gauge"),
+                       ("vllm:prompt_tokens", "counter"), ("vllm:generation_tokens", "counter"),
+                       ("vllm:request_success", "counter"), ("vllm:time_to_first_token_seconds", "histogram"),
+                       ("vllm:inter_token_latency_seconds", "histogram"),
+                       ("vllm:e2e_request_latency_seconds", "histogram")):
+        assert after[name]["type"] == kind, name
+    assert 0 <= after["vllm:kv_cache_usage_perc"][("vllm:kv_cache_usage_perc", ())] <= 1
+    [(_, labels)] = [key for key in after["vllm:cache_config_info"] if key != "type"]
+    assert dict(labels)["block_size"] == "16" and int(dict(labels)["num_gpu_blocks"]) > 0
+    assert moved("vllm:prompt_tokens", "vllm:prompt_tokens_total") == \
+        length.usage.prompt_tokens + stop.usage.prompt_tokens
+    assert moved("vllm:generation_tokens", "vllm:generation_tokens_total") == \
+        length.usage.completion_tokens + stop.usage.completion_tokens
+    assert [moved("vllm:request_success", "vllm:request_success_total", finished_reason=reason)
+            for reason in ("stop", "length", "abort", "error")] == [1, 1, 0, 0]
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+        assert moved(f"vllm:{name}", f"vllm:{name}_count") == 2
+        assert moved(f"vllm:{name}", f"vllm:{name}_bucket", le="+Inf") == 2
+    assert moved("vllm:inter_token_latency_seconds", "vllm:inter_token_latency_seconds_count") >= 1
+    # one observation, two names
+    for rayprism, vllm in (("rayprism_prompt_tokens", "vllm:prompt_tokens"),
+                           ("rayprism_request_latency_seconds", "vllm:e2e_request_latency_seconds")):
+        assert sorted(after[rayprism].values(), key=str) == sorted(after[vllm].values(), key=str)
 
 
 def admin(server, method: str, token: str | None = TOKEN, **kwargs) -> requests.Response:

@@ -139,6 +139,8 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "kv_cache_usage": self.scheduler.block_manager.usage,
+            "block_size": self.config.block_size,   # these two for vLLM's cache_config_info metric
+            "num_kv_blocks": self.scheduler.block_manager.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "num_steps": self.num_steps,
             "num_prefill_steps": self.num_prefill_steps,

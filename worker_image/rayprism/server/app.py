@@ -67,7 +67,7 @@ class Server:
         self.draining: str | None = None  # why /health says 503 while the model still serves
         self.admin_token_file = admin_token_file
         self.weights = {"revision": revision, "uri": model_uri, "state": "loading", "error": None}
-        self.metrics = Metrics(lambda: self.llm.stats() if self.llm else {}, lambda: self.in_flight)
+        self.metrics = Metrics(served_model_name, lambda: self.llm.stats() if self.llm else {}, lambda: self.in_flight)
         self._weight_task: asyncio.Task | None = None
 
     def set_llm(self, llm) -> None:
@@ -224,33 +224,36 @@ class Server:
 
     async def _outputs(self, request, llm, req: ParsedRequest, prompt_ids: list[int]):
         """The request's RequestOutputs, timed into the metrics; engine errors become APIErrors (a stream that
-        has begun can still report them)."""
+        has begun can still report them). How it ended is counted once: its finish reason, "error", or "abort"
+        when the client left before the end; not at all when the engine refused it as invalid (it never ran)."""
         arrival = last = time.monotonic()
+        ended = "abort"
         generator = llm.generate_async(prompt_ids, req.params, stream=True)
-        async with contextlib.aclosing(generator):
-            while True:
-                try:
-                    output = await anext(generator)
-                except StopAsyncIteration:
-                    return
-                except InvalidRequestError as err:
-                    raise bad_request(str(err), err.param) from None
-                except EngineDeadError:   # the executor logged why (it can hold a traceback)
-                    raise APIError(503, "this replica's engine has failed; retry on another replica",
-                                   type="service_unavailable", code="engine_unavailable") from None
-                except Exception:  # noqa: BLE001
-                    raise _internal_error(request) from None
-                now = time.monotonic()
-                if output.new_token_ids:
-                    if output.num_output_tokens == len(output.new_token_ids):
-                        self.metrics.time_to_first_token.observe(now - arrival)
-                    else:
-                        self.metrics.inter_token_latency.observe((now - last) / len(output.new_token_ids))
-                    self.metrics.generation_tokens.inc(len(output.new_token_ids))
-                    last = now
-                if output.finished:
-                    self.metrics.request_latency.observe(now - arrival)
-                yield output
+        try:
+            async with contextlib.aclosing(generator):
+                while True:
+                    try:
+                        output = await anext(generator)
+                    except StopAsyncIteration:
+                        return
+                    except Exception as err:  # noqa: BLE001
+                        ended = None if isinstance(err, InvalidRequestError) else "error"
+                        raise _engine_error(request, err) from None
+                    now = time.monotonic()
+                    if output.new_token_ids:
+                        if output.num_output_tokens == len(output.new_token_ids):
+                            self.metrics.time_to_first_token.observe(now - arrival)
+                        else:
+                            self.metrics.inter_token_latency.observe((now - last) / len(output.new_token_ids))
+                        self.metrics.generation_tokens.inc(len(output.new_token_ids))
+                        last = now
+                    if output.finished:
+                        ended = output.finish_reason
+                        self.metrics.request_latency.observe(now - arrival)
+                    yield output
+        finally:
+            if ended:
+                self.metrics.finished.labels(ended).inc()
 
     def _logprobs(self, llm, req: ParsedRequest, entries) -> dict | None:
         if req.logprobs is None or entries is None:
@@ -416,6 +419,16 @@ async def _answer_errors(request: web.Request, handler) -> web.StreamResponse:
 async def _tag_request_id(request: web.Request, response: web.StreamResponse) -> None:
     if REQUEST_ID in request:
         response.headers["X-Request-Id"] = request[REQUEST_ID]
+
+
+def _engine_error(request: web.Request, err: Exception) -> APIError:
+    """Call in an except block: what a failure of the engine on a request answers."""
+    if isinstance(err, InvalidRequestError):
+        return bad_request(str(err), err.param)
+    if isinstance(err, EngineDeadError):   # the executor logged why (it can hold a traceback)
+        return APIError(503, "this replica's engine has failed; retry on another replica",
+                        type="service_unavailable", code="engine_unavailable")
+    return _internal_error(request)
 
 
 def _internal_error(request: web.Request) -> APIError:
