@@ -1,5 +1,6 @@
 """Property-based fuzzing of a running `rayprism serve` over real HTTP: generated requests mix valid and invalid
-fields across /v1/completions and /v1/chat/completions, with raw bodies and random routes and methods besides.
+fields across /v1/completions, /v1/chat/completions, /tokenize and /detokenize, with raw bodies and random
+routes and methods besides.
 Every answer must be a 2xx, or a 4xx in OpenAI's error shape: never a 5xx, never an error body that is not
 JSON, never a stream that ends in an error. Afterwards the server still serves and is ready."""
 from __future__ import annotations
@@ -80,15 +81,32 @@ def bodies(draw, fields: dict) -> bytes:
     return json.dumps(body).encode()
 
 
+TOKENIZER = {"model": st.just(MODEL), "prompt": strings, "messages": st.lists(message, min_size=1, max_size=3),
+             "add_special_tokens": st.booleans(), "add_generation_prompt": st.booleans(),
+             "continue_final_message": st.booleans(), "return_token_strs": st.booleans(), "tokens": token_ids}
+
+
+@st.composite
+def tokenizer_bodies(draw) -> bytes:
+    """/tokenize and /detokenize bodies: any of their fields (model is optional there), up to two spoiled."""
+    body = draw(st.fixed_dictionaries({}, optional=TOKENIZER))
+    for key in draw(st.lists(st.sampled_from(list(TOKENIZER)), max_size=2, unique=True)):
+        body[key] = draw(junk)
+    return json.dumps(body).encode()
+
+
 ENDPOINTS = ["/v1/completions", "/v1/chat/completions"]
-ROUTES = ENDPOINTS + ["/v1/models", "/health", "/live", "/metrics", "/admin/v1/weights"]
+TOKENIZER_ROUTES = ["/tokenize", "/detokenize"]
+ROUTES = ENDPOINTS + TOKENIZER_ROUTES + ["/v1/models", f"/v1/models/{MODEL}", "/version", "/health", "/live",
+                                         "/metrics", "/admin/v1/weights"]
 raw_bodies = (junk.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=32)
               | st.integers(1, 200_000).map(lambda depth: b"[" * depth + b"]" * depth))
 completion_requests = st.tuples(st.just("POST"), st.just(ENDPOINTS[0]), bodies(COMPLETIONS))
 chat_requests = st.tuples(st.just("POST"), st.just(ENDPOINTS[1]), bodies(CHAT))
-http_requests = st.one_of(   # branches are about equally likely: two thirds go to the endpoints' bodies
+http_requests = st.one_of(   # branches are about equally likely: four in seven go to generation bodies
     completion_requests, completion_requests, chat_requests, chat_requests,
-    st.tuples(st.just("POST"), st.sampled_from(ENDPOINTS), raw_bodies),
+    st.tuples(st.just("POST"), st.sampled_from(TOKENIZER_ROUTES), tokenizer_bodies()),
+    st.tuples(st.just("POST"), st.sampled_from(ENDPOINTS + TOKENIZER_ROUTES), raw_bodies),
     st.tuples(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
               st.sampled_from(ROUTES) | st.from_regex(r"\A/[a-zA-Z0-9_./-]{0,24}\Z"), st.just(b"")))
 
