@@ -176,11 +176,15 @@ class ServeProcess:
 
 
 FAULTY_SEED = 666
+# While this file exists, every worker's ping and poll hold their answer (a loaded machine, a hung rank).
+STALL_FILE = Path(tempfile.gettempdir()) / f"rayprism-test-stall-{os.getpid()}"
 
 
-def fail_sampling_for_the_faulty_seed() -> None:
-    """Sampling a request seeded FAULTY_SEED raises, as a bug in per-request sampling setup would."""
+def inject_faults() -> None:
+    """Sampling a request seeded FAULTY_SEED raises, as a bug in per-request sampling setup would; and the
+    worker does not answer the driver while STALL_FILE exists."""
     from rayprism.engine.sampler import Sampler
+    from rayprism.executor.worker import RayGPUWorker
 
     generator_for = Sampler.generator_for
 
@@ -190,9 +194,19 @@ def fail_sampling_for_the_faulty_seed() -> None:
         return generator_for(self, seq)
 
     Sampler.generator_for = failing
+    stall_file = Path(os.environ["RAYPRISM_TEST_STALL_FILE"])
+
+    def stalled(method):
+        def answer(self, *args):
+            while stall_file.exists():
+                time.sleep(0.1)
+            return method(self, *args)
+        return answer
+
+    RayGPUWorker.ping, RayGPUWorker.poll = stalled(RayGPUWorker.ping), stalled(RayGPUWorker.poll)
 
 
-# ServeProcess(env=FAULTY_WORKERS_ENV): Ray runs the fault's setup hook in every worker process of the job.
+# ServeProcess(env=FAULTY_WORKERS_ENV): Ray runs the faults' setup hook in every worker process of the job.
 FAULTY_WORKERS_ENV = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"runtime_env": {
-    "worker_process_setup_hook": f"{__name__}.{fail_sampling_for_the_faulty_seed.__name__}",
-    "env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}}})}
+    "worker_process_setup_hook": f"{__name__}.{inject_faults.__name__}",
+    "env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[2]), "RAYPRISM_TEST_STALL_FILE": str(STALL_FILE)}}})}

@@ -15,7 +15,8 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from rayprism.engine import SamplingParams
-from tests.serving.helpers import FAULTY_SEED, FAULTY_WORKERS_ENV, RayNodes, ServeProcess, reference_outputs
+from tests.serving.helpers import (FAULTY_SEED, FAULTY_WORKERS_ENV, STALL_FILE, RayNodes, ServeProcess,
+                                  reference_outputs)
 
 pytestmark = pytest.mark.slow
 
@@ -466,6 +467,26 @@ async def test_a_request_failing_in_the_engine_fails_alone(faulty_server):
         assert (await asyncio.to_thread(requests.get, f"{url}/{probe}", timeout=10)).status_code == 200
     after = await client.completions.create(model=MODEL, prompt="after", seed=1, **greedy(4))
     assert after.usage.completion_tokens == 4
+    await client.close()
+
+
+async def test_a_worker_slow_to_answer_is_waited_for(faulty_server):
+    """A rank that does not answer the driver for 12 s (a loaded machine: the health check's limit is 5 s) is
+    not dead: the request streaming meanwhile finishes, and the replica is live and ready again after."""
+    url = faulty_server.url
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    stream = await client.completions.create(model=MODEL, prompt="slow", stream=True, max_tokens=64, temperature=0,
+                                             extra_body={"ignore_eos": True})
+    STALL_FILE.touch()
+    try:
+        await asyncio.sleep(12)
+        assert (await asyncio.to_thread(requests.get, f"{url}/live", timeout=10)).status_code == 200
+    finally:
+        STALL_FILE.unlink()
+    assert len("".join([c.choices[0].text async for c in stream if c.choices])) > 0
+    assert "has not answered" in faulty_server.log() and "replica failed" not in faulty_server.log()
+    for probe in ("health", "live"):
+        assert (await asyncio.to_thread(requests.get, f"{url}/{probe}", timeout=10)).status_code == 200
     await client.close()
 
 

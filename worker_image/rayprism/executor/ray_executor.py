@@ -3,7 +3,9 @@ and outputs between the driver and the rank-0 engine in batches.
 
 Driver threads: the submitter sends every request/abort queued since its last call in one Ray call; the
 poller long-polls rank 0 for all outputs since the previous poll (one Ray call per engine step at most, for
-the whole batch); the monitor pings every worker so a dead one fails the replica within seconds.
+the whole batch); the monitor pings every worker so a dead one fails the replica within seconds. A worker
+that is alive but slow to answer (a loaded machine, a long weight load holding its process) is waited for,
+with warnings, up to _SILENT_LIMIT_S before the replica counts as dead.
 """
 from __future__ import annotations
 
@@ -34,11 +36,17 @@ _POLL_TIMEOUT_S = 0.5
 _MIN_POLL_INTERVAL_S = 0.01
 _HEALTH_INTERVAL_S = 1.0
 _HEALTH_TIMEOUT_S = 5.0
+# A live worker silent this long is hung: the replica is dead (and /live tells the kubelet to restart it).
+_SILENT_LIMIT_S = 30.0
 _ACTOR_CONCURRENCY = 8   # poll, submit, ping and admin calls run side by side on a worker
 
 
 class EngineDeadError(RuntimeError):
     """The replica cannot serve: a worker died, did not answer, or the engine failed."""
+
+
+class _Silent(EngineDeadError):
+    """A worker did not answer in time (it may be alive, only slow)."""
 
 
 @dataclass(frozen=True)
@@ -165,10 +173,11 @@ class RayExecutor:
             time.sleep(max(0.0, self._next_poll - time.monotonic()))
             self._next_poll = time.monotonic() + _MIN_POLL_INTERVAL_S
             try:
-                outputs, self.stats, fatal = ray.get(self.workers[0].poll.remote(_POLL_TIMEOUT_S),
-                                                     timeout=_POLL_TIMEOUT_S + _HEALTH_TIMEOUT_S)
-            except Exception as err:  # noqa: BLE001
-                self._fail(EngineDeadError(f"rank 0 worker is unreachable: {err}"))
+                # Waited for however slow (its outputs must not be lost), up to the silence limit.
+                outputs, self.stats, fatal = self._answer(self.workers[0].poll.remote(_POLL_TIMEOUT_S), 0, "a poll",
+                                                          _SILENT_LIMIT_S)
+            except EngineDeadError as err:
+                self._fail(err)
                 return
             for output in outputs:
                 self.num_aborted += output.finish_reason == "abort"
@@ -183,26 +192,32 @@ class RayExecutor:
     def _monitor(self) -> None:
         while not self._closed and self._error is None:
             try:
-                self._ping()
+                self._ping(_SILENT_LIMIT_S)
             except EngineDeadError as err:
                 self._fail(err)
                 return
             time.sleep(_HEALTH_INTERVAL_S)
 
-    def _ping(self) -> None:
+    def _ping(self, limit_s: float) -> None:
         refs = [w.ping.remote() for w in self.workers]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=_HEALTH_TIMEOUT_S)
         for rank, ref in enumerate(refs):
-            if self._closed:
-                return
-            if ref not in ready:
-                raise EngineDeadError(f"worker rank {rank} did not answer a health check within {_HEALTH_TIMEOUT_S}s")
-            try:
-                fatal = ray.get(ref)
-            except Exception as err:  # noqa: BLE001
-                raise EngineDeadError(f"worker rank {rank} died: {err}") from None
+            fatal = self._answer(ref, rank, "a health check", limit_s)
             if fatal:
                 raise EngineDeadError(fatal)
+
+    def _answer(self, ref, rank: int, what: str, limit_s: float):
+        """A worker's answer: EngineDeadError at once if it died, _Silent once it has not answered for limit_s."""
+        waited = 0.0
+        while True:
+            try:
+                return ray.get(ref, timeout=_HEALTH_TIMEOUT_S)
+            except ray.exceptions.GetTimeoutError:
+                waited += _HEALTH_TIMEOUT_S
+                if waited >= limit_s or self._closed:
+                    raise _Silent(f"worker rank {rank} has not answered {what} for {waited:.0f}s") from None
+                log.warning("worker rank %d has not answered %s for %.0fs; waiting", rank, what, waited)
+            except Exception as err:  # noqa: BLE001
+                raise EngineDeadError(f"worker rank {rank} died: {err}") from None
 
     def _fail(self, error: EngineDeadError) -> None:
         if self._closed:
@@ -252,7 +267,9 @@ class RayExecutor:
         """Raises EngineDeadError unless every worker answers now."""
         self._raise_if_unusable()
         try:
-            self._ping()
+            self._ping(_HEALTH_TIMEOUT_S)
+        except _Silent:
+            raise  # not ready now; whether it is hung is the monitor's call, after _SILENT_LIMIT_S
         except EngineDeadError as err:
             self._fail(err)
             raise self._error from None
