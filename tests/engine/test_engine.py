@@ -145,6 +145,8 @@ def test_abort_running_and_waiting(engine):
         ("hi", SamplingParams(temperature=float("nan")), "temperature"),
         ("hi", SamplingParams(seed=2**64), "seed"),        # torch.Generator.manual_seed would raise
         ("hi", SamplingParams(seed=-(2**63) - 1), "seed"),
+        ("hi", SamplingParams(repetition_penalty=0), "repetition_penalty"),
+        ("hi", SamplingParams(repetition_penalty=float("inf")), "repetition_penalty"),
     ],
 )
 def test_bad_requests_rejected_before_the_model(engine, monkeypatch, prompt, params, param):
@@ -241,3 +243,14 @@ def test_a_request_that_fails_in_the_engine_ends_alone(engine, monkeypatch):
     assert tokens(results)[:3] == expected
     stats = engine.stats()
     assert (stats["num_running"], stats["num_waiting"], stats["kv_cache_usage"]) == (0, 0, 0.0)
+
+
+def test_repetition_penalty_breaks_a_greedy_loop(engine):
+    prompt = engine.tokenizer.encode(PROMPTS[0])
+    looping = generate(engine, [PROMPTS[0]], GREEDY)["0"]["token_ids"]
+    assert len(set(looping)) < len(looping)  # the random model repeats itself
+    penalized = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, repetition_penalty=1e6)
+    results = generate(engine, PROMPTS[:2], [penalized, GREEDY])
+    out = results["0"]["token_ids"]
+    assert len(set(out)) == len(out) and not set(out) & set(prompt)
+    assert results["1"]["token_ids"] == generate(engine, [PROMPTS[1]], GREEDY)["0"]["token_ids"]

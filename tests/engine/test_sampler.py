@@ -5,7 +5,7 @@ import torch
 
 from rayprism.engine.sampler import Sampler
 from rayprism.engine.sampling import SamplingParams
-from rayprism.engine.sequence import Sequence
+from rayprism.engine.sequence import PENDING, Sequence
 
 PROBS = torch.tensor([0.4, 0.3, 0.2, 0.1])
 
@@ -75,3 +75,34 @@ def test_sharded_greedy_argmax_equals_argmax_of_the_whole_rows(monkeypatch):
     monkeypatch.setattr(comm, "all_reduce", lambda c: c + captured["rank1"])
     tokens = heads[0].argmax(slices[0])
     assert tokens.tolist() == logits.argmax(dim=-1).tolist() == [5, 2500, vocab - 1, 0, 0]
+
+
+def sequence(prompt: list[int], output: list[int], params: SamplingParams, pending_row: int | None = None):
+    """A sequence with `output` generated; with pending_row, one more output token still on the device (row
+    pending_row of the previous step's tokens)."""
+    seq = Sequence("s", prompt, params, 0)
+    seq.token_ids += output
+    if pending_row is not None:
+        seq.token_ids.append(PENDING)
+        seq.num_pending, seq.pending_row = 1, pending_row
+    return seq
+
+
+def processed(logits: torch.Tensor, seqs: list[Sequence], previous: torch.Tensor | None = None) -> torch.Tensor:
+    before = logits.clone()
+    out = Sampler._process(logits, seqs, previous)
+    assert torch.equal(logits, before)  # out of place: logprobs read the model's own logits
+    return out
+
+
+def test_repetition_penalty_matches_a_plain_reference():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    seqs = [sequence([1, 2, 2], [3, 40], SamplingParams(repetition_penalty=1.7), pending_row=1),
+            sequence([1, 2], [5], SamplingParams()),
+            sequence([7], [8, 8, 9], SamplingParams(repetition_penalty=0.5))]
+    expected = logits.clone()
+    for row, (seen, p) in enumerate([([1, 2, 3, 40, 11], 1.7), ([7, 8, 9], 0.5)]):
+        row = 2 * row  # rows 0 and 2; row 1 uses no processor
+        values = expected[row, seen]
+        expected[row, seen] = torch.where(values > 0, values / p, values * p)
+    assert torch.allclose(processed(logits, seqs, torch.tensor([0, 11])), expected)

@@ -155,6 +155,8 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "hi", "logprobs": True}, 400, "logprobs"),
     ("completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("completions", {"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("completions", {"model": MODEL, "prompt": "hi", "repetition_penalty": "2"}, 400, "repetition_penalty"),
     ("completions", {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
      "stream_options"),
     ("completions", {"model": MODEL, "prompt": "hi", "stream": True, "stream_options": {"include_usage": 1}},
@@ -216,6 +218,12 @@ def assert_openai_error(response: requests.Response, status: int, param: str | N
     assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["type"]
     assert error["param"] == param and response.headers["X-Request-Id"]
     return error
+
+
+@pytest.mark.parametrize("fields", [{"repetition_penalty": 1.3}])
+def test_logits_processors_in_range_sample(client, fields):
+    completion = client.completions.create(model=MODEL, prompt="processed", max_tokens=3, extra_body=fields)
+    assert completion.usage.completion_tokens >= 1
 
 
 @pytest.mark.parametrize("seed", [0, -1, -(2**63), 2**63, 2**64 - 1])

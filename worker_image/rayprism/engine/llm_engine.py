@@ -166,11 +166,14 @@ class LLMEngine:
         self.num_prefill_steps += num_prefill > 0
         previous_rows = len(self.in_flight.seqs) if self.in_flight else 0
         # Greedy steps take their tokens from the model runner (argmax on every rank, no logits gathered).
-        greedy = all(seq.params.temperature == 0 and seq.params.logprobs is None for seq in seqs)
+        greedy = not any(seq.params.needs_logits for seq in seqs)
         batch = Batch.from_sequences(seqs, num_prefill, self.config.block_size, previous_rows, greedy)
+        previous = self.runner.previous_tokens
+        if previous is not None and any(seq.params.processes_logits for seq in seqs):
+            previous = previous.clone()  # the penalties read it after this step's decode graph overwrote it
         result = self.runner.call("execute_model", batch.pack())
         logits = None if greedy else result
-        token_ids = result if greedy else self._sample(logits, seqs)
+        token_ids = result if greedy else self._sample(logits, seqs, previous)
         self.runner.previous_tokens = token_ids  # the next batch's pending inputs name rows of it
         sampled = None
         if token_ids.is_cuda:  # a copy and an event: reading them back will not wait for later steps
@@ -185,14 +188,14 @@ class LLMEngine:
         wants_logprobs = any(seq.params.logprobs is not None for seq in seqs)
         return LaunchedStep(seqs, token_ids, sampled, logits if wants_logprobs else None)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], previous: torch.Tensor | None) -> torch.Tensor:
         try:
-            return self.sampler(logits, seqs)
+            return self.sampler(logits, seqs, previous)
         except Exception:  # noqa: BLE001 - find the request at fault: sample row by row, fail the rows that raise
             rows = []
             for row, seq in enumerate(seqs):
                 try:
-                    rows.append(self.sampler(logits[row: row + 1], [seq]))
+                    rows.append(self.sampler(logits[row: row + 1], [seq], previous))
                 except Exception:  # noqa: BLE001
                     self._fail(seq)
                     rows.append(logits[row: row + 1].argmax(dim=-1))  # keeps the other rows in place

@@ -1,4 +1,5 @@
-"""Sampling on the device: greedy, temperature, top-k, top-p, per-request seeded generators, logprobs."""
+"""Sampling on the device: logits processors (penalties), greedy, temperature, top-k, top-p, per-request seeded
+generators, logprobs."""
 from __future__ import annotations
 
 import torch
@@ -23,10 +24,12 @@ class Sampler:
         return seq.generator
 
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """logits: [batch, vocab] for the last token of each sequence. Returns the token ids, on the device
-        and without waiting for it (a greedy batch issues no host-device copy at all)."""
-        logits = logits.float()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence], previous_tokens: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """logits: [batch, vocab] for the last token of each sequence. previous_tokens: the previous step's sampled
+        tokens, where a sequence's newest token may still be pending. Returns the token ids, on the device and
+        without waiting for it (a greedy batch issues no host-device copy at all)."""
+        logits = self._process(logits.float(), seqs, previous_tokens)
         params = [s.params for s in seqs]
         greedy = logits.argmax(dim=-1)
         sampled = greedy
@@ -43,6 +46,52 @@ class Sampler:
             is_greedy = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
             sampled = torch.where(is_greedy, greedy, (probs / noise).argmax(dim=-1))
         return sampled
+
+    @staticmethod
+    def _process(logits: torch.Tensor, seqs: list[Sequence], previous_tokens: torch.Tensor | None) -> torch.Tensor:
+        """The logits processors, on the rows that use one (a batch where none does costs nothing). Out of place:
+        logprobs report the model's own distribution."""
+        rows = [row for row, seq in enumerate(seqs) if seq.params.processes_logits]
+        if not rows:
+            return logits
+        seqs = [seqs[row] for row in rows]
+        rows = torch.tensor(rows, device=logits.device)
+        processed = Sampler._penalize(logits[rows], seqs, previous_tokens)
+        return logits.index_copy(0, rows, processed)
+
+    @staticmethod
+    def _penalize(logits: torch.Tensor, seqs: list[Sequence], previous_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Repetition penalty (HF/vLLM): the logits of tokens in the prompt or output divided by the penalty where
+        positive, multiplied where negative."""
+        prompt_counts, output_counts = Sampler._token_counts(seqs, logits.shape[-1], logits.device, previous_tokens)
+        penalties = torch.tensor([seq.params.repetition_penalty for seq in seqs], device=logits.device)[:, None]
+        seen = (prompt_counts + output_counts) > 0
+        return torch.where(seen, torch.where(logits > 0, logits / penalties, logits * penalties), logits)
+
+    @staticmethod
+    def _token_counts(seqs: list[Sequence], vocab_size: int, device: torch.device,
+                      previous_tokens: torch.Tensor | None) -> torch.Tensor:
+        """[2, rows, vocab]: how often each token occurs in each row's prompt (counted only where the repetition
+        penalty reads it, else 0) and in its output; scattered on the device from one padded tensor of ids."""
+        starts = [0 if seq.params.repetition_penalty != 1 else seq.num_prompt_tokens for seq in seqs]
+        rows = []
+        for seq, start in zip(seqs, starts):
+            row = seq.token_ids[start:]
+            if seq.num_pending:  # one step in flight at most: the newest token, still on the device
+                row[-1] = -1 - seq.pending_row
+            rows.append(row)
+        width = max(map(len, rows))
+        # Padded with vocab_size: a column past the vocabulary, cut off at the end.
+        tokens = torch.tensor([row + [vocab_size] * (width - len(row)) for row in rows], dtype=torch.long,
+                              device=device)
+        num_prompt = torch.tensor([seq.num_prompt_tokens - start for seq, start in zip(seqs, starts)], device=device)
+        is_output = (torch.arange(width, device=device)[None, :] >= num_prompt[:, None]).float()
+        if previous_tokens is not None:  # -1 - r: row r of the previous step's tokens
+            tokens = torch.where(tokens < 0, previous_tokens[(-1 - tokens).clamp(min=0)], tokens)
+        counts = torch.zeros(2, len(seqs), vocab_size + 1, device=device)
+        counts[0].scatter_add_(1, tokens, 1 - is_output)
+        counts[1].scatter_add_(1, tokens, is_output)
+        return counts[..., :vocab_size]
 
     @staticmethod
     def _filter(logits: torch.Tensor, params) -> torch.Tensor:

@@ -29,6 +29,17 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k -> logprob of the sampled token + top k
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output (1 = off)
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether a logits processor changes this request's logits before sampling (Sampler._process)."""
+        return self.repetition_penalty != 1
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether sampling needs this request's logits (else the model runner's greedy tokens serve)."""
+        return self.temperature > 0 or self.logprobs is not None or self.processes_logits
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
@@ -50,3 +61,6 @@ class SamplingParams:
             not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise InvalidRequestError("logprobs", f"must be None or in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < math.inf:
+            raise InvalidRequestError("repetition_penalty",
+                                      f"must be a finite number > 0, got {self.repetition_penalty!r}")

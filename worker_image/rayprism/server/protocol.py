@@ -92,6 +92,7 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
         stop_token_ids=_stop_token_ids(body.get("stop_token_ids")),
         ignore_eos=_field(body, "ignore_eos", bool, False),
         logprobs=logprobs,
+        repetition_penalty=_field(body, "repetition_penalty", (int, float), 1.0),
     )
     try:
         params = SamplingParams(**values)

@@ -1,0 +1,21 @@
+"""Request parsing without a server: the sampling fields' ranges (each refusal names its field)."""
+import pytest
+
+from rayprism.server.protocol import APIError, parse_request
+
+
+def parse(**fields):
+    return parse_request({"model": "tiny", "prompt": "hi", **fields}, chat=False).params
+
+
+@pytest.mark.parametrize("field, value", [("repetition_penalty", 0.01), ("repetition_penalty", 5)])
+def test_logits_processor_fields_in_range(field, value):
+    assert getattr(parse(**{field: value}), field) == value
+
+
+@pytest.mark.parametrize("field, value", [("repetition_penalty", 0), ("repetition_penalty", -1),
+                                          ("repetition_penalty", True)])
+def test_logits_processor_fields_out_of_range(field, value):
+    with pytest.raises(APIError) as error:
+        parse(**{field: value})
+    assert (error.value.status, error.value.param) == (400, field)
