@@ -147,6 +147,8 @@ def test_abort_running_and_waiting(engine):
         ("hi", SamplingParams(seed=-(2**63) - 1), "seed"),
         ("hi", SamplingParams(repetition_penalty=0), "repetition_penalty"),
         ("hi", SamplingParams(repetition_penalty=float("inf")), "repetition_penalty"),
+        ("hi", SamplingParams(presence_penalty=-2.5), "presence_penalty"),
+        ("hi", SamplingParams(frequency_penalty=float("nan")), "frequency_penalty"),
     ],
 )
 def test_bad_requests_rejected_before_the_model(engine, monkeypatch, prompt, params, param):
@@ -254,3 +256,10 @@ def test_repetition_penalty_breaks_a_greedy_loop(engine):
     out = results["0"]["token_ids"]
     assert len(set(out)) == len(out) and not set(out) & set(prompt)
     assert results["1"]["token_ids"] == generate(engine, [PROMPTS[1]], GREEDY)["0"]["token_ids"]
+
+
+def test_frequency_and_presence_penalties_break_a_greedy_loop(engine):
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, **penalty)
+        out = generate(engine, [PROMPTS[0]], params)["0"]["token_ids"]
+        assert len(set(out)) == len(out), penalty

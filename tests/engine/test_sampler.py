@@ -106,3 +106,17 @@ def test_repetition_penalty_matches_a_plain_reference():
         values = expected[row, seen]
         expected[row, seen] = torch.where(values > 0, values / p, values * p)
     assert torch.allclose(processed(logits, seqs, torch.tensor([0, 11])), expected)
+
+
+def test_presence_and_frequency_penalties_match_a_plain_reference():
+    """OpenAI's formula over output tokens only (the prompt's do not count), after the repetition penalty."""
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(1))
+    seqs = [sequence([4, 4, 6], [6, 6, 7], SamplingParams(presence_penalty=0.5, frequency_penalty=1.5), 0),
+            sequence([4], [6, 4], SamplingParams(repetition_penalty=2.0, presence_penalty=-1.0))]
+    expected = logits.clone()
+    for token, count in {6: 2, 7: 1, 12: 1}.items():
+        expected[0, token] -= 0.5 + 1.5 * count
+    for token in (4, 6):
+        value = expected[1, token]
+        expected[1, token] = (value / 2 if value > 0 else value * 2) + 1.0
+    assert torch.allclose(processed(logits, seqs, torch.tensor([12])), expected)

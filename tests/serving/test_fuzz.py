@@ -60,8 +60,9 @@ COMMON = {
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "n": st.just(1),
-    "presence_penalty": st.just(0),
-    "frequency_penalty": st.just(0),
+    "repetition_penalty": st.floats(0.01, 10),
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
     "logit_bias": st.just({}),
     "user": strings,
 }

@@ -62,11 +62,15 @@ class Sampler:
     @staticmethod
     def _penalize(logits: torch.Tensor, seqs: list[Sequence], previous_tokens: torch.Tensor | None) -> torch.Tensor:
         """Repetition penalty (HF/vLLM): the logits of tokens in the prompt or output divided by the penalty where
-        positive, multiplied where negative."""
+        positive, multiplied where negative. Then OpenAI's: presence penalty once per token of the output,
+        frequency penalty once per occurrence there, subtracted."""
         prompt_counts, output_counts = Sampler._token_counts(seqs, logits.shape[-1], logits.device, previous_tokens)
-        penalties = torch.tensor([seq.params.repetition_penalty for seq in seqs], device=logits.device)[:, None]
+        penalties = torch.tensor([[seq.params.repetition_penalty, seq.params.presence_penalty,
+                                   seq.params.frequency_penalty] for seq in seqs], device=logits.device)
+        repetition, presence, frequency = penalties.T[:, :, None]
         seen = (prompt_counts + output_counts) > 0
-        return torch.where(seen, torch.where(logits > 0, logits / penalties, logits * penalties), logits)
+        logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
+        return logits - presence * (output_counts > 0) - frequency * output_counts
 
     @staticmethod
     def _token_counts(seqs: list[Sequence], vocab_size: int, device: torch.device,

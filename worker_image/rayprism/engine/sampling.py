@@ -30,11 +30,13 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None = off; k -> logprob of the sampled token + top k
     repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output (1 = off)
+    presence_penalty: float = 0.0  # OpenAI's: subtracted from the logits of tokens in the output
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted once per occurrence in the output
 
     @property
     def processes_logits(self) -> bool:
         """Whether a logits processor changes this request's logits before sampling (Sampler._process)."""
-        return self.repetition_penalty != 1
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def needs_logits(self) -> bool:
@@ -64,3 +66,7 @@ class SamplingParams:
         if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < math.inf:
             raise InvalidRequestError("repetition_penalty",
                                       f"must be a finite number > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                raise InvalidRequestError(name, f"must be in [-2, 2], got {value!r}")

@@ -50,8 +50,7 @@ class ParsedRequest:
     created: int
 
 
-_NOT_SUPPORTED_UNLESS = {"n": 1, "best_of": 1, "echo": False, "presence_penalty": 0, "frequency_penalty": 0,
-                         "suffix": None, "logit_bias": {}, "tools": [], "response_format": None}
+_NOT_SUPPORTED_UNLESS = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "logit_bias": {}, "tools": [], "response_format": None}
 
 
 def parse_request(body, *, chat: bool) -> ParsedRequest:
@@ -93,6 +92,8 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
         ignore_eos=_field(body, "ignore_eos", bool, False),
         logprobs=logprobs,
         repetition_penalty=_field(body, "repetition_penalty", (int, float), 1.0),
+        presence_penalty=_field(body, "presence_penalty", (int, float), 0.0),
+        frequency_penalty=_field(body, "frequency_penalty", (int, float), 0.0),
     )
     try:
         params = SamplingParams(**values)
