@@ -61,6 +61,8 @@ def test_sampling_differs_from_greedy_and_respects_top_k(engine):
     assert generate(engine, [PROMPTS[0]], top1)["0"]["token_ids"] == greedy
     tiny_p = SamplingParams(max_tokens=20, temperature=1.5, top_p=1e-6, seed=3, ignore_eos=True)
     assert generate(engine, [PROMPTS[0]], tiny_p)["0"]["token_ids"] == greedy
+    min_p_1 = SamplingParams(max_tokens=20, temperature=1.5, min_p=1.0, seed=3, ignore_eos=True)
+    assert generate(engine, [PROMPTS[0]], min_p_1)["0"]["token_ids"] == greedy
     hot = SamplingParams(max_tokens=20, temperature=1.5, seed=3, ignore_eos=True)
     assert generate(engine, [PROMPTS[0]], hot)["0"]["token_ids"] != greedy
 
@@ -149,6 +151,7 @@ def test_abort_running_and_waiting(engine):
         ("hi", SamplingParams(repetition_penalty=float("inf")), "repetition_penalty"),
         ("hi", SamplingParams(presence_penalty=-2.5), "presence_penalty"),
         ("hi", SamplingParams(frequency_penalty=float("nan")), "frequency_penalty"),
+        ("hi", SamplingParams(min_p=1.5), "min_p"),
     ],
 )
 def test_bad_requests_rejected_before_the_model(engine, monkeypatch, prompt, params, param):

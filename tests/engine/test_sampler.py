@@ -30,6 +30,18 @@ def test_top_k_and_top_p_cut_the_tail():
     assert freqs[2:].sum() == 0 and math.isclose(freqs[0], 0.4 / 0.7, abs_tol=0.04)
 
 
+def test_min_p_drops_tokens_below_its_share_of_the_top_probability():
+    # Threshold 0.6 * 0.4 = 0.24: the two most likely tokens stay, renormalised.
+    freqs = draw(SamplingParams(temperature=1.0, min_p=0.6))
+    assert freqs[2:].sum() == 0 and math.isclose(freqs[0], 0.4 / 0.7, abs_tol=0.04)
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(2))
+    params = [SamplingParams(min_p=0.3), SamplingParams()]
+    probs = logits.softmax(dim=-1)
+    expected = logits.clone()
+    expected[0][probs[0] < 0.3 * probs[0].max()] = float("-inf")
+    assert torch.equal(Sampler._filter(logits, params), expected)
+
+
 def test_low_temperature_sharpens_and_zero_is_greedy():
     assert draw(SamplingParams(temperature=0.05))[0] > 0.99
     assert draw(SamplingParams(temperature=0.0))[0] == 1.0

@@ -63,6 +63,7 @@ COMMON = {
     "repetition_penalty": st.floats(0.01, 10),
     "presence_penalty": st.floats(-2, 2),
     "frequency_penalty": st.floats(-2, 2),
+    "min_p": st.floats(0, 1),
     "logit_bias": st.just({}),
     "user": strings,
 }

@@ -155,6 +155,7 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "hi", "logprobs": True}, 400, "logprobs"),
     ("completions", {"model": MODEL, "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("completions", {"model": MODEL, "prompt": "hi", "frequency_penalty": -3}, 400, "frequency_penalty"),
+    ("completions", {"model": MODEL, "prompt": "hi", "min_p": 1.5}, 400, "min_p"),
     ("completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ("completions", {"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("completions", {"model": MODEL, "prompt": "hi", "repetition_penalty": "2"}, 400, "repetition_penalty"),
@@ -221,7 +222,8 @@ def assert_openai_error(response: requests.Response, status: int, param: str | N
     return error
 
 
-@pytest.mark.parametrize("fields", [{"repetition_penalty": 1.3}, {"presence_penalty": -2, "frequency_penalty": 2}])
+@pytest.mark.parametrize("fields", [{"repetition_penalty": 1.3}, {"presence_penalty": -2, "frequency_penalty": 2},
+                                    {"min_p": 0.5}])
 def test_logits_processors_in_range_sample(client, fields):
     completion = client.completions.create(model=MODEL, prompt="processed", max_tokens=3, extra_body=fields)
     assert completion.usage.completion_tokens >= 1

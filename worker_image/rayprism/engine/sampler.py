@@ -99,7 +99,13 @@ class Sampler:
 
     @staticmethod
     def _filter(logits: torch.Tensor, params) -> torch.Tensor:
-        """Mask logits outside each row's top-k and top-p nucleus."""
+        """Mask logits below each row's min-p share of its top probability (first, as vLLM does), then those
+        outside its top-k and top-p nucleus."""
+        min_ps = [p.min_p for p in params]
+        if any(min_ps):  # rows with min_p 0 keep every token
+            probs = logits.softmax(dim=-1)
+            threshold = torch.tensor(min_ps, device=logits.device)[:, None] * probs.amax(dim=-1, keepdim=True)
+            logits = logits.masked_fill(probs < threshold, float("-inf"))
         top_ks = [p.top_k for p in params]
         top_ps = [p.top_p for p in params]
         if not any(top_ks) and all(p == 1.0 for p in top_ps):

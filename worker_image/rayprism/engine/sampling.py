@@ -32,6 +32,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output (1 = off)
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logits of tokens in the output
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per occurrence in the output
+    min_p: float = 0.0  # sampling drops tokens less likely than min_p times the most likely one (0 = off)
 
     @property
     def processes_logits(self) -> bool:
@@ -70,3 +71,5 @@ class SamplingParams:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not -2 <= value <= 2:
                 raise InvalidRequestError(name, f"must be in [-2, 2], got {value!r}")
+        if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
+            raise InvalidRequestError("min_p", f"must be in [0, 1], got {self.min_p!r}")

@@ -94,6 +94,7 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
         repetition_penalty=_field(body, "repetition_penalty", (int, float), 1.0),
         presence_penalty=_field(body, "presence_penalty", (int, float), 0.0),
         frequency_penalty=_field(body, "frequency_penalty", (int, float), 0.0),
+        min_p=_field(body, "min_p", (int, float), 0.0),
     )
     try:
         params = SamplingParams(**values)
