@@ -152,6 +152,7 @@ def test_abort_running_and_waiting(engine):
         ("hi", SamplingParams(presence_penalty=-2.5), "presence_penalty"),
         ("hi", SamplingParams(frequency_penalty=float("nan")), "frequency_penalty"),
         ("hi", SamplingParams(min_p=1.5), "min_p"),
+        ("hi", SamplingParams(max_tokens=4, min_tokens=5), "min_tokens"),
     ],
 )
 def test_bad_requests_rejected_before_the_model(engine, monkeypatch, prompt, params, param):
@@ -266,3 +267,13 @@ def test_frequency_and_presence_penalties_break_a_greedy_loop(engine):
         params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, **penalty)
         out = generate(engine, [PROMPTS[0]], params)["0"]["token_ids"]
         assert len(set(out)) == len(out), penalty
+
+
+def test_min_tokens_holds_back_a_stop_token(engine):
+    free = generate(engine, [PROMPTS[0]], GREEDY)["0"]["token_ids"]
+    stop = free[2]
+    stopped = SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop])
+    assert generate(engine, [PROMPTS[0]], stopped)["0"]["token_ids"] == free[:3]
+    held = SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop], min_tokens=8)
+    out = generate(engine, [PROMPTS[0]], held)["0"]["token_ids"]
+    assert len(out) > 8 and stop not in out[:8]

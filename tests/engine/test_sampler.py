@@ -102,7 +102,7 @@ def sequence(prompt: list[int], output: list[int], params: SamplingParams, pendi
 
 def processed(logits: torch.Tensor, seqs: list[Sequence], previous: torch.Tensor | None = None) -> torch.Tensor:
     before = logits.clone()
-    out = Sampler._process(logits, seqs, previous)
+    out = Sampler(torch.device("cpu"), seed=0, eos_token_ids={2})._process(logits, seqs, previous)
     assert torch.equal(logits, before)  # out of place: logprobs read the model's own logits
     return out
 
@@ -132,3 +132,15 @@ def test_presence_and_frequency_penalties_match_a_plain_reference():
         value = expected[1, token]
         expected[1, token] = (value / 2 if value > 0 else value * 2) + 1.0
     assert torch.allclose(processed(logits, seqs, torch.tensor([12])), expected)
+
+
+def test_min_tokens_masks_eos_and_stop_token_ids_until_reached():
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    seqs = [sequence([1], [5], SamplingParams(min_tokens=3, stop_token_ids=[7, 99]), 0),  # 2 so far: masked
+            sequence([1], [5, 6], SamplingParams(min_tokens=3, stop_token_ids=[7]), 0),   # 3 so far: free
+            sequence([1], [], SamplingParams(min_tokens=1, ignore_eos=True, stop_token_ids=[9])),
+            sequence([1], [], SamplingParams())]
+    expected = logits.clone()
+    expected[0, [2, 7]] = float("-inf")  # 99 is past the vocabulary
+    expected[2, 9] = float("-inf")
+    assert torch.equal(processed(logits, seqs, torch.tensor([3])), expected)

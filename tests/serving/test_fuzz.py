@@ -64,6 +64,7 @@ COMMON = {
     "presence_penalty": st.floats(-2, 2),
     "frequency_penalty": st.floats(-2, 2),
     "min_p": st.floats(0, 1),
+    "min_tokens": st.integers(0, 3),
     "logit_bias": st.just({}),
     "user": strings,
 }

@@ -11,7 +11,7 @@ def parse(**fields):
 @pytest.mark.parametrize("field, value", [("repetition_penalty", 0.01), ("repetition_penalty", 5),
                                           ("presence_penalty", -2), ("presence_penalty", 1.5),
                                           ("frequency_penalty", 2), ("frequency_penalty", -0.5),
-                                          ("min_p", 0), ("min_p", 1)])
+                                          ("min_p", 0), ("min_p", 1), ("min_tokens", 0), ("min_tokens", 16)])
 def test_logits_processor_fields_in_range(field, value):
     assert getattr(parse(**{field: value}), field) == value
 
@@ -19,7 +19,8 @@ def test_logits_processor_fields_in_range(field, value):
 @pytest.mark.parametrize("field, value", [("repetition_penalty", 0), ("repetition_penalty", -1),
                                           ("repetition_penalty", True), ("presence_penalty", 2.01),
                                           ("presence_penalty", "1"), ("frequency_penalty", -2.5),
-                                          ("min_p", -0.1), ("min_p", 1.01)])
+                                          ("min_p", -0.1), ("min_p", 1.01), ("min_tokens", -1),
+                                          ("min_tokens", 17), ("min_tokens", 1.0)])
 def test_logits_processor_fields_out_of_range(field, value):
     with pytest.raises(APIError) as error:
         parse(**{field: value})

@@ -75,7 +75,7 @@ class LLMEngine:
             config.max_num_seqs, config.max_num_batched_tokens, BlockManager(self.runner.num_kv_blocks, config.block_size),
             self.max_model_len,
         )
-        self.sampler = Sampler(self.runner.device, config.seed)
+        self.sampler = Sampler(self.runner.device, config.seed, self.eos_token_ids)
         self.requests: dict[str, Sequence] = {}
         self.ended: list[Sequence] = []  # aborted or failed: their last (empty) output goes out with the next step
         self.in_flight: LaunchedStep | None = None

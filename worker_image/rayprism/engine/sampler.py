@@ -1,5 +1,5 @@
-"""Sampling on the device: logits processors (penalties), greedy, temperature, top-k, top-p, per-request seeded
-generators, logprobs."""
+"""Sampling on the device: logits processors (min_tokens, penalties), greedy, temperature, min-p, top-k, top-p,
+per-request seeded generators, logprobs."""
 from __future__ import annotations
 
 import torch
@@ -12,8 +12,9 @@ MIN_TEMPERATURE = 1e-3
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int):
+    def __init__(self, device: torch.device, seed: int, eos_token_ids: set[int] = frozenset()):
         self.device = device
+        self.eos_token_ids = eos_token_ids  # what min_tokens holds back, with each request's stop_token_ids
         self.generator = torch.Generator(device=device).manual_seed(seed)  # for requests without a seed
 
     def generator_for(self, seq: Sequence) -> torch.Generator:
@@ -47,8 +48,8 @@ class Sampler:
             sampled = torch.where(is_greedy, greedy, (probs / noise).argmax(dim=-1))
         return sampled
 
-    @staticmethod
-    def _process(logits: torch.Tensor, seqs: list[Sequence], previous_tokens: torch.Tensor | None) -> torch.Tensor:
+    def _process(self, logits: torch.Tensor, seqs: list[Sequence], previous_tokens: torch.Tensor | None
+                 ) -> torch.Tensor:
         """The logits processors, on the rows that use one (a batch where none does costs nothing). Out of place:
         logprobs report the model's own distribution."""
         rows = [row for row, seq in enumerate(seqs) if seq.params.processes_logits]
@@ -56,8 +57,23 @@ class Sampler:
             return logits
         seqs = [seqs[row] for row in rows]
         rows = torch.tensor(rows, device=logits.device)
-        processed = Sampler._penalize(logits[rows], seqs, previous_tokens)
+        processed = self._hold_back_stops(logits[rows], seqs)
+        if any(seq.params.penalizes for seq in seqs):
+            processed = self._penalize(processed, seqs, previous_tokens)
         return logits.index_copy(0, rows, processed)
+
+    def _hold_back_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """min_tokens: EOS (unless ignored) and the stop token ids masked while a row has fewer output tokens
+        (pending ones included). logits is the rows' own copy: masked in place."""
+        vocab_size = logits.shape[-1]
+        masked = [(row, token) for row, seq in enumerate(seqs)
+                  if len(seq) - seq.num_prompt_tokens < seq.params.min_tokens
+                  for token in {*seq.params.stop_token_ids, *(() if seq.params.ignore_eos else self.eos_token_ids)}
+                  if token < vocab_size]
+        if masked:
+            rows, tokens = torch.tensor(masked, device=logits.device).T
+            logits[rows, tokens] = float("-inf")
+        return logits
 
     @staticmethod
     def _penalize(logits: torch.Tensor, seqs: list[Sequence], previous_tokens: torch.Tensor | None) -> torch.Tensor:

@@ -33,11 +33,16 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logits of tokens in the output
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per occurrence in the output
     min_p: float = 0.0  # sampling drops tokens less likely than min_p times the most likely one (0 = off)
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many output tokens
+
+    @property
+    def penalizes(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def processes_logits(self) -> bool:
         """Whether a logits processor changes this request's logits before sampling (Sampler._process)."""
-        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+        return self.penalizes or self.min_tokens > 0
 
     @property
     def needs_logits(self) -> bool:
@@ -73,3 +78,6 @@ class SamplingParams:
                 raise InvalidRequestError(name, f"must be in [-2, 2], got {value!r}")
         if not isinstance(self.min_p, (int, float)) or not 0 <= self.min_p <= 1:
             raise InvalidRequestError("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}], "
+                                                    f"got {self.min_tokens!r}")

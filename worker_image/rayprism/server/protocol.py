@@ -50,7 +50,8 @@ class ParsedRequest:
     created: int
 
 
-_NOT_SUPPORTED_UNLESS = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "logit_bias": {}, "tools": [], "response_format": None}
+_NOT_SUPPORTED_UNLESS = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "logit_bias": {}, "tools": [],
+                         "response_format": None}
 
 
 def parse_request(body, *, chat: bool) -> ParsedRequest:
@@ -95,6 +96,7 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
         presence_penalty=_field(body, "presence_penalty", (int, float), 0.0),
         frequency_penalty=_field(body, "frequency_penalty", (int, float), 0.0),
         min_p=_field(body, "min_p", (int, float), 0.0),
+        min_tokens=_field(body, "min_tokens", int, 0),
     )
     try:
         params = SamplingParams(**values)
