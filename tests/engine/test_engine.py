@@ -153,6 +153,8 @@ def test_abort_running_and_waiting(engine):
         ("hi", SamplingParams(frequency_penalty=float("nan")), "frequency_penalty"),
         ("hi", SamplingParams(min_p=1.5), "min_p"),
         ("hi", SamplingParams(max_tokens=4, min_tokens=5), "min_tokens"),
+        ("hi", SamplingParams(logit_bias={49152: 1.0}), "logit_bias"),  # past the vocabulary
+        ("hi", SamplingParams(logit_bias={5: -101}), "logit_bias"),
     ],
 )
 def test_bad_requests_rejected_before_the_model(engine, monkeypatch, prompt, params, param):
@@ -277,3 +279,13 @@ def test_min_tokens_holds_back_a_stop_token(engine):
     held = SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[stop], min_tokens=8)
     out = generate(engine, [PROMPTS[0]], held)["0"]["token_ids"]
     assert len(out) > 8 and stop not in out[:8]
+
+
+def test_logit_bias_forces_and_bans_tokens(engine):
+    forced = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True, logit_bias={1234: 100})
+    hot = SamplingParams(max_tokens=5, temperature=1.5, seed=3, ignore_eos=True, logit_bias={1234: 100})
+    results = generate(engine, PROMPTS[:3], [forced, GREEDY, hot])
+    assert results["0"]["token_ids"] == results["2"]["token_ids"] == [1234] * 5
+    free = results["1"]["token_ids"]
+    banned = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logit_bias={free[0]: -100})
+    assert generate(engine, [PROMPTS[1]], banned)["0"]["token_ids"][0] != free[0]

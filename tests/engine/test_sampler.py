@@ -144,3 +144,13 @@ def test_min_tokens_masks_eos_and_stop_token_ids_until_reached():
     expected[0, [2, 7]] = float("-inf")  # 99 is past the vocabulary
     expected[2, 9] = float("-inf")
     assert torch.equal(processed(logits, seqs, torch.tensor([3])), expected)
+
+
+def test_logit_bias_adds_to_the_listed_tokens_before_the_penalties():
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(4))
+    seqs = [sequence([1], [], SamplingParams(logit_bias={3: 100.0, 4: -50.0, 6: 2.0}, frequency_penalty=1.0), 0),
+            sequence([1], [], SamplingParams())]
+    expected = logits.clone()
+    expected[0, [3, 4, 6]] += torch.tensor([100.0, -50.0, 2.0])
+    expected[0, 6] -= 1.0  # the pending output token (row 0 of the previous step's: token 6)
+    assert torch.allclose(processed(logits, seqs, torch.tensor([6])), expected)

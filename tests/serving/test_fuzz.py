@@ -65,7 +65,7 @@ COMMON = {
     "frequency_penalty": st.floats(-2, 2),
     "min_p": st.floats(0, 1),
     "min_tokens": st.integers(0, 3),
-    "logit_bias": st.just({}),
+    "logit_bias": st.dictionaries(st.integers(-2, VOCAB_SIZE + 2).map(str), st.floats(-101, 101), max_size=4),
     "user": strings,
 }
 COMPLETIONS = {**COMMON, "prompt": strings | token_ids, "logprobs": st.integers(0, 20), "echo": st.just(False)}

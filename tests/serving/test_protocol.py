@@ -11,7 +11,8 @@ def parse(**fields):
 @pytest.mark.parametrize("field, value", [("repetition_penalty", 0.01), ("repetition_penalty", 5),
                                           ("presence_penalty", -2), ("presence_penalty", 1.5),
                                           ("frequency_penalty", 2), ("frequency_penalty", -0.5),
-                                          ("min_p", 0), ("min_p", 1), ("min_tokens", 0), ("min_tokens", 16)])
+                                          ("min_p", 0), ("min_p", 1), ("min_tokens", 0), ("min_tokens", 16),
+                                          ("logit_bias", {})])
 def test_logits_processor_fields_in_range(field, value):
     assert getattr(parse(**{field: value}), field) == value
 
@@ -20,8 +21,15 @@ def test_logits_processor_fields_in_range(field, value):
                                           ("repetition_penalty", True), ("presence_penalty", 2.01),
                                           ("presence_penalty", "1"), ("frequency_penalty", -2.5),
                                           ("min_p", -0.1), ("min_p", 1.01), ("min_tokens", -1),
-                                          ("min_tokens", 17), ("min_tokens", 1.0)])
+                                          ("min_tokens", 17), ("min_tokens", 1.0), ("logit_bias", []),
+                                          ("logit_bias", {"5": 100.5}), ("logit_bias", {"-1": 1}),
+                                          ("logit_bias", {"x": 1}), ("logit_bias", {"5": "1"}),
+                                          ("logit_bias", {str(i): 1 for i in range(301)})])
 def test_logits_processor_fields_out_of_range(field, value):
     with pytest.raises(APIError) as error:
         parse(**{field: value})
     assert (error.value.status, error.value.param) == (400, field)
+
+
+def test_logit_bias_keys_become_token_ids():
+    assert parse(logit_bias={"5": 100, "49151": -2.5}).logit_bias == {5: 100, 49151: -2.5}

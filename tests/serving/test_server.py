@@ -157,7 +157,9 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "hi", "frequency_penalty": -3}, 400, "frequency_penalty"),
     ("completions", {"model": MODEL, "prompt": "hi", "min_p": 1.5}, 400, "min_p"),
     ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
-    ("completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"49152": 1}}, 400, "logit_bias"),
+    ("completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
     ("completions", {"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("completions", {"model": MODEL, "prompt": "hi", "repetition_penalty": "2"}, 400, "repetition_penalty"),
     ("completions", {"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}}, 400,
@@ -224,7 +226,7 @@ def assert_openai_error(response: requests.Response, status: int, param: str | N
 
 
 @pytest.mark.parametrize("fields", [{"repetition_penalty": 1.3}, {"presence_penalty": -2, "frequency_penalty": 2},
-                                    {"min_p": 0.5}, {"min_tokens": 3}])
+                                    {"min_p": 0.5}, {"min_tokens": 3}, {"logit_bias": {"5": 100, "49151": -100}}])
 def test_logits_processors_in_range_sample(client, fields):
     completion = client.completions.create(model=MODEL, prompt="processed", max_tokens=3, extra_body=fields)
     assert completion.usage.completion_tokens >= 1

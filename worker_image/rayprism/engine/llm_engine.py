@@ -98,11 +98,13 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already in use")
         params.validate()
+        vocab_size = self.hf_config.vocab_size
+        if any(token >= vocab_size for token in params.logit_bias):
+            raise InvalidRequestError("logit_bias", f"token ids must be in [0, {vocab_size})")
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt) if prompt else []
         else:
             token_ids = list(prompt)
-            vocab_size = self.hf_config.vocab_size
             if not all(isinstance(t, int) and 0 <= t < vocab_size for t in token_ids):
                 raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab_size})")
         if not token_ids:

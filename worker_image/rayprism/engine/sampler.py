@@ -1,5 +1,5 @@
-"""Sampling on the device: logits processors (min_tokens, penalties), greedy, temperature, min-p, top-k, top-p,
-per-request seeded generators, logprobs."""
+"""Sampling on the device: logits processors (logit_bias, min_tokens, penalties), greedy, temperature, min-p,
+top-k, top-p, per-request seeded generators, logprobs."""
 from __future__ import annotations
 
 import torch
@@ -57,10 +57,21 @@ class Sampler:
             return logits
         seqs = [seqs[row] for row in rows]
         rows = torch.tensor(rows, device=logits.device)
-        processed = self._hold_back_stops(logits[rows], seqs)
+        processed = self._hold_back_stops(self._bias(logits[rows], seqs), seqs)
         if any(seq.params.penalizes for seq in seqs):
             processed = self._penalize(processed, seqs, previous_tokens)
         return logits.index_copy(0, rows, processed)
+
+    @staticmethod
+    def _bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """logit_bias: added to the listed tokens' logits (ids checked against the vocabulary by the engine).
+        logits is the rows' own copy: changed in place."""
+        entries = [(row, token) for row, seq in enumerate(seqs) for token in seq.params.logit_bias]
+        if entries:
+            rows, tokens = torch.tensor(entries, device=logits.device).T
+            biases = [bias for seq in seqs for bias in seq.params.logit_bias.values()]
+            logits[rows, tokens] += torch.tensor(biases, device=logits.device)
+        return logits
 
     def _hold_back_stops(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """min_tokens: EOS (unless ignored) and the stop token ids masked while a row has fewer output tokens

@@ -8,6 +8,7 @@ MAX_LOGPROBS = 20
 # What torch.Generator.manual_seed takes; a negative seed counts modulo 2**64 (-1 is 2**64 - 1), so the
 # signed 64-bit seeds other servers accept work too.
 MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 
 
 class InvalidRequestError(ValueError):
@@ -34,6 +35,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: subtracted once per occurrence in the output
     min_p: float = 0.0  # sampling drops tokens less likely than min_p times the most likely one (0 = off)
     min_tokens: int = 0  # EOS and stop_token_ids cannot be sampled before this many output tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit, in [-100, 100]
 
     @property
     def penalizes(self) -> bool:
@@ -42,7 +44,7 @@ class SamplingParams:
     @property
     def processes_logits(self) -> bool:
         """Whether a logits processor changes this request's logits before sampling (Sampler._process)."""
-        return self.penalizes or self.min_tokens > 0
+        return self.penalizes or self.min_tokens > 0 or bool(self.logit_bias)
 
     @property
     def needs_logits(self) -> bool:
@@ -81,3 +83,8 @@ class SamplingParams:
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequestError("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}], "
                                                     f"got {self.min_tokens!r}")
+        if not (isinstance(self.logit_bias, dict) and len(self.logit_bias) <= MAX_LOGIT_BIAS_ENTRIES
+                and all(isinstance(t, int) and t >= 0 and isinstance(b, (int, float)) and -100 <= b <= 100
+                        for t, b in self.logit_bias.items())):
+            raise InvalidRequestError("logit_bias", f"must map at most {MAX_LOGIT_BIAS_ENTRIES} token ids >= 0 to "
+                                                    f"biases in [-100, 100], got {self.logit_bias!r}")

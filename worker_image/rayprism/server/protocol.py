@@ -50,8 +50,7 @@ class ParsedRequest:
     created: int
 
 
-_NOT_SUPPORTED_UNLESS = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "logit_bias": {}, "tools": [],
-                         "response_format": None}
+_NOT_SUPPORTED_UNLESS = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "tools": [], "response_format": None}
 
 
 def parse_request(body, *, chat: bool) -> ParsedRequest:
@@ -97,6 +96,7 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
         frequency_penalty=_field(body, "frequency_penalty", (int, float), 0.0),
         min_p=_field(body, "min_p", (int, float), 0.0),
         min_tokens=_field(body, "min_tokens", int, 0),
+        logit_bias=_logit_bias(body.get("logit_bias")),
     )
     try:
         params = SamplingParams(**values)
@@ -200,6 +200,15 @@ def _stop_token_ids(ids) -> list[int]:
         raise bad_request(f"'stop_token_ids' must be a list of at most {MAX_STOP_TOKEN_IDS} integers",
                           "stop_token_ids")
     return ids
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    """OpenAI's {"token id": bias}: JSON keys are strings. Range and vocabulary checks follow in the engine."""
+    bias = {} if bias is None else bias
+    if not (isinstance(bias, dict) and all(isinstance(token, str) and token.isdecimal() for token in bias)
+            and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in bias.values())):
+        raise bad_request("'logit_bias' must map token ids (strings of integers) to numbers", "logit_bias")
+    return {int(token): value for token, value in bias.items()}
 
 
 def _prompt(prompt) -> str | list[int]:
