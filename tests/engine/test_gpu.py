@@ -55,3 +55,20 @@ def test_kv_pool_sized_from_free_memory(tiny_llama_dir):
     assert engine.runner.num_kv_blocks > 1000 and engine.runner.kv_cache.numel() * 2 < free * 0.1
     result = generate(engine, ["Hello"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     assert len(result["0"]["token_ids"]) == 4
+
+
+@pytest.mark.gpu
+def test_logits_processors_through_decode_graphs_match_eager(tiny_llama_dir):
+    """Penalties read pending tokens from the previous step's, on the device: the same tokens with the decode
+    CUDA graphs as without, next to greedy rows (which then share sampled steps)."""
+    def run(enforce_eager):
+        engine = LLMEngine(EngineConfig(model=tiny_llama_dir, device="cuda", dtype="float32", num_kv_blocks=64,
+                                        max_model_len=128, enforce_eager=enforce_eager))
+        params = [SamplingParams(**{"max_tokens": 24, "temperature": 0, "ignore_eos": True, **extra}) for extra in (
+            {"frequency_penalty": 2.0}, {"repetition_penalty": 1e6}, {}, {"logit_bias": {1234: 100}},
+            {"presence_penalty": 2.0, "min_tokens": 4, "temperature": 1.0, "seed": 5})]
+        return [r["token_ids"] for r in generate(engine, PROMPTS[:1] * 5, params, staggered=True).values()]
+    graphs = run(False)
+    assert graphs == run(True)
+    assert len(set(graphs[0])) == len(graphs[0]) and len(set(graphs[1])) == len(graphs[1])
+    assert graphs[3] == [1234] * 24

@@ -170,9 +170,9 @@ class LLMEngine:
         # Greedy steps take their tokens from the model runner (argmax on every rank, no logits gathered).
         greedy = not any(seq.params.needs_logits for seq in seqs)
         batch = Batch.from_sequences(seqs, num_prefill, self.config.block_size, previous_rows, greedy)
+        # Where the penalties find a pending token. A request with a logits processor is in no greedy step, so
+        # its pending token is a sampled step's, never in the decode graphs' buffer that this step overwrites.
         previous = self.runner.previous_tokens
-        if previous is not None and any(seq.params.processes_logits for seq in seqs):
-            previous = previous.clone()  # the penalties read it after this step's decode graph overwrote it
         result = self.runner.call("execute_model", batch.pack())
         logits = None if greedy else result
         token_ids = result if greedy else self._sample(logits, seqs, previous)
