@@ -33,3 +33,9 @@ def test_logits_processor_fields_out_of_range(field, value):
 
 def test_logit_bias_keys_become_token_ids():
     assert parse(logit_bias={"5": 100, "49151": -2.5}).logit_bias == {5: 100, 49151: -2.5}
+
+
+def test_chat_min_tokens_waits_for_the_default_max_tokens():
+    """Chat's max_tokens defaults to what the context leaves once the prompt is known: not refused before."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "min_tokens": 40}
+    assert parse_request(body, chat=True).params.min_tokens == 40

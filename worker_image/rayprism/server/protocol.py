@@ -81,8 +81,10 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
     include_usage = stream_options.get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise bad_request("'stream_options.include_usage' must be a boolean", "stream_options")
+    min_tokens = _field(body, "min_tokens", int, 0)
     values = dict(
-        max_tokens=max_tokens if max_tokens is not None else 1,   # chat default filled in once the prompt is known
+        # Chat's default is filled in once the prompt is known (min_tokens is checked against it again then).
+        max_tokens=max_tokens if max_tokens is not None else max(1, min_tokens),
         temperature=_field(body, "temperature", (int, float), 1.0),
         top_p=_field(body, "top_p", (int, float), 1.0),
         top_k=_field(body, "top_k", int, 0),
@@ -95,7 +97,7 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
         presence_penalty=_field(body, "presence_penalty", (int, float), 0.0),
         frequency_penalty=_field(body, "frequency_penalty", (int, float), 0.0),
         min_p=_field(body, "min_p", (int, float), 0.0),
-        min_tokens=_field(body, "min_tokens", int, 0),
+        min_tokens=min_tokens,
         logit_bias=_logit_bias(body.get("logit_bias")),
     )
     try:
