@@ -16,7 +16,8 @@ and whatever else it writes.
 
 What it does as a kubelet does: pod phase, podIP, hostIP, Ready/ContainersReady/Initialized conditions,
 containerStatuses with restart counts and states; init containers in order; restartPolicy with a back-off
-(10 s doubling, at most 5 min); readiness and liveness probes (httpGet, tcpSocket, exec); $(VAR)
+(10 s doubling, at most 5 min); startup, readiness and liveness probes (httpGet,
+tcpSocket, exec; the others wait for the startup probe); $(VAR)
 expansion; env from values, fieldRef, resourceFieldRef, Secrets and ConfigMaps; emptyDir (a dir, or a
 tmpfs of its sizeLimit for medium Memory), Secret, ConfigMap, downwardAPI and projected volumes, with
 service-account tokens from the TokenRequest API bound to the pod and mounted at the path the admission
@@ -31,7 +32,7 @@ What it does not (no container runtime here): no images (containers run this che
 images' packages, with the image's ENV, ENTRYPOINT and CMD read from its Dockerfile), no cgroup limits,
 no eviction (neither ephemeral-storage limits nor a disk emptyDir's sizeLimit are enforced: a disk
 emptyDir is a dir under the state dir), no user switching (processes run as root; Pod Security
-admission still checks the specs), no startup probes, no port-forward/exec/logs API (logs are files
+admission still checks the specs), no port-forward/exec/logs API (logs are files
 under the state dir), no token refresh (tests run for less than the tokens' hour). Pods resolve
 Service names through an /etc/hosts written from the Services' EndpointSlices (headless Services: every
 address; others: the ready ones), as cluster DNS plus kube-proxy would route them; there is no DNS
@@ -215,6 +216,7 @@ class Container:
     started_at: str = ""
     exits: list[tuple[int, str, str]] = field(default_factory=list)  # (exit code, started, finished)
     ready: bool = False
+    started: bool = False  # its startup probe passed (or it has none): readiness and liveness probes run
     waiting: tuple[str, str] = ("ContainerCreating", "")  # reason, message while not running
 
     @property
@@ -268,9 +270,9 @@ class Pod:
             for container in self.containers:
                 await self.start_container(container)
                 self._tasks.append(asyncio.create_task(self.supervise(container)))
-                self._tasks.append(asyncio.create_task(self.probe(container, "readinessProbe")))
-                if "livenessProbe" in container.spec:
-                    self._tasks.append(asyncio.create_task(self.probe(container, "livenessProbe")))
+                for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    if kind in container.spec:
+                        self._tasks.append(asyncio.create_task(self.probe(container, kind)))
             self.phase = "Running"
         except PodError as e:
             self.failed = str(e)
@@ -519,6 +521,7 @@ class Pod:
         container.started_at = now()
         container.waiting = ("", "")
         container.ready = "readinessProbe" not in spec
+        container.started = "startupProbe" not in spec
 
     @staticmethod
     def read_only_script(volumes: list[str]) -> str:
@@ -571,7 +574,8 @@ class Pod:
         await asyncio.sleep(probe.get("initialDelaySeconds", 0))
         failures = successes = 0
         while True:
-            if container.running():
+            # The startup probe runs until it passes (again after each restart); the others only after it.
+            if container.running() and container.started == (kind != "startupProbe"):
                 ok = await self.check(container, probe, probe.get("timeoutSeconds", 1))
                 failures, successes = (0, successes + 1) if ok else (failures + 1, 0)
                 if kind == "readinessProbe":
@@ -579,9 +583,11 @@ class Pod:
                         container.ready = True
                     elif failures >= probe.get("failureThreshold", 3):
                         container.ready = False
+                elif kind == "startupProbe" and ok:
+                    container.started, failures = True, 0
                 elif failures >= probe.get("failureThreshold", 3):
-                    log.info("pod %s/%s: container %s failed its liveness probe: restarting",
-                             self.namespace, self.name, container.name)
+                    log.info("pod %s/%s: container %s failed its %s: restarting",
+                             self.namespace, self.name, container.name, kind)
                     container.process.send_signal(signal.SIGTERM)
                     failures = 0
             await asyncio.sleep(probe.get("periodSeconds", 10))
@@ -610,7 +616,7 @@ class Pod:
         restarts = max(0, len(container.exits) - (1 if init or not container.running() else 0))
         status = {"name": container.name, "image": container.spec.get("image", ""), "imageID": "",
                   "ready": container.ready and container.running(), "restartCount": restarts,
-                  "started": container.running(), "state": state}
+                  "started": container.running() and container.started, "state": state}
         if container.process is not None:
             status["containerID"] = f"rayprism-local://{container.process.pid}"
         if container.exits and container.running():

@@ -318,6 +318,9 @@ READINESS_PROBE = {"httpGet": {"path": "/health", "port": "http"}, "periodSecond
 # /live fails only when the engine is dead (not while loading or draining): then the kubelet restarts the head.
 LIVENESS_PROBE = {"httpGet": {"path": "/live", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5,
                   "failureThreshold": 3}
+# Until the server listens (Ray's start and the imports: half a minute on a loaded node), liveness waits; the
+# server listens before it loads the model, so the load's length does not count.
+STARTUP_PROBE = {**LIVENESS_PROBE, "periodSeconds": 5, "failureThreshold": 120}
 UNREADY_DELAY_S = READINESS_PROBE["periodSeconds"] * READINESS_PROBE["failureThreshold"] + 3
 
 
@@ -366,6 +369,7 @@ def _head_group(infd: InferenceDeployment, revision: str, options: RenderOptions
             {"name": "admin", "containerPort": ADMIN_PORT},
         ],
         "readinessProbe": READINESS_PROBE,
+        "startupProbe": STARTUP_PROBE,
         "livenessProbe": LIVENESS_PROBE,
         "resources": {"requests": {"cpu": cpu, "memory": memory, "ephemeral-storage": str(ephemeral_storage_bytes(spec))},
                       "limits": {"cpu": cpu, "memory": memory}},

@@ -166,6 +166,10 @@ def test_ray_needs_its_token_and_keeps_its_dashboard_to_the_pod(llama):
                                                                           "admin": 8001}
     assert "--admin-port 8001" in container["args"][0]
     assert container["livenessProbe"]["httpGet"] == {"path": "/live", "port": "http"}
+    # Liveness waits for the server to listen (minutes of Ray start and imports allowed), not for the model.
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == {"path": "/live", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
 
 
 def test_network_policies(llama):
