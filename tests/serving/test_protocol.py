@@ -39,3 +39,15 @@ def test_chat_min_tokens_waits_for_the_default_max_tokens():
     """Chat's max_tokens defaults to what the context leaves once the prompt is known: not refused before."""
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "min_tokens": 40}
     assert parse_request(body, chat=True).params.min_tokens == 40
+
+
+def test_response_format_text_is_accepted():
+    parse_request({"model": "tiny", "prompt": "hi", "response_format": {"type": "text"}}, chat=False)
+
+
+@pytest.mark.parametrize("value", [{"type": "json_object"}, {"type": "json_schema", "json_schema": {}}, "text"])
+def test_structured_output_is_refused(value):
+    with pytest.raises(APIError) as error:
+        parse(response_format=value)
+    assert (error.value.status, error.value.param) == (400, "response_format")
+    assert value == "text" or "structured output is not supported yet" in error.value.message

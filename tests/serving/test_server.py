@@ -73,6 +73,9 @@ def test_chat_completions(client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
+    as_text = client.chat.completions.create(model=MODEL, messages=messages, response_format={"type": "text"},
+                                             **greedy(6))
+    assert as_text.choices[0].message.content == whole.choices[0].message.content
 
 
 def test_model_by_id_tokenize_and_detokenize(server, client):
@@ -178,6 +181,8 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "hi " * 600}, 400, "prompt"),
     ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
     ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                          "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
     ("chat/completions", {"model": MODEL, "messages": [{"content": "hi"}]}, 400, "messages[0]"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 3}]}, 400,

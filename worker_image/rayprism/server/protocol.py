@@ -50,7 +50,7 @@ class ParsedRequest:
     created: int
 
 
-_NOT_SUPPORTED_UNLESS = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "tools": [], "response_format": None}
+_NOT_SUPPORTED_UNLESS = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "tools": []}
 
 
 def parse_request(body, *, chat: bool) -> ParsedRequest:
@@ -60,6 +60,10 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
     for key, neutral in _NOT_SUPPORTED_UNLESS.items():
         if body.get(key, neutral) not in (neutral, None):
             raise bad_request(f"'{key}' is not supported (only {neutral!r})", key)
+    # SDKs send {"type": "text"}, which asks for nothing beyond plain generation.
+    if _field(body, "response_format", dict, {}).get("type", "text") != "text":
+        raise bad_request("'response_format': structured output is not supported yet (only {\"type\": \"text\"})",
+                          "response_format")
     messages, prompt = None, None
     if chat:
         messages = _messages(body.get("messages"))
