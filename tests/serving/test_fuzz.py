@@ -57,6 +57,7 @@ COMMON = {
     "stop": strings | st.lists(strings, max_size=4),
     "stop_token_ids": token_ids,
     "ignore_eos": st.booleans(),
+    "include_stop_str_in_output": st.booleans(),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "n": st.just(1),

@@ -96,6 +96,19 @@ def test_model_by_id_tokenize_and_detokenize(server, client):
         chat_tokens["count"]
 
 
+def test_include_stop_str_in_output(client):
+    full = client.completions.create(model=MODEL, prompt="Once upon a time", **greedy(16)).choices[0].text
+    stop = full[len(full) // 2:][:3]
+    cut = full.index(stop)
+    for include, expected in ((False, full[:cut]), (True, full[:cut + len(stop)])):
+        fields = {**greedy(16), "stop": [stop],
+                  "extra_body": {"ignore_eos": True, "include_stop_str_in_output": include}}
+        whole = client.completions.create(model=MODEL, prompt="Once upon a time", **fields)
+        assert (whole.choices[0].text, whole.choices[0].finish_reason) == (expected, "stop")
+        chunks = client.completions.create(model=MODEL, prompt="Once upon a time", stream=True, **fields)
+        assert "".join(c.choices[0].text for c in chunks) == expected
+
+
 def post(server, path: str, body: dict) -> dict:
     response = requests.post(f"{server.url}{path}", json=body, timeout=30)
     assert response.status_code == 200, response.text
@@ -148,6 +161,8 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "hi", "stop": "x" * 1025}, 400, "stop"),
     ("completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [1] * 257}, 400, "stop_token_ids"),
     ("completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ("completions", {"model": MODEL, "prompt": "hi", "include_stop_str_in_output": 1}, 400,
+     "include_stop_str_in_output"),
     ("completions", {"model": MODEL, "prompt": "hi", "seed": 2**64}, 400, "seed"),      # killed the engine once
     ("completions", {"model": MODEL, "prompt": "hi", "seed": -(2**63) - 1}, 400, "seed"),
     ("completions", {"model": MODEL, "prompt": "hi", "seed": 1.5}, 400, "seed"),

@@ -251,9 +251,11 @@ class LLMEngine:
             seq.output_text += delta
             if params.stop and delta:
                 start = max(0, len(seq.output_text) - len(delta) - max(map(len, params.stop)) + 1)
-                hits = [i for i in (seq.output_text.find(s, start) for s in params.stop) if i >= 0]
+                hits = [(i, s) for i, s in ((seq.output_text.find(s, start), s) for s in params.stop) if i >= 0]
                 if hits:
-                    seq.output_text = seq.output_text[: min(hits)]
+                    index, stop = min(hits)
+                    end = index + len(stop) if params.include_stop_str_in_output else index
+                    seq.output_text = seq.output_text[:end]
                     seq.finish_reason = "stop"
         if not seq.finish_reason and seq.reaches_length_limit(seq.num_known_tokens, self.max_model_len):
             seq.finish_reason = "length"
