@@ -58,6 +58,8 @@ COMMON = {
     "stop_token_ids": token_ids,
     "ignore_eos": st.booleans(),
     "include_stop_str_in_output": st.booleans(),
+    "skip_special_tokens": st.booleans(),
+    "spaces_between_special_tokens": st.booleans(),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     "n": st.just(1),

@@ -109,6 +109,18 @@ def test_include_stop_str_in_output(client):
         assert "".join(c.choices[0].text for c in chunks) == expected
 
 
+def test_skip_special_tokens(client):
+    """<|im_start|> (id 1) forced by logit_bias: a special token, not an end one, so only its text can change."""
+    def text(**options) -> str:
+        extra_body = {"ignore_eos": True, "logit_bias": {"1": 100}, **options}
+        return client.completions.create(model=MODEL, prompt="Hi", max_tokens=2, temperature=0,
+                                         extra_body=extra_body).choices[0].text
+    assert text() == "" and text(skip_special_tokens=True) == ""
+    assert text(skip_special_tokens=False) == "<|im_start|>" * 2
+    # SmolLM2's is a fast tokenizer, which has no spaces to put between special tokens (vLLM's the same)
+    assert text(skip_special_tokens=False, spaces_between_special_tokens=False) == "<|im_start|>" * 2
+
+
 def post(server, path: str, body: dict) -> dict:
     response = requests.post(f"{server.url}{path}", json=body, timeout=30)
     assert response.status_code == 200, response.text
@@ -163,6 +175,9 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
     ("completions", {"model": MODEL, "prompt": "hi", "include_stop_str_in_output": 1}, 400,
      "include_stop_str_in_output"),
+    ("completions", {"model": MODEL, "prompt": "hi", "skip_special_tokens": "no"}, 400, "skip_special_tokens"),
+    ("completions", {"model": MODEL, "prompt": "hi", "spaces_between_special_tokens": 0}, 400,
+     "spaces_between_special_tokens"),
     ("completions", {"model": MODEL, "prompt": "hi", "seed": 2**64}, 400, "seed"),      # killed the engine once
     ("completions", {"model": MODEL, "prompt": "hi", "seed": -(2**63) - 1}, 400, "seed"),
     ("completions", {"model": MODEL, "prompt": "hi", "seed": 1.5}, 400, "seed"),

@@ -269,8 +269,10 @@ class LLMEngine:
     def _detokenize(self, seq: Sequence) -> str:
         """Text added by the newest token; waits while the bytes decode to an incomplete character."""
         ids = seq.token_ids[: seq.num_known_tokens]
-        before = self.tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], skip_special_tokens=True)
-        after = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+        options = dict(skip_special_tokens=seq.params.skip_special_tokens,
+                       spaces_between_special_tokens=seq.params.spaces_between_special_tokens)
+        before = self.tokenizer.decode(ids[seq.prefix_offset: seq.read_offset], **options)
+        after = self.tokenizer.decode(ids[seq.prefix_offset:], **options)
         if len(after) > len(before) and not after.endswith("\ufffd"):
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
             return after[len(before):]

@@ -30,6 +30,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False  # a stop string that ends the output stays in its text
+    skip_special_tokens: bool = True  # these two are passed to the tokenizer's decode of the output
+    spaces_between_special_tokens: bool = True
     logprobs: int | None = None  # None = off; k -> logprob of the sampled token + top k
     repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output (1 = off)
     presence_penalty: float = 0.0  # OpenAI's: subtracted from the logits of tokens in the output

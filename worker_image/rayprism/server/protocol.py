@@ -97,6 +97,8 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
         stop_token_ids=_stop_token_ids(body.get("stop_token_ids")),
         ignore_eos=_field(body, "ignore_eos", bool, False),
         include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
+        skip_special_tokens=_field(body, "skip_special_tokens", bool, True),
+        spaces_between_special_tokens=_field(body, "spaces_between_special_tokens", bool, True),
         logprobs=logprobs,
         repetition_penalty=_field(body, "repetition_penalty", (int, float), 1.0),
         presence_penalty=_field(body, "presence_penalty", (int, float), 0.0),
