@@ -1,9 +1,13 @@
 """The server's aiohttp apps in-process, before a model is loaded: the probes, the admin port's routes, the
-model card by id and /version."""
+model card by id and /version; and /tokenize with a tokenizer alone: chat_template_kwargs reach the template."""
+from types import SimpleNamespace
+
 from aiohttp.test_utils import TestClient, TestServer
+from transformers import AutoTokenizer
 
 import rayprism
 from rayprism.server.app import Server
+from tests.serving.helpers import smollm2_folder
 
 
 def loading_server() -> Server:
@@ -40,3 +44,18 @@ async def test_model_card_by_id_and_version():
         error = (await response.json())["error"]
         assert response.status == 404 and (error["code"], error["param"]) == ("model_not_found", "model")
         assert await (await client.get("/version")).json() == {"version": rayprism.__version__}
+
+
+async def test_chat_template_kwargs_reach_the_template():
+    """SmolLM2's template reads no extra variable: this one does (/tokenize and chat share the tokenising)."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
+    tokenizer.chat_template = "{{ greeting | default('none') }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    server = loading_server()
+    server.set_llm(SimpleNamespace(tokenizer=tokenizer, max_model_len=512))
+    async with TestClient(TestServer(server.app())) as client:
+        async def tokens(**fields):
+            body = {"messages": [{"role": "user", "content": " there"}], **fields}
+            return (await (await client.post("/tokenize", json=body)).json())["tokens"]
+        assert await tokens() == tokenizer("none there", add_special_tokens=False)["input_ids"]
+        assert await tokens(chat_template_kwargs={"greeting": "Hello"}) == \
+            tokenizer("Hello there", add_special_tokens=False)["input_ids"]

@@ -73,7 +73,8 @@ COMMON = {
 }
 COMPLETIONS = {**COMMON, "prompt": strings | token_ids, "logprobs": st.integers(0, 20), "echo": st.just(False)}
 CHAT = {**COMMON, "messages": st.lists(message, min_size=1, max_size=3), "max_completion_tokens": st.integers(1, 3),
-        "logprobs": st.booleans(), "top_logprobs": st.integers(0, 20)}
+        "logprobs": st.booleans(), "top_logprobs": st.integers(0, 20), "add_generation_prompt": st.booleans(),
+        "continue_final_message": st.booleans(), "chat_template_kwargs": st.dictionaries(strings, junk, max_size=3)}
 
 
 @st.composite
@@ -89,7 +90,8 @@ def bodies(draw, fields: dict) -> bytes:
 
 TOKENIZER = {"model": st.just(MODEL), "prompt": strings, "messages": st.lists(message, min_size=1, max_size=3),
              "add_special_tokens": st.booleans(), "add_generation_prompt": st.booleans(),
-             "continue_final_message": st.booleans(), "return_token_strs": st.booleans(), "tokens": token_ids}
+             "continue_final_message": st.booleans(), "return_token_strs": st.booleans(), "tokens": token_ids,
+             "chat_template_kwargs": st.dictionaries(strings, junk, max_size=3)}
 
 
 @st.composite

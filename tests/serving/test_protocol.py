@@ -51,3 +51,24 @@ def test_structured_output_is_refused(value):
         parse(response_format=value)
     assert (error.value.status, error.value.param) == (400, "response_format")
     assert value == "text" or "structured output is not supported yet" in error.value.message
+
+
+def chat(**fields):
+    return parse_request({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **fields}, chat=True)
+
+
+def test_chat_template_options():
+    assert chat().template_options == {"add_generation_prompt": True, "continue_final_message": False}
+    options = chat(add_generation_prompt=False, continue_final_message=True, chat_template_kwargs={"x": [1]})
+    assert options.template_options == {"x": [1], "add_generation_prompt": False, "continue_final_message": True}
+
+
+@pytest.mark.parametrize("field, value", [("add_generation_prompt", 1), ("continue_final_message", "yes"),
+                                          ("continue_final_message", True), ("chat_template_kwargs", [1]),
+                                          ("chat_template_kwargs", {"tokenize": True}),
+                                          ("chat_template_kwargs", {"add_generation_prompt": False}),
+                                          ("chat_template_kwargs", {"x": "y" * 16384})])
+def test_chat_template_options_refused(field, value):
+    with pytest.raises(APIError) as error:
+        chat(**{field: value})
+    assert (error.value.status, error.value.param) == (400, field)

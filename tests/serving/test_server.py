@@ -13,6 +13,7 @@ import openai
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from transformers import AutoTokenizer
 
 from rayprism.engine import SamplingParams
 from tests.serving.helpers import (FAULTY_SEED, FAULTY_WORKERS_ENV, STALL_FILE, RayNodes, ServeProcess,
@@ -121,6 +122,22 @@ def test_skip_special_tokens(client):
     assert text(skip_special_tokens=False, spaces_between_special_tokens=False) == "<|im_start|>" * 2
 
 
+@pytest.mark.parametrize("options", [{}, {"add_generation_prompt": False},
+                                     {"add_generation_prompt": False, "continue_final_message": True}])
+def test_chat_template_options(client, checkpoints, options):
+    """The chat's prompt is the template rendered with these options: a completion of its token ids matches."""
+    messages = [{"role": "user", "content": "Tell a story"}, {"role": "assistant", "content": "Once upon a"}]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints["a"])
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, **{"add_generation_prompt": True, **options})
+    assert rendered.endswith("Once upon a") == bool(options.get("continue_final_message"))
+    prompt_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    chat = client.chat.completions.create(model=MODEL, messages=messages,
+                                          **{**greedy(6), "extra_body": {"ignore_eos": True, **options}})
+    completion = client.completions.create(model=MODEL, prompt=prompt_ids, **greedy(6))
+    assert chat.usage.prompt_tokens == len(prompt_ids)
+    assert chat.choices[0].message.content == completion.choices[0].text
+
+
 def post(server, path: str, body: dict) -> dict:
     response = requests.post(f"{server.url}{path}", json=body, timeout=30)
     assert response.status_code == 200, response.text
@@ -211,6 +228,12 @@ BAD_REQUESTS = [
     ("completions", {"model": MODEL, "prompt": "hi " * 600}, 400, "prompt"),
     ("completions", {"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
     ("chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                          "continue_final_message": True}, 400, "continue_final_message"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                          "add_generation_prompt": "no"}, 400, "add_generation_prompt"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                          "chat_template_kwargs": {"tokenize": True}}, 400, "chat_template_kwargs"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                           "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),

@@ -117,9 +117,7 @@ class Server:
         self._check_model(body, required=False)   # vLLM's tokenize and detokenize default to the served model
         req = protocol.parse_tokenize(body)
         protocol.check_prompt_size(req, llm.max_model_len)
-        tokenize = functools.partial(self._tokenize, llm, req, add_special_tokens=req.add_special_tokens,
-                                     add_generation_prompt=req.add_generation_prompt,
-                                     continue_final_message=req.continue_final_message)
+        tokenize = functools.partial(self._tokenize, llm, req, add_special_tokens=req.add_special_tokens)
         ids = await asyncio.get_running_loop().run_in_executor(None, tokenize)
         strs = llm.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return web.json_response({"count": len(ids), "max_model_len": llm.max_model_len, "tokens": ids,
@@ -192,16 +190,13 @@ class Server:
                         param="model", code="model_not_found")
 
     @staticmethod
-    def _tokenize(llm, req: ParsedRequest | protocol.TokenizeRequest, *, add_special_tokens: bool,
-                  add_generation_prompt: bool = True, continue_final_message: bool = False) -> list[int]:
+    def _tokenize(llm, req: ParsedRequest | protocol.TokenizeRequest, *, add_special_tokens: bool) -> list[int]:
         """Chat requests go through the chat template, whose text holds the special tokens it wants (hence
         add_special_tokens False for chat, as in vLLM)."""
         tokenizer = llm.tokenizer
         if req.chat:
             try:
-                text = tokenizer.apply_chat_template(req.messages, tokenize=False,
-                                                     add_generation_prompt=add_generation_prompt,
-                                                     continue_final_message=continue_final_message)
+                text = tokenizer.apply_chat_template(req.messages, tokenize=False, **req.template_options)
             except Exception as err:  # noqa: BLE001 - the template rejected the conversation
                 raise bad_request(f"'messages' do not fit the chat template: {err}", "messages") from None
             return tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]

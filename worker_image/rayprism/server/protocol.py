@@ -6,6 +6,7 @@ Every field a request may carry is checked here, type and range, so that a bad v
 servers do."""
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,6 +18,12 @@ MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 1024, 256
 # Checked before tokenising (megabytes cost seconds of CPU only to be refused): text averages about 4
 # characters per token, so a prompt of more than this many per token of the context cannot fit it.
 MAX_CHARS_PER_TOKEN = 64
+MAX_TEMPLATE_KWARGS_CHARS = 16 * 1024
+# apply_chat_template's own parameters: chat_template_kwargs may not override what the server passes or asks.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
 
 class APIError(Exception):
@@ -41,6 +48,7 @@ class ParsedRequest:
     chat: bool
     prompt: str | list[int] | None      # completions: text or token ids; chat: None until the template runs
     messages: list[dict] | None
+    template_options: dict | None       # chat: apply_chat_template's keyword arguments
     params: SamplingParams
     max_tokens_given: bool
     stream: bool
@@ -64,9 +72,9 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
     if _field(body, "response_format", dict, {}).get("type", "text") != "text":
         raise bad_request("'response_format': structured output is not supported yet (only {\"type\": \"text\"})",
                           "response_format")
-    messages, prompt = None, None
+    messages, prompt, template_options = None, None, None
     if chat:
-        messages = _messages(body.get("messages"))
+        messages, template_options = _messages(body.get("messages")), _template_options(body)
         max_tokens = _field(body, "max_completion_tokens", int, None)
         max_tokens = max_tokens if max_tokens is not None else _field(body, "max_tokens", int, None)
         wants_logprobs = _field(body, "logprobs", bool, False)
@@ -112,7 +120,8 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
         params.validate()
     except InvalidRequestError as err:
         raise bad_request(str(err), err.param) from None
-    return ParsedRequest(chat=chat, prompt=prompt, messages=messages, params=params,
+    return ParsedRequest(chat=chat, prompt=prompt, messages=messages, template_options=template_options,
+                         params=params,
                          max_tokens_given=max_tokens is not None, stream=stream,
                          include_usage=include_usage, logprobs=logprobs,
                          id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()))
@@ -139,9 +148,8 @@ class TokenizeRequest:
     chat: bool
     prompt: str | None
     messages: list[dict] | None
+    template_options: dict | None
     add_special_tokens: bool
-    add_generation_prompt: bool
-    continue_final_message: bool
     return_token_strs: bool
 
 
@@ -153,15 +161,27 @@ def parse_tokenize(body: dict) -> TokenizeRequest:
         prompt, messages = body.get("prompt"), None
         if not isinstance(prompt, str):
             raise bad_request("'prompt' (a string) or 'messages' is required", "prompt")
+    return TokenizeRequest(chat=chat, prompt=prompt, messages=messages,
+                           template_options=_template_options(body) if chat else None,
+                           add_special_tokens=_field(body, "add_special_tokens", bool, not chat),
+                           return_token_strs=_field(body, "return_token_strs", bool, False))
+
+
+def _template_options(body: dict) -> dict:
+    """apply_chat_template's keyword arguments: vLLM's add_generation_prompt, continue_final_message (the last
+    message is continued: no generation prompt, no end of turn after it) and chat_template_kwargs."""
     generation_prompt = _field(body, "add_generation_prompt", bool, True)
     continue_final = _field(body, "continue_final_message", bool, False)
-    if chat and generation_prompt and continue_final:
+    if generation_prompt and continue_final:
         raise bad_request("'continue_final_message' and 'add_generation_prompt' cannot both be true",
                           "continue_final_message")
-    return TokenizeRequest(chat=chat, prompt=prompt, messages=messages,
-                           add_special_tokens=_field(body, "add_special_tokens", bool, not chat),
-                           add_generation_prompt=generation_prompt, continue_final_message=continue_final,
-                           return_token_strs=_field(body, "return_token_strs", bool, False))
+    extra = _field(body, "chat_template_kwargs", dict, {})
+    if len(json.dumps(extra)) > MAX_TEMPLATE_KWARGS_CHARS:
+        raise bad_request(f"'chat_template_kwargs' must be at most {MAX_TEMPLATE_KWARGS_CHARS} characters of JSON",
+                          "chat_template_kwargs")
+    if reserved := sorted(_RESERVED_TEMPLATE_KWARGS & extra.keys()):
+        raise bad_request(f"'chat_template_kwargs' may not set {', '.join(reserved)}", "chat_template_kwargs")
+    return {**extra, "add_generation_prompt": generation_prompt, "continue_final_message": continue_final}
 
 
 def parse_detokenize(body: dict, vocab_size: int, max_tokens: int) -> list[int]:
