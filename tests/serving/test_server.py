@@ -151,6 +151,29 @@ def test_logprobs(client):
     assert all(len(top) >= 1 for top in logprobs.top_logprobs)
 
 
+
+@pytest.mark.parametrize("with_stop", [False, True])
+def test_logprobs_text_offset(client, with_stop):
+    """Each token's offset in the returned text, streamed or not; a stop string (the middle of the text) cuts
+    the text short, and the offsets stay within it."""
+    full = client.completions.create(model=MODEL, prompt="Once upon a time", logprobs=1, **greedy(12)).choices[0]
+    stop = full.text[len(full.text) // 2:][:3] if with_stop else None
+    for stream in (False, True):
+        chunks = client.completions.create(model=MODEL, prompt="Once upon a time", logprobs=1, stop=stop,
+                                           stream=stream, **greedy(12))
+        chunks = list(chunks) if stream else [chunks]
+        text = "".join(c.choices[0].text for c in chunks)
+        offsets = [o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset]
+        assert text == (full.text[: full.text.index(stop)] if stop else full.text)
+        assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] <= len(text)
+        tokens = full.logprobs.tokens     # each token's own text, where its offset says (up to the stop)
+        assert all(text[offset:].startswith(token) or offset + len(token) > len(text)
+                   for offset, token in zip(offsets, tokens))
+        # the stopped output's tokens are the full one's; only the last one's offset may be cut to the stop
+        assert offsets[:-1] == full.logprobs.text_offset[: len(offsets) - 1]
+        assert with_stop or len(offsets) == len(tokens)
+
+
 async def test_64_concurrent_streams_all_complete_with_usage(server):
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     messages = [{"role": "user", "content": "Count with me"}]

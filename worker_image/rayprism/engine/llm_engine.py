@@ -221,7 +221,10 @@ class LLMEngine:
         """Take a sampled token into its sequence: stop conditions, text, and the request's output."""
         seq.token_ids[seq.num_known_tokens] = token_id
         seq.num_pending -= 1
+        text_start = len(seq.output_text)
         new_text = self._process_token(seq, token_id)
+        if token_logprobs:  # where the token's text begins in the output's (a stop string may have cut it off)
+            token_logprobs = {**token_logprobs, "text_offset": min(text_start, len(seq.output_text))}
         if seq.finish_reason:
             seq.drop_pending()
             self.scheduler.finish(seq, seq.finish_reason)

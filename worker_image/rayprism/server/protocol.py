@@ -285,7 +285,7 @@ def completion_logprobs(entries: list[dict], decode) -> dict:
     return {"tokens": [decode(e["token_id"]) for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [{decode(t): lp for t, lp in e["top"].items()} for e in entries],
-            "text_offset": []}
+            "text_offset": [e["text_offset"] for e in entries]}
 
 
 def chat_logprobs(entries: list[dict], decode) -> dict:
