@@ -139,13 +139,22 @@ class RayNodes:
 
 
 class ServeProcess:
-    """`rayprism serve ...` in a subprocess, waited for until /health answers 200."""
+    """`rayprism serve ...` in a subprocess, waited for until /health answers 200. A port that free_port found
+    free can be taken before the server binds it (Ray's processes bind random ports all the time): then the
+    server exits at once, and it is started again on other ports."""
 
     def __init__(self, flags: list[str], env: dict | None = None, timeout_s: float = 180):
+        self.log_path = Path(tempfile.mkstemp(prefix="rayprism-serve-", suffix=".log")[1])
+        for _ in range(3):
+            if self._start(flags, env, timeout_s):
+                return
+        raise RuntimeError(f"rayprism serve found its ports taken three times:\n{self.log()}")
+
+    def _start(self, flags: list[str], env: dict | None, timeout_s: float) -> bool:
+        """True once healthy; False when a port was taken meanwhile."""
         self.port, admin_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_url = f"http://127.0.0.1:{admin_port}"
-        self.log_path = Path(tempfile.mkstemp(prefix="rayprism-serve-", suffix=".log")[1])
         self.process = subprocess.Popen(
             [sys.executable, "-m", "rayprism.cli", "serve", *flags, "--host", "127.0.0.1", "--port", str(self.port),
              "--admin-port", str(admin_port)],
@@ -153,11 +162,13 @@ class ServeProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if "address already in use" in self.log():
+                    return False
                 raise RuntimeError(f"rayprism serve exited with {self.process.returncode}:\n{self.log()}")
             try:
                 if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
-            except requests.ConnectionError:
+                    return True
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or someone else's port
                 pass
             time.sleep(0.5)
         self.stop()
