@@ -301,7 +301,8 @@ class Reconciler:
     async def _ensure_admin_secret(self, infd: api.InferenceDeployment) -> str:
         """The replicas' admin token, derived from the operator's key, and its Secret (which the heads mount),
         created when absent. Never read: the operator may create Secrets but not read any. A Secret of that name
-        holding another token shows as replicas that refuse the operator (401, in the Degraded condition)."""
+        holding another token shows as replicas that refuse the operator: a warning in its log on every ask, and
+        WeightUpdateFailed with the 401 in the Degraded condition when it asks one to load weights."""
         token = render.admin_token(self.settings.admin_key, infd)
         await self._create_if_absent(SECRETS, render.render_admin_secret(infd, token))
         return token
