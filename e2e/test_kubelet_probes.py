@@ -1,7 +1,10 @@
 """Our kubelet's startup probe, as a kubelet's: the liveness and readiness probes wait until it passes, so a
 container slow to start is not restarted by a liveness probe it cannot answer yet (the rendered heads rely
 on it: Ray's start and the server's imports take half a minute on a loaded node); one that never starts is
-restarted once the startup probe's failureThreshold runs out.
+restarted once the startup probe's failureThreshold runs out. And its restarts, as a kubelet's: a container
+that fails its liveness probe and ignores SIGTERM is killed after the grace period (exit code 137); one that
+exits with an error is restarted at once the first time, then after a back-off, and its terminated state
+carries the exit code and (terminationMessagePolicy FallbackToLogsOnError) the end of its log.
 """
 
 from __future__ import annotations
@@ -67,3 +70,46 @@ def test_a_container_that_never_starts_in_time_is_restarted(namespace):
         assert time.monotonic() < deadline, f"not restarted: {containers}"
         time.sleep(1)
     assert containers[0]["started"] is False
+
+
+def failing_pod(name: str, script: str, **container) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NAMESPACE}, "spec": {
+        "terminationGracePeriodSeconds": 2,
+        "containers": [{"name": "main", "image": "ghcr.io/rayprism/worker:0.1.0", "command": ["/bin/bash", "-c", script],
+                        **container}]}}
+
+
+def wait_for_restarts(name: str, count: int, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while not (containers := status(name).get("containerStatuses")) or containers[0]["restartCount"] < count:
+        assert time.monotonic() < deadline, f"{name}: not restarted {count} time(s) in {timeout}s: {containers}"
+        time.sleep(0.5)
+    return containers[0]
+
+
+@pytest.mark.timeout(120)
+def test_a_container_that_ignores_sigterm_after_a_failed_liveness_probe_is_killed(namespace):
+    # Nothing listens on PORT: the liveness probe fails twice (4 s); SIGTERM is ignored; SIGKILL 2 s later.
+    kubectl("apply", "-f", "-", input=json.dumps(failing_pod(
+        "stubborn", "trap '' TERM; while true; do sleep 1; done",
+        livenessProbe={**PROBE, "failureThreshold": 2})))
+    container = wait_for_restarts("stubborn", 1, timeout=60)
+    assert container["lastState"]["terminated"]["exitCode"] == 128 + 9, container
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_container_restarts_at_once_then_backs_off_and_says_why(namespace):
+    kubectl("apply", "-f", "-", input=json.dumps(failing_pod(
+        "failing", "echo starting; echo 'could not load the model: revision v9 not found' >&2; exit 3",
+        terminationMessagePolicy="FallbackToLogsOnError")))
+    container = wait_for_restarts("failing", 1, timeout=30)   # the first restart comes at once
+    deadline = time.monotonic() + 30
+    while (state := container["state"]).get("waiting", {}).get("reason") != "CrashLoopBackOff":
+        assert time.monotonic() < deadline, f"no back-off after the second exit: {container}"
+        time.sleep(0.5)
+        container = status("failing")["containerStatuses"][0]
+    terminated = container["lastState"]["terminated"]
+    assert terminated["exitCode"] == 3 and terminated["reason"] == "Error", terminated
+    # This run's output only (the log file holds both runs).
+    assert terminated["message"] == "starting\ncould not load the model: revision v9 not found", terminated
+    assert container["restartCount"] == 1 and "10s" in state["waiting"]["message"], container

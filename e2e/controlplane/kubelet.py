@@ -15,9 +15,11 @@ remounted read-only in its mount namespace except its volumes, /proc and /dev (t
 and whatever else it writes.
 
 What it does as a kubelet does: pod phase, podIP, hostIP, Ready/ContainersReady/Initialized conditions,
-containerStatuses with restart counts and states; init containers in order; restartPolicy with a back-off
-(10 s doubling, at most 5 min); startup, readiness and liveness probes (httpGet,
-tcpSocket, exec; the others wait for the startup probe); $(VAR)
+containerStatuses with restart counts, states and exit codes (128 + the signal for a killed one); init
+containers in order; restartPolicy with the kubelet's back-off (the first restart at once, then 10 s doubling,
+at most 5 min); terminationMessagePolicy FallbackToLogsOnError (a failed container's log tail in its
+terminated state); startup, readiness and liveness probes (httpGet, tcpSocket, exec; the others wait for the
+startup probe; a failed liveness or startup probe is SIGTERM, the grace period, then SIGKILL); $(VAR)
 expansion; env from values, fieldRef, resourceFieldRef, Secrets and ConfigMaps; emptyDir (a dir, or a
 tmpfs of its sizeLimit for medium Memory), Secret, ConfigMap, downwardAPI and projected volumes, with
 service-account tokens from the TokenRequest API bound to the pod and mounted at the path the admission
@@ -86,6 +88,20 @@ def quantity(value) -> float:
     units = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
     number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value)).groups()
     return float(number) * units.get(unit, 1)
+
+
+def next_back_off(exits: list["Exit"]) -> int:
+    """Seconds before restarting a container that exited (exits: its runs so far, the last just ended)."""
+    recent = 0
+    for run in reversed(exits):
+        if _seconds(run.finished) - _seconds(run.started) >= 600:
+            break
+        recent += 1
+    return 0 if recent <= 1 else min(10 * 2 ** (recent - 2), 300)
+
+
+def _seconds(stamp: str) -> float:
+    return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC).timestamp()
 
 
 def expand(value: str, env: dict[str, str]) -> str:
@@ -206,6 +222,21 @@ class Network:
         self._free.append(address)
 
 
+@dataclass(frozen=True)
+class Exit:
+    """One run of a container that ended, as `state.terminated` / `lastState.terminated` report it."""
+
+    code: int
+    started: str
+    finished: str
+    message: str = ""
+
+    def terminated(self) -> dict:
+        return {"exitCode": self.code, "reason": "Completed" if self.code == 0 else "Error",
+                "startedAt": self.started, "finishedAt": self.finished,
+                **({"message": self.message} if self.message else {})}
+
+
 @dataclass
 class Container:
     """One container's runtime state, as containerStatuses reports it."""
@@ -214,7 +245,8 @@ class Container:
     process: subprocess.Popen | None = None
     env: dict[str, str] = field(default_factory=dict)  # what exec hooks and probes run with, as in the container
     started_at: str = ""
-    exits: list[tuple[int, str, str]] = field(default_factory=list)  # (exit code, started, finished)
+    exits: list[Exit] = field(default_factory=list)
+    log_offset: int = 0  # where this run's output starts in the container's log file
     ready: bool = False
     started: bool = False  # its startup probe passed (or it has none): readiness and liveness probes run
     waiting: tuple[str, str] = ("ContainerCreating", "")  # reason, message while not running
@@ -284,8 +316,20 @@ class Pod:
         while container.process.poll() is None:
             await asyncio.sleep(0.2)
         code = container.process.returncode
-        container.exits.append((code, container.started_at, now()))
+        code = 128 - code if code < 0 else code  # killed by a signal: a runtime reports 128 + the signal
+        container.exits.append(Exit(code, container.started_at, now(), self.termination_message(container, code)))
         return code
+
+    def termination_message(self, container: Container, code: int) -> str:
+        """terminationMessagePolicy FallbackToLogsOnError: a failed container's last log lines (at most 80
+        lines and 2 KiB, the kubelet's limits). There is no terminationMessagePath file here to read first."""
+        if code == 0 or container.spec.get("terminationMessagePolicy") != "FallbackToLogsOnError":
+            return ""
+        path = self.root / f"{container.name}.log"
+        with open(path, "rb") as f:
+            f.seek(container.log_offset)
+            output = f.read()
+        return "\n".join(output.decode(errors="replace").splitlines()[-80:])[-2048:]
 
     async def supervise(self, container: Container) -> None:
         policy = self.spec.get("restartPolicy", "Always")
@@ -295,11 +339,14 @@ class Pod:
             await self.kill_processes(container)
             if policy == "Never" or (policy == "OnFailure" and code == 0):
                 if not any(c.running() for c in self.containers):
-                    self.phase = "Succeeded" if all(c.exits[-1][0] == 0 for c in self.containers) else "Failed"
+                    self.phase = "Succeeded" if all(c.exits[-1].code == 0 for c in self.containers) else "Failed"
                 return
-            back_off = min(10 * 2 ** (len(container.exits) - 1), 300)
-            container.waiting = ("CrashLoopBackOff", f"back-off {back_off}s restarting failed container")
-            await asyncio.sleep(back_off)
+            # The kubelet's back-off: the first restart at once, then 10 s doubling up to 5 min; a container
+            # that ran for 10 minutes (twice the longest back-off) starts over.
+            back_off = next_back_off(container.exits)
+            if back_off:
+                container.waiting = ("CrashLoopBackOff", f"back-off {back_off}s restarting failed container")
+                await asyncio.sleep(back_off)
             await self.start_container(container)
 
     async def secret(self, name: str, optional: bool = False) -> dict[str, bytes]:
@@ -512,6 +559,7 @@ class Pod:
         env.setdefault("HOME", str(home))
         container.env = env
         log_file = open(self.root / f"{container.name}.log", "ab")  # a restart appends
+        container.log_offset = log_file.tell()
         # ip netns exec and unshare exec, so the container's main process keeps this pid.
         container.process = subprocess.Popen(
             ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--uts", "--propagation", "private", "--",
@@ -588,7 +636,8 @@ class Pod:
                 elif failures >= probe.get("failureThreshold", 3):
                     log.info("pod %s/%s: container %s failed its %s: restarting",
                              self.namespace, self.name, container.name, kind)
-                    container.process.send_signal(signal.SIGTERM)
+                    grace = probe.get("terminationGracePeriodSeconds", self.spec.get("terminationGracePeriodSeconds", 30))
+                    await self.kill(container, grace)
                     failures = 0
             await asyncio.sleep(probe.get("periodSeconds", 10))
 
@@ -610,19 +659,15 @@ class Pod:
             reason, message = container.waiting if container.waiting[0] else ("PodInitializing", "")
             state = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
         else:
-            code, started, finished = container.exits[-1]
-            state = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                                    "startedAt": started, "finishedAt": finished}}
+            state = {"terminated": container.exits[-1].terminated()}
         restarts = max(0, len(container.exits) - (1 if init or not container.running() else 0))
         status = {"name": container.name, "image": container.spec.get("image", ""), "imageID": "",
                   "ready": container.ready and container.running(), "restartCount": restarts,
                   "started": container.running() and container.started, "state": state}
         if container.process is not None:
             status["containerID"] = f"rayprism-local://{container.process.pid}"
-        if container.exits and container.running():
-            code, started, finished = container.exits[-1]
-            status["lastState"] = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                                                  "startedAt": started, "finishedAt": finished}}
+        if container.exits and (container.running() or container.waiting[0]):
+            status["lastState"] = {"terminated": container.exits[-1].terminated()}
         return status
 
     def status(self) -> dict:
@@ -696,6 +741,17 @@ class Pod:
             await asyncio.sleep(min(hook["sleep"]["seconds"], remaining))
         else:
             await self.check(container, hook, remaining)
+
+    async def kill(self, container: Container, grace_seconds: float) -> None:
+        """A container that failed its liveness or startup probe: SIGTERM, then SIGKILL after its grace period;
+        supervise() restarts it."""
+        process = container.process
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_seconds
+        while process.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        if process.poll() is None:
+            process.kill()
 
     async def kill_processes(self, container: Container | None) -> None:
         """SIGKILL to every process in the pod's network namespace until none is left (a runtime kills the
