@@ -40,7 +40,8 @@ def server(cluster, checkpoints, tmp_path_factory):
     process = ServeProcess(["--model", template, "--model-revision", "a", "--served-model-name", MODEL,
                             "--device", "cpu", "--max-num-seqs", str(MAX_NUM_SEQS),
                             "--max-queue-size", str(MAX_QUEUE_SIZE), "--ray-address", cluster.address,
-                            "--admin-token-file", str(token_file), "--unready-delay-seconds", "0.5"])
+                            "--admin-token-file", str(token_file), "--unready-delay-seconds", "0.5",
+                            "--engine-restarts", "0"])   # a killed worker leaves it dead (test_self_heal restarts)
     process.token_file = token_file
     yield process
     assert process.stop() == 0, process.log()
@@ -486,7 +487,7 @@ def test_admin_token_is_required(server):
     assert_openai_error(admin(server, "GET", token=None), 401)
     assert_openai_error(admin(server, "GET", token="wrong"), 401)
     assert admin(server, "GET").json() == {"revision": "a", "uri": admin(server, "GET").json()["uri"],
-                                           "state": "ready", "error": None}
+                                           "state": "ready", "error": None, "restarts": 0}
     assert admin(server, "POST", json={"uri": "x"}).status_code == 400
     assert admin(server, "POST", json={"revision": "a"}).json() == {"revision": "a", "state": "ready"}
 
@@ -637,8 +638,10 @@ def test_killed_worker_fails_requests_and_health(server, cluster, client):
     while requests.get(f"{server.url}/health", timeout=15).status_code != 503:
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    live = requests.get(f"{server.url}/live", timeout=5)
-    assert live.status_code == 503 and live.json()["status"] == "dead"
+    while (live := requests.get(f"{server.url}/live", timeout=5)).status_code != 503:   # within 0.5 s
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert live.json()["status"] == "dead" and "died" in live.json()["error"]
     assert "Traceback" not in live.text
     with pytest.raises(openai.InternalServerError) as err:
         client.completions.create(model=MODEL, prompt="after", **greedy(2))

@@ -3,10 +3,14 @@
 The OpenAI port: /v1/models (and /v1/models/{id}), /v1/completions, /v1/chat/completions, /metrics, vLLM's
 /tokenize, /detokenize and /version, and two probes:
   GET /health  readiness: 200 only while the model serves; 503 while it loads, while draining (before a
-               weights load, on SIGTERM) and once the engine is dead. The Service routes by it.
-  GET /live    liveness: 200 while the process and its engine are alive, loading and draining included;
-               503 only once the engine is dead for good (a worker died or stopped answering, the step loop
-               died), so that the kubelet restarts the pod.
+               weights load, on SIGTERM), while the engine restarts and once it is dead. The Service routes
+               by it.
+  GET /live    liveness: 200 while the process does its job, loading, draining and restarting a dead engine
+               included. When the engine dies (a worker died or stopped answering, the step loop died) the
+               server restarts it in place: new workers on the same Ray cluster, the weights revision it served
+               last, a few seconds instead of a restart of every Ray process. /live answers 503 only once those
+               restarts are used up (--engine-restarts within --engine-restart-window-seconds), so that the
+               kubelet restarts the container.
 The admin port (--admin-port) serves only the weights API, /admin/v1/weights (GET, POST), behind a bearer
 token; the OpenAI port answers it 404 like any unknown route.
 
@@ -17,6 +21,7 @@ that id and answered 500 with the id alone (no exception text: it can hold file 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hmac
@@ -43,6 +48,9 @@ ADMIN_TOKEN_ENV = "RAYPRISM_ADMIN_TOKEN"
 MAX_BODY_BYTES = 32 * 1024 * 1024
 _HEALTH_TIMEOUT_S = 10
 _RETRY_AFTER_S = 1
+_RESTARTING_RETRY_AFTER_S = 5    # a restart takes seconds (new workers load the model)
+_ENGINE_CHECK_INTERVAL_S = 0.5   # how often the server asks whether the executor found the engine dead
+_FIRST_RESTART_BACKOFF_S = 2.0   # between failed restarts; doubles each time
 # A lone surrogate can only enter a string through a JSON escape in this range; only then is the body checked.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -55,7 +63,12 @@ class Server:
     Draining (before a weights load, and on SIGTERM): /health answers 503 at once, so the readiness probe
     takes the replica out of the Service's endpoints; requests keep being served meanwhile (clients with an
     older endpoint list still arrive) for `unready_delay_s`, then until none is in flight, at most
-    `drain_s` in all."""
+    `drain_s` in all.
+
+    Restarting (keep_engine_alive): once the executor finds the engine dead, its requests fail (503), new ones
+    get 503 with Retry-After, the dead LLM is shut down (its actors and placement group freed) and a new one is
+    built on the weights served last; GET /admin/v1/weights says state "restarting" with the cause meanwhile.
+    `weights["restarts"]` counts the attempts; once they are used up the state is "failed" and /live is 503."""
 
     def __init__(self, *, served_model_name: str, model_uri: str, revision: str | None, max_in_flight: int,
                  admin_token_file: str | None, drain_s: float = 30.0, unready_delay_s: float = 5.0):
@@ -66,9 +79,12 @@ class Server:
         self.drain_s, self.unready_delay_s = drain_s, unready_delay_s
         self.draining: str | None = None  # why /health says 503 while the model still serves
         self.admin_token_file = admin_token_file
-        self.weights = {"revision": revision, "uri": model_uri, "state": "loading", "error": None}
+        # GET /admin/v1/weights answers this; the operator reads these fields.
+        self.weights = {"revision": revision, "uri": model_uri, "state": "loading", "error": None, "restarts": 0}
+        self.engine_dead_for_good = False   # the engine died and may not be restarted again: /live is 503
         self.metrics = Metrics(served_model_name, lambda: self.llm.stats() if self.llm else {}, lambda: self.in_flight)
         self._weight_task: asyncio.Task | None = None
+        self._restart_times: collections.deque[float] = collections.deque()
 
     def set_llm(self, llm) -> None:
         self.llm = llm
@@ -168,11 +184,18 @@ class Server:
 
     def _ready_llm(self):
         if self.llm is None:
-            state = self.weights["state"]
-            message = f"the model failed to load: {self.weights['error']}" if state == "failed" else \
-                "the model is still loading"
-            raise APIError(503, message, type="service_unavailable", code="model_not_ready")
+            self._raise_if_engine_down()
+            raise APIError(503, "the model is still loading", type="service_unavailable", code="model_not_ready")
         return self.llm
+
+    def _raise_if_engine_down(self) -> None:
+        if self.engine_dead_for_good:
+            raise APIError(503, f"this replica's engine has failed: {self.weights['error']}; retry on another "
+                                "replica", type="service_unavailable", code="engine_unavailable")
+        if self.weights["state"] == "restarting":
+            raise APIError(503, f"this replica's engine is restarting after a failure ({self.weights['error']}); "
+                                "retry later", type="service_unavailable", code="engine_restarting",
+                           headers={"Retry-After": str(_RESTARTING_RETRY_AFTER_S)})
 
     def _check_model(self, body, required: bool = True) -> None:
         if not isinstance(body, dict):
@@ -310,11 +333,8 @@ class Server:
         return web.json_response({"status": "ok"})
 
     async def live(self, request: web.Request) -> web.Response:
-        if self.llm is not None:
-            try:
-                self.llm.check_alive()
-            except EngineDeadError as err:
-                return web.json_response({"status": "dead", "error": _first_line(err)}, status=503)
+        if self.engine_dead_for_good:
+            return web.json_response({"status": "dead", "error": self.weights["error"]}, status=503)
         return web.json_response({"status": "alive"})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
@@ -344,6 +364,7 @@ class Server:
             raise bad_request("'uri' must be a non-empty string", "uri")
         if self.weights["state"] == "loading":
             raise APIError(409, "a weights load is already in progress", type="conflict")
+        self._raise_if_engine_down()
         revision, uri = body["revision"], uri or self.weights["uri"]
         if self.weights["state"] == "ready" and (revision, uri) == (self.weights["revision"], self.weights["uri"]):
             return web.json_response({"revision": revision, "state": "ready"})
@@ -365,18 +386,90 @@ class Server:
         return loop.time() - started
 
     async def _load_weights(self, uri: str, revision: str) -> None:
+        llm = self.llm   # a restart may replace it meanwhile: this load was for this one
         try:
             # Requests running now finish on the weights they started with; new ones go to other replicas.
             await self.drain(f"loading weights {revision}")
-            await asyncio.get_running_loop().run_in_executor(None, self.llm.update_weights, uri, revision)
+            await asyncio.get_running_loop().run_in_executor(None, llm.update_weights, uri, revision)
         except Exception as err:  # noqa: BLE001 - reported through GET; the old weights keep serving
             log.exception("loading weights %s (revision %s) failed", uri, revision)
-            self.weights.update(state="failed", error=f"{type(err).__name__}: {err}")
+            if self.weights["state"] == "loading":   # else the engine died and its restart reports on it
+                self.weights.update(state="failed", error=f"{type(err).__name__}: {err}")
         else:
             log.info("now serving weights %s (revision %s)", uri, revision)
             self.weights.update(state="ready", revision=revision, uri=uri, error=None)
         finally:
             self.draining = None
+
+    # ---- engine restarts ---------------------------------------------------------------------------
+    async def keep_engine_alive(self, build_llm, max_restarts: int, window_s: float) -> None:
+        """Runs while the LLM serves; restarts it when it dies (see the class), at most max_restarts times in
+        any window_s seconds. build_llm(uri, revision) builds a new LLM (blocking). Returns once it gave up."""
+        while True:
+            await asyncio.sleep(_ENGINE_CHECK_INTERVAL_S)
+            try:
+                self.llm.check_alive()
+            except EngineDeadError as err:
+                if not await self._restart_engine(_first_line(err), build_llm, max_restarts, window_s):
+                    return
+
+    async def _restart_engine(self, cause: str, build_llm, max_restarts: int, window_s: float) -> bool:
+        """True once a new LLM serves; False when the restarts are used up (the engine stays dead)."""
+        loop = asyncio.get_running_loop()
+        died_at = time.monotonic()
+        dead, self.llm = self.llm, None
+        self.weights.update(state="restarting", error=cause)
+        log.error("the engine died: %s", cause)
+        try:   # frees its GPUs and placement group for the new workers
+            await _to_the_end(loop.run_in_executor(None, dead.shutdown))
+        except Exception:  # noqa: BLE001 - a restart is still worth trying
+            log.exception("shutting down the dead engine failed")
+        uri, revision = self.weights["uri"], self.weights["revision"]
+        backoff = 0.0
+        while self._may_restart(max_restarts, window_s):
+            await asyncio.sleep(backoff)
+            self._restart_times.append(time.monotonic())
+            self.weights["restarts"] += 1
+            self.metrics.engine_restarts.inc()
+            log.warning("restarting the engine on %s (revision %s): restart %d of %d within %.0fs", uri, revision,
+                        len(self._restart_times), max_restarts, window_s)
+            build = loop.run_in_executor(None, build_llm, uri, revision)
+            try:
+                llm = await _to_the_end(build)
+            except asyncio.CancelledError:   # stopping: the new workers must not outlive this process
+                if build.exception() is None:
+                    await _to_the_end(loop.run_in_executor(None, build.result().shutdown))
+                raise
+            except Exception as err:  # noqa: BLE001 - counted; tried again after the back-off
+                cause = f"restarting the engine failed: {_first_line(err)}"
+                log.error("%s", cause)
+                self.weights["error"] = cause
+                backoff = backoff * 2 or _FIRST_RESTART_BACKOFF_S
+                continue
+            self.set_llm(llm)
+            log.info("serving again, %.1fs after the engine died", time.monotonic() - died_at)
+            return True
+        log.error("gave up restarting the engine (%d restart(s) within %.0fs are allowed); /live fails now so "
+                  "that the container is restarted: %s", max_restarts, window_s, cause)
+        self.weights.update(state="failed", error=cause)
+        self.engine_dead_for_good = True
+        return False
+
+    def _may_restart(self, max_restarts: int, window_s: float) -> bool:
+        while self._restart_times and time.monotonic() - self._restart_times[0] > window_s:
+            self._restart_times.popleft()
+        return len(self._restart_times) < max_restarts
+
+
+async def _to_the_end(future: asyncio.Future):
+    """Awaits an executor future; when cancelled meanwhile, still waits for it (its thread cannot be stopped)
+    before the cancellation goes on, so what it started can be cleaned up."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
 
 
 class _ClientGone(Exception):

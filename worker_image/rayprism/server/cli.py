@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import time
@@ -48,12 +49,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
              "drop the replica before it stops (the readiness probe's period times its failure threshold)")
     add("--admin-token-file", default=DEFAULT_ADMIN_TOKEN_FILE,
         help="bearer token file of the admin API (env RAYPRISM_ADMIN_TOKEN takes precedence)")
+    add("--engine-restarts", type=_non_negative_int, default=3,
+        help="when the engine dies (a worker died or stopped answering), restart it in this process: new workers "
+             "on the same Ray cluster, with the weights revision served last; at most this many restarts (failed "
+             "ones included) within --engine-restart-window-seconds, then /live fails so that the kubelet "
+             "restarts the container; 0: never restart the engine in place")
+    add("--engine-restart-window-seconds", type=_positive_float, default=600.0,
+        help="the window in which --engine-restarts are counted")
 
 
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, not {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {text}")
     return value
 
 
@@ -105,8 +120,9 @@ async def _serve(args: argparse.Namespace, on_ready) -> int:
         loop.add_signal_handler(sig, _on_stop_signal, stop)
     llm = None
     stopped = asyncio.ensure_future(stop.wait())
+    keeper = None
     try:
-        load = loop.run_in_executor(None, _load_llm, args)
+        load = loop.run_in_executor(None, _load_llm, args, args.model, args.model_revision)
         while not (await asyncio.wait([load, stopped], timeout=_PROGRESS_EVERY_S,
                                       return_when=asyncio.FIRST_COMPLETED))[0]:
             log.info("loading %s on %d worker(s)...", args.model, args.tensor_parallel_size)
@@ -120,20 +136,32 @@ async def _serve(args: argparse.Namespace, on_ready) -> int:
             log.error("could not load the model: %s", err)
             return 1
         server.set_llm(llm)
+        keeper = asyncio.create_task(server.keep_engine_alive(
+            functools.partial(_load_llm, args), args.engine_restarts, args.engine_restart_window_seconds))
         log.info("serving '%s' (%s) at http://%s:%d/v1", args.served_model_name, args.model, args.host, args.port)
         if on_ready:
             on_ready(f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}")
         await stopped
+        await _stop_task(keeper)   # no engine restart while stopping; one under way finishes and is shut down
         # SIGTERM (a scale-down, a replacement): leave the endpoints, finish what is in flight, then close.
         await server.drain("shutting down")
         return 0
     finally:
         log.info("shutting down")
         stopped.cancel()
+        if keeper is not None:
+            await _stop_task(keeper)
         for runner in runners:
             await runner.cleanup()
+        if server.llm is not None:   # an engine restart may have replaced the first LLM
+            llm = server.llm
         if llm is not None:
             await loop.run_in_executor(None, llm.shutdown)
+
+
+async def _stop_task(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.wait([task])
 
 
 async def _finish_load(load):
@@ -143,7 +171,9 @@ async def _finish_load(load):
         return None
 
 
-def _load_llm(args: argparse.Namespace):
+def _load_llm(args: argparse.Namespace, model: str, revision: str | None):
+    """An LLM of model at revision with the other flags; its wait for Ray's resources is bounded by LLM's
+    startup_timeout_s (a worker node that is being recreated may take a minute or two)."""
     import ray
 
     from rayprism.llm import LLM
@@ -151,7 +181,7 @@ def _load_llm(args: argparse.Namespace):
     if not ray.is_initialized():
         ray.init(address=args.ray_address)
     started = time.monotonic()
-    llm = LLM(args.model, revision=args.model_revision, tokenizer=args.tokenizer, dtype=args.dtype,
+    llm = LLM(model, revision=revision, tokenizer=args.tokenizer, dtype=args.dtype,
               device=args.device, tensor_parallel_size=args.tensor_parallel_size,
               pipeline_parallel_size=args.pipeline_parallel_size, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

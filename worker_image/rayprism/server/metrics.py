@@ -43,6 +43,9 @@ class Metrics:
                                 ["finished_reason"], registry=r)
         for reason in FINISH_REASONS:   # exported at 0 before the first of each
             self.finished.labels(reason)
+        self.engine_restarts = Counter("rayprism_engine_restarts",
+                                       "Restarts of the engine (new workers) after it died, failed ones included",
+                                       registry=r)
         self.time_to_first_token = Histogram("rayprism_time_to_first_token_seconds",
                                              "Request arrival to first generated token", buckets=_LATENCY_BUCKETS,
                                              registry=r)
