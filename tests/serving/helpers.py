@@ -187,13 +187,14 @@ class ServeProcess:
 
 
 FAULTY_SEED = 666
-# While this file exists, every worker's ping and poll hold their answer (a loaded machine, a hung rank).
+# While this file exists, every worker's ping and poll hold their answer (a loaded machine, a hung rank), and a
+# new worker does not start its engine (holding an engine restart in its "restarting" state).
 STALL_FILE = Path(tempfile.gettempdir()) / f"rayprism-test-stall-{os.getpid()}"
 
 
 def inject_faults() -> None:
     """Sampling a request seeded FAULTY_SEED raises, as a bug in per-request sampling setup would; and the
-    worker does not answer the driver while STALL_FILE exists."""
+    worker does not answer the driver, nor start, while STALL_FILE exists."""
     from rayprism.engine.sampler import Sampler
     from rayprism.executor.worker import RayGPUWorker
 
@@ -208,13 +209,14 @@ def inject_faults() -> None:
     stall_file = Path(os.environ["RAYPRISM_TEST_STALL_FILE"])
 
     def stalled(method):
-        def answer(self, *args):
+        def answer(self, *args, **kwargs):
             while stall_file.exists():
                 time.sleep(0.1)
-            return method(self, *args)
+            return method(self, *args, **kwargs)
         return answer
 
-    RayGPUWorker.ping, RayGPUWorker.poll = stalled(RayGPUWorker.ping), stalled(RayGPUWorker.poll)
+    for name in ("ping", "poll", "start"):
+        setattr(RayGPUWorker, name, stalled(getattr(RayGPUWorker, name)))
 
 
 # ServeProcess(env=FAULTY_WORKERS_ENV): Ray runs the faults' setup hook in every worker process of the job.
