@@ -418,22 +418,15 @@ class Server:
         loop = asyncio.get_running_loop()
         died_at = time.monotonic()
         dead, self.llm = self.llm, None
-        self.weights.update(state="restarting", error=cause)
         log.error("the engine died: %s", cause)
+        restarting = self._begin_restart(cause, max_restarts, window_s)
         try:   # frees its GPUs and placement group for the new workers
             await _to_the_end(loop.run_in_executor(None, dead.shutdown))
         except Exception:  # noqa: BLE001 - a restart is still worth trying
             log.exception("shutting down the dead engine failed")
-        uri, revision = self.weights["uri"], self.weights["revision"]
-        backoff = 0.0
-        while self._may_restart(max_restarts, window_s):
-            await asyncio.sleep(backoff)
-            self._restart_times.append(time.monotonic())
-            self.weights["restarts"] += 1
-            self.metrics.engine_restarts.inc()
-            log.warning("restarting the engine on %s (revision %s): restart %d of %d within %.0fs", uri, revision,
-                        len(self._restart_times), max_restarts, window_s)
-            build = loop.run_in_executor(None, build_llm, uri, revision)
+        backoff = _FIRST_RESTART_BACKOFF_S
+        while restarting:
+            build = loop.run_in_executor(None, build_llm, self.weights["uri"], self.weights["revision"])
             try:
                 llm = await _to_the_end(build)
             except asyncio.CancelledError:   # stopping: the new workers must not outlive this process
@@ -443,22 +436,33 @@ class Server:
             except Exception as err:  # noqa: BLE001 - counted; tried again after the back-off
                 cause = f"restarting the engine failed: {_first_line(err)}"
                 log.error("%s", cause)
-                self.weights["error"] = cause
-                backoff = backoff * 2 or _FIRST_RESTART_BACKOFF_S
+                restarting = self._begin_restart(cause, max_restarts, window_s)
+                if restarting:
+                    await asyncio.sleep(backoff)
+                    backoff *= 2
                 continue
             self.set_llm(llm)
             log.info("serving again, %.1fs after the engine died", time.monotonic() - died_at)
             return True
-        log.error("gave up restarting the engine (%d restart(s) within %.0fs are allowed); /live fails now so "
-                  "that the container is restarted: %s", max_restarts, window_s, cause)
-        self.weights.update(state="failed", error=cause)
-        self.engine_dead_for_good = True
         return False
 
-    def _may_restart(self, max_restarts: int, window_s: float) -> bool:
+    def _begin_restart(self, cause: str, max_restarts: int, window_s: float) -> bool:
+        """Counts one more restart and reports "restarting" when the window allows it; else reports "failed"
+        and leaves the engine dead (/live 503)."""
         while self._restart_times and time.monotonic() - self._restart_times[0] > window_s:
             self._restart_times.popleft()
-        return len(self._restart_times) < max_restarts
+        if len(self._restart_times) >= max_restarts:
+            log.error("gave up restarting the engine (%d restart(s) within %.0fs are allowed); /live fails now so "
+                      "that the container is restarted: %s", max_restarts, window_s, cause)
+            self.weights.update(state="failed", error=cause)
+            self.engine_dead_for_good = True
+            return False
+        self._restart_times.append(time.monotonic())
+        self.weights.update(state="restarting", error=cause, restarts=self.weights["restarts"] + 1)
+        self.metrics.engine_restarts.inc()
+        log.warning("restarting the engine on %s (revision %s): restart %d of %d within %.0fs", self.weights["uri"],
+                    self.weights["revision"], len(self._restart_times), max_restarts, window_s)
+        return True
 
 
 async def _to_the_end(future: asyncio.Future):
