@@ -84,12 +84,19 @@ class RayNodes:
                     "--include-dashboard=false", f"--temp-dir={self.temp_dir}")
         self._wait_for_head()
         for cpus in worker_cpus:
-            self._start(f"--address={self.address}", f"--node-ip-address={self.ip}", f"--num-cpus={cpus}")
+            self.add_worker(cpus)
 
-    def _start(self, *flags: str) -> None:
+    def add_worker(self, cpus: int, env: dict | None = None) -> subprocess.Popen:
+        """A worker node; `env` goes to its raylet and so to the actors it runs."""
+        return self._start(f"--address={self.address}", f"--node-ip-address={self.ip}", f"--num-cpus={cpus}",
+                           env=env)
+
+    def _start(self, *flags: str, env: dict | None = None) -> subprocess.Popen:
         log = open(Path(self.temp_dir) / f"node{len(self.processes)}.log", "w")
-        self.processes.append(subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", *flags],
-                                               stdout=log, stderr=subprocess.STDOUT))
+        process = subprocess.Popen([str(VENV_BIN / "ray"), "start", "--block", *flags], stdout=log,
+                                   stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.processes.append(process)
+        return process
 
     def _wait_for_head(self, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s

@@ -13,6 +13,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from rayprism.executor.worker import POD_TERMINATING_FILE_ENV
 from tests.serving.helpers import FAULTY_WORKERS_ENV, STALL_FILE, RayNodes, ServeProcess
 
 pytestmark = pytest.mark.slow
@@ -131,3 +132,38 @@ def test_sigterm_during_a_restart_leaves_nothing_running(server, cluster):
     STALL_FILE.unlink()     # the restart under way finishes, and its workers are shut down
     assert server.process.wait(60) == 0, server.log()
     wait_until(lambda: not cluster.worker_processes(), 10, "no worker left")
+
+
+def test_a_worker_whose_pod_stops_is_drained_then_replaced(checkpoints, tmp_path):
+    """A worker pod being stopped (a node drain, a deleted pod) marks a file in its preStop hook: the replica
+    leaves readiness at once, finishes the request in flight on that worker, then restarts its engine on the
+    worker that takes its place once the old one's Ray node is gone (here: ray start processes as the pods)."""
+    marker = tmp_path / "terminating"
+    nodes = RayNodes(head_cpus=0)
+    leaving = nodes.add_worker(1, env={POD_TERMINATING_FILE_ENV: str(marker)})
+    process = ServeProcess(["--model", str(checkpoints["a"]), "--served-model-name", MODEL, "--device", "cpu",
+                            "--ray-address", nodes.address, "--unready-delay-seconds", "0.5"],
+                           env={"RAYPRISM_ADMIN_TOKEN": TOKEN})
+    try:
+        answer = complete(process).json()["choices"][0]["text"]
+        stream = requests.post(f"{process.url}/v1/completions", stream=True, timeout=60, json={
+            "model": MODEL, "prompt": "spared", "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": True})
+        events = (line.decode().removeprefix("data: ") for line in stream.iter_lines() if line)
+        assert "choices" in json.loads(next(events))
+        marker.touch()   # the pod's preStop hook
+        wait_until(lambda: requests.get(f"{process.url}/health", timeout=10).status_code == 503, 5, "unready")
+        assert list(events)[-1] == "[DONE]"      # the request in flight finished on the leaving worker
+        report = wait_until(lambda: restarting(process), 30, "restarting")
+        assert "terminating" in report["error"] and report["restarts"] == 1
+        assert requests.get(f"{process.url}/live", timeout=10).status_code == 200
+        leaving.send_signal(signal.SIGTERM)      # the pod goes once its ranks stopped
+        leaving.wait(60)
+        nodes.add_worker(1)                      # and KubeRay's new pod joins
+        wait_until(lambda: requests.get(f"{process.url}/health", timeout=10).status_code == 200, 120,
+                   "serving on the new worker")
+        assert complete(process).json()["choices"][0]["text"] == answer
+        assert "draining, then restarting the engine without it" in process.log()
+    finally:
+        process.stop()
+        nodes.stop()

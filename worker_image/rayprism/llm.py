@@ -114,6 +114,11 @@ class LLM:
         engine's step loop died) or was shut down. Calls no worker: the executor's monitor pings them."""
         self._executor._raise_if_unusable()
 
+    def worker_leaving(self) -> tuple[str, str] | None:
+        """(why, Ray node id) once the pod of one of its workers is being stopped by Kubernetes: the engine still
+        serves, and should move to other workers (a new LLM) before that node goes."""
+        return self._executor.leaving
+
     def memory(self) -> list[dict]:
         """Per rank: process RSS and (on CUDA) allocated/reserved device memory."""
         return self._executor.memory()

@@ -134,6 +134,8 @@ class RayExecutor:
         self._next_poll = 0.0
         self.num_aborted = 0        # requests the engine confirmed aborted
         self._error: EngineDeadError | None = None
+        # (why, node id) once a worker's pod is stopping: the engine should move before that node goes.
+        self.leaving: tuple[str, str] | None = None
         self._closed = False
         self._sinks: dict[str, Sink] = {}
         self._pending_adds: list[tuple] = []
@@ -196,7 +198,21 @@ class RayExecutor:
             except EngineDeadError as err:
                 self._fail(err)
                 return
+            if self.leaving is None:
+                self.leaving = self._pod_terminating()
             time.sleep(_HEALTH_INTERVAL_S)
+
+    def _pod_terminating(self) -> tuple[str, str] | None:
+        """(why, node id) once a worker's pod is being stopped (its preStop hook marked it); else None."""
+        try:
+            flags = ray.get([w.pod_terminating.remote() for w in self.workers], timeout=_HEALTH_TIMEOUT_S)
+            rank = flags.index(True)
+            node = ray.get(self.workers[rank].node_id.remote(), timeout=_HEALTH_TIMEOUT_S)
+        except ValueError:
+            return None
+        except Exception:  # noqa: BLE001 - a worker that does not answer is the pings' business
+            return None
+        return f"the pod of worker rank {rank} is terminating", node
 
     def _ping(self, limit_s: float) -> None:
         refs = [w.ping.remote() for w in self.workers]
@@ -351,3 +367,8 @@ def _use_gpu(device: str, world_size: int) -> bool:
     if device == "cuda":
         return True
     return ray.cluster_resources().get("GPU", 0) >= world_size
+
+
+def node_alive(node_id: str) -> bool:
+    """Whether the Ray node is in the cluster (a driver's call)."""
+    return any(node["NodeID"] == node_id and node["Alive"] for node in ray.nodes())

@@ -28,6 +28,9 @@ from rayprism.executor import weight_sync
 # default group must not time out; a dead peer closes its sockets and the collective fails at once.
 _DIST_TIMEOUT = timedelta(days=365)
 _IDLE_WAIT_S = 0.5
+# The file a worker pod's preStop hook creates when Kubernetes stops the pod (the operator renders both): the
+# head's server then drains and moves its engine to other workers before this pod's ranks go.
+POD_TERMINATING_FILE_ENV = "RAYPRISM_POD_TERMINATING_FILE"
 
 
 class RayGPUWorker:
@@ -58,6 +61,10 @@ class RayGPUWorker:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def pod_terminating(self) -> bool:
+        path = os.environ.get(POD_TERMINATING_FILE_ENV)
+        return bool(path) and os.path.exists(path)
 
     def init_distributed(self, master_address: str, master_port: int, backend: str) -> None:
         if backend == "nccl":

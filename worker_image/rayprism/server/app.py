@@ -38,6 +38,7 @@ from aiohttp import web
 from rayprism import __version__
 from rayprism.engine import InvalidRequestError
 from rayprism.executor import EngineDeadError
+from rayprism.executor.ray_executor import node_alive
 from rayprism.server import protocol
 from rayprism.server.metrics import Metrics
 from rayprism.server.protocol import APIError, ParsedRequest, bad_request
@@ -51,6 +52,9 @@ _RETRY_AFTER_S = 1
 _RESTARTING_RETRY_AFTER_S = 5    # a restart takes seconds (new workers load the model)
 _ENGINE_CHECK_INTERVAL_S = 0.5   # how often the server asks whether the executor found the engine dead
 _FIRST_RESTART_BACKOFF_S = 2.0   # between failed restarts; doubles each time
+# A stopping worker pod's Ray node leaves once its ranks stopped (its preStop hook ends, then its raylet):
+# seconds, unless the pod is stuck.
+_LEAVING_NODE_TIMEOUT_S = 120.0
 # A lone surrogate can only enter a string through a JSON escape in this range; only then is the body checked.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -68,7 +72,10 @@ class Server:
     Restarting (keep_engine_alive): once the executor finds the engine dead, its requests fail (503), new ones
     get 503 with Retry-After, the dead LLM is shut down (its actors and placement group freed) and a new one is
     built on the weights served last; GET /admin/v1/weights says state "restarting" with the cause meanwhile.
-    `weights["restarts"]` counts the attempts; once they are used up the state is "failed" and /live is 503."""
+    `weights["restarts"]` counts the attempts; once they are used up the state is "failed" and /live is 503.
+    Moving (also keep_engine_alive): when a worker's pod is being stopped (its preStop hook marks it), the
+    replica drains while that worker still serves, then restarts its engine as above once the worker's Ray node
+    has gone, so nothing in flight fails."""
 
     def __init__(self, *, served_model_name: str, model_uri: str, revision: str | None, max_in_flight: int,
                  admin_token_file: str | None, drain_s: float = 30.0, unready_delay_s: float = 5.0):
@@ -410,20 +417,48 @@ class Server:
             try:
                 self.llm.check_alive()
             except EngineDeadError as err:
+                log.error("the engine died: %s", _first_line(err))
                 if not await self._restart_engine(_first_line(err), build_llm, max_restarts, window_s):
                     return
+                continue
+            if (leaving := self.llm.worker_leaving()) and not self.draining:
+                if not await self._move_engine(*leaving, build_llm, max_restarts, window_s):
+                    return
 
-    async def _restart_engine(self, cause: str, build_llm, max_restarts: int, window_s: float) -> bool:
+    async def _move_engine(self, why: str, node_id: str, build_llm, max_restarts: int, window_s: float) -> bool:
+        """A worker's pod is stopping (a node drain, a deleted pod): the replica leaves the endpoints and finishes
+        its requests while that worker still serves, then its engine restarts once the worker's Ray node is gone
+        (so that the new workers are not placed on it), on the pod that KubeRay creates instead."""
+        log.warning("%s: draining, then restarting the engine without it", why)
+        await self.drain(why)
+        try:
+            return await self._restart_engine(why, build_llm, max_restarts, window_s, leaving_node=node_id)
+        finally:
+            self.draining = None
+
+    async def _wait_until_gone(self, node_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + _LEAVING_NODE_TIMEOUT_S
+        while await loop.run_in_executor(None, node_alive, node_id):
+            if time.monotonic() > deadline:
+                log.warning("Ray node %s is still alive %.0fs after its workers stopped; restarting anyway",
+                            node_id, _LEAVING_NODE_TIMEOUT_S)
+                return
+            await asyncio.sleep(0.5)
+
+    async def _restart_engine(self, cause: str, build_llm, max_restarts: int, window_s: float,
+                              leaving_node: str | None = None) -> bool:
         """True once a new LLM serves; False when the restarts are used up (the engine stays dead)."""
         loop = asyncio.get_running_loop()
         died_at = time.monotonic()
         dead, self.llm = self.llm, None
-        log.error("the engine died: %s", cause)
         restarting = self._begin_restart(cause, max_restarts, window_s)
         try:   # frees its GPUs and placement group for the new workers
             await _to_the_end(loop.run_in_executor(None, dead.shutdown))
         except Exception:  # noqa: BLE001 - a restart is still worth trying
             log.exception("shutting down the dead engine failed")
+        if leaving_node and restarting:
+            await self._wait_until_gone(leaving_node)
         backoff = _FIRST_RESTART_BACKOFF_S
         while restarting:
             build = loop.run_in_executor(None, build_llm, self.weights["uri"], self.weights["revision"])
