@@ -370,6 +370,8 @@ def _head_group(infd: InferenceDeployment, revision: str, options: RenderOptions
         ],
         "readinessProbe": READINESS_PROBE,
         "startupProbe": STARTUP_PROBE,
+        # A failed container's log tail becomes its termination message: Degraded says why it failed.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "livenessProbe": LIVENESS_PROBE,
         "resources": {"requests": {"cpu": cpu, "memory": memory, "ephemeral-storage": str(ephemeral_storage_bytes(spec))},
                       "limits": {"cpu": cpu, "memory": memory}},
@@ -407,6 +409,7 @@ def _worker_group(infd: InferenceDeployment, revision: str, options: RenderOptio
         "args": [WORKER_COMMAND],
         "env": _env(),
         "lifecycle": {"preStop": worker_pre_stop(spec)},
+        "terminationMessagePolicy": "FallbackToLogsOnError",  # as the head's
         "resources": {"requests": {**limits, "ephemeral-storage": str(ephemeral_storage_bytes(spec))},
                       "limits": limits},
         "volumeMounts": mounts,

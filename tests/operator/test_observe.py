@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from rayprism_operator import api, render
 from rayprism_operator.reconciler import failure, is_ready
+
+from . import harness
 
 
 def raycluster(head: str, ready_workers: int | None, desired_workers: int | None) -> dict:
@@ -48,3 +51,11 @@ def _pod(name: str, **status) -> dict:
 ], ids=["running", "kuberay-replica-failure", "unschedulable", "image-pull", "starting"])
 def test_failure_names_kuberays_or_the_pods_reason(raycluster_conditions, pods, expected):
     assert failure({"status": {"conditions": raycluster_conditions}}, pods) == expected
+
+
+def test_the_ray_containers_put_their_log_tail_in_their_termination_message():
+    infd = api.parse_inference_deployment(harness.deployment() | {"metadata": {"name": "demo", "namespace": "ns"}})
+    spec = render.render_raycluster(infd, "rev", "abcde")["spec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        [container] = group["template"]["spec"]["containers"]
+        assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
