@@ -13,6 +13,7 @@ when that would keep fewer than `replicas - maxUnavailable` serving for longer.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,8 +29,9 @@ class WeightsReport:
     """What a replica's GET /admin/v1/weights answered."""
 
     revision: str | None
-    state: str  # ready | loading | failed
+    state: str  # ready | loading | failed | restarting (the server rebuilds a dead engine)
     error: str | None = None
+    restarts: int | None = None  # the engine's restarts since the server started (None: the server does not say)
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,9 @@ class Replica:
     weights_since: datetime | None = None  # when a load was last asked for, or finished (annotation)
     weights_failed: str | None = None  # revision whose in-place load failed (annotation)
     admin: WeightsReport | None = None  # polled only while a load is in flight; None: no answer
-    # Why KubeRay or the scheduler cannot make its pods run: (reason, message), e.g. KubeRay's
-    # ReplicaFailure (FailedCreateHeadPod: refused by admission), Unschedulable, ImagePullBackOff.
+    # Why it does not serve: (reason, message). ReplicaUnhealthy: it served once and does not now; else why
+    # KubeRay or the scheduler cannot make its pods run, e.g. KubeRay's ReplicaFailure (FailedCreateHeadPod:
+    # refused by admission), Unschedulable, ImagePullBackOff.
     failure: tuple[str, str] | None = None
 
 
@@ -231,9 +234,7 @@ def plan(obs: Observed) -> Plan:
     if failed:
         degraded = ("True", "WeightUpdateFailed", progressing[2])
     elif failing:
-        name, (reason, message) = failing[0]
-        more = f" (and {len(failing) - 1} more replica(s))" if len(failing) > 1 else ""
-        degraded = ("True", reason, f"replica {name}: {message}{more}"[:1000])
+        degraded = ("True", failing[0][1][0], _degraded_message(failing))
     else:
         degraded = ("False", "ReconcileSucceeded", "")
 
@@ -248,6 +249,10 @@ def plan(obs: Observed) -> Plan:
     was_degraded = previous.get("Degraded", {})
     if failing and (was_degraded.get("reason"), was_degraded.get("message")) != degraded[1:]:
         out.events.append(Event("Warning", degraded[1], degraded[2]))
+    serving_again = _reported_unhealthy(was_degraded) & {r.name for r in remaining if r.ready and not r.failure}
+    for name in sorted(serving_again):
+        out.events.append(Event("Normal", "ReplicaRecovered", f"Replica {name} is ready again after it was "
+                                                              "reported unhealthy"))
 
     out.status = {
         "observedGeneration": obs.generation,
@@ -266,6 +271,26 @@ def plan(obs: Observed) -> Plan:
     deadline = progress if not deadline_passed else None
     out.requeue_after = _requeue_after(obs, loading, deadline)
     return out
+
+
+def _degraded_message(failing: list[tuple[str, tuple[str, str]]]) -> str:
+    """The first failing replica with its message, then the others with their reasons (within 1000
+    characters: the first's message is cut first). _reported_unhealthy reads the names back."""
+    (name, (_, message)), others = failing[0], failing[1:]
+    also = ("; also failing: " + ", ".join(f"replica {n} ({reason})" for n, (reason, _) in others)) if others else ""
+    first = f"replica {name}: {message}"
+    return (first[:max(len(name) + 10, 1000 - len(also))] + also)[:1000]
+
+
+def _reported_unhealthy(degraded: dict) -> set[str]:
+    """The replicas a Degraded condition (as _degraded_message writes it) reported ReplicaUnhealthy."""
+    if degraded.get("status") != "True":
+        return set()
+    message = degraded.get("message") or ""
+    names = set(re.findall(r"replica (\S+) \(ReplicaUnhealthy\)", message))
+    if degraded.get("reason") == "ReplicaUnhealthy" and (first := re.match(r"replica (\S+): ", message)):
+        names.add(first[1])
+    return names
 
 
 def _requeue_after(obs: Observed, loading: set[str], progress: datetime | None) -> float | None:

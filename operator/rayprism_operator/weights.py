@@ -60,7 +60,7 @@ class WeightsClient:
         return report
 
     async def served(self, base_url: str, token: str) -> WeightsReport | None:
-        """What the replica says it serves (None when it does not answer)."""
+        """What the replica says it serves, or why not, and its engine's restarts (None when it does not answer)."""
         try:
             async with self._session.get(f"{base_url}/admin/v1/weights",
                                          headers={"Authorization": f"Bearer {token}"}) as response:
@@ -71,4 +71,6 @@ class WeightsClient:
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             logger.warning("GET %s/admin/v1/weights: %r", base_url, e)
             return None
-        return WeightsReport(revision=body.get("revision"), state=body.get("state", ""), error=body.get("error"))
+        restarts = body.get("restarts")  # absent from servers older than their engine restarts
+        return WeightsReport(revision=body.get("revision"), state=body.get("state", ""), error=body.get("error"),
+                             restarts=restarts if isinstance(restarts, int) else None)

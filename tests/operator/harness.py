@@ -206,11 +206,17 @@ class FakeKubeRay:
         self._task: asyncio.Task | None = None
 
     async def set_ready(self, name: str, ready: bool = True) -> None:
-        workers = self.k8s.objects[RC, NS, name].raw["spec"]["workerGroupSpecs"][0]["replicas"]
+        raw = self.k8s.objects[RC, NS, name].raw
+        workers = raw["spec"]["workerGroupSpecs"][0]["replicas"]
+        # Set once every pod was ready, never unset (KubeRay's RayClusterProvisioned).
+        provisioned = [c for c in (raw.get("status") or {}).get("conditions") or []
+                       if c["type"] == "RayClusterProvisioned"] or (
+            [{"type": "RayClusterProvisioned", "status": "True", "lastTransitionTime": _now(),
+              "reason": "AllPodRunningAndReadyFirstTime"}] if ready else [])
         status = {
             "state": "ready" if ready else "",
             "conditions": [{"type": "HeadPodReady", "status": str(ready), "lastTransitionTime": _now(),
-                            "reason": "HeadPodRunningAndReady" if ready else "HeadPodNotReady"}],
+                            "reason": "HeadPodRunningAndReady" if ready else "HeadPodNotReady"}, *provisioned],
             "desiredWorkerReplicas": workers,
             "readyWorkerReplicas": workers if ready else 0,
         }

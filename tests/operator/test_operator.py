@@ -311,6 +311,28 @@ async def test_a_replica_back_on_old_weights_is_reported_and_reloaded(k8s, kuber
         await wait_for(lambda: status(k8s).get("weightsRevision") == "v2", what="weights v2 again")
 
 
+async def test_a_replica_that_stops_serving_is_reported_with_its_servers_words_then_its_recovery(k8s, kuberay):
+    async with in_place_replicas(k8s, kuberay, 2, subnet=59) as (admin, _):
+        faulty = sorted(k8s.replicas("demo"))[0]
+        server = admin.weights[kuberay.pod_ips[faulty]]
+        await kuberay.set_ready(faulty, False)
+        await wait_for(lambda: condition(k8s, "Degraded").get("reason") == "ReplicaUnhealthy", what="unready seen")
+        # Its server restarts the engine (a worker died), and says so once asked.
+        server.update(state="restarting", error="a worker died: ActorDiedError", restarts=1)
+        said = "its server is restarting the model engine (restart 1): a worker died: ActorDiedError"
+        await wait_for(lambda: condition(k8s, "Degraded").get("message", "").endswith(said), what="unhealthy")
+        message = condition(k8s, "Degraded")["message"]
+        assert condition(k8s, "Degraded")["reason"] == "ReplicaUnhealthy" and message.startswith(f"replica {faulty}: ")
+        await wait_for(lambda: message in [e["message"] for e in k8s.events("ReplicaUnhealthy")], what="its event")
+
+        server.update(state="ready", error=None)
+        await kuberay.set_ready(faulty)
+        await wait_for(lambda: k8s.events("ReplicaRecovered"), what="recovered")
+        assert condition(k8s, "Degraded")["status"] == "False"
+        assert [e["message"] for e in k8s.events("ReplicaRecovered")] == [
+            f"Replica {faulty} is ready again after it was reported unhealthy"]
+
+
 async def test_children_it_does_not_own_are_refused_and_owned_ones_recreated(k8s, operator):
     # A Service of the deployment's name that someone else made: never adopted, never patched.
     foreign = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "demo", "namespace": NS},

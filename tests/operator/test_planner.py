@@ -279,3 +279,54 @@ def test_a_finished_load_counts_as_progress():
     assert conditions(plan(observe(s, replicas)))["Progressing"] == ("True", "RolloutInProgress")
     replicas[0] = rep("a", age=1000, weights_since=NOW - timedelta(seconds=61))
     assert conditions(plan(observe(s, replicas)))["Progressing"] == ("False", "ProgressDeadlineExceeded")
+
+
+UNHEALTHY = ("ReplicaUnhealthy", "pod a-head container ray-head restarted (1 restart; last exit 137 (SIGKILL; Error "
+                                 "at 2026-01-01T00:00:00Z)); its server is loading the model")
+
+
+def degraded(p):
+    return next((c["status"], c["reason"], c["message"]) for c in p.status["conditions"] if c["type"] == "Degraded")
+
+
+def events(p, reason=None):
+    return [(e.type, e.reason, e.message) for e in p.events if reason in (None, e.reason)]
+
+
+def test_an_unhealthy_replica_is_reported_once_then_its_recovery():
+    s = spec(2)
+    down = plan(observe(s, [rep("a", ready=False, failure=UNHEALTHY), rep("b")]))
+    message = f"replica a: {UNHEALTHY[1]}"
+    assert degraded(down) == ("True", "ReplicaUnhealthy", message)
+    assert events(down) == [("Warning", "ReplicaUnhealthy", message)]
+    assert plan(observe(s, [rep("a", ready=False, failure=UNHEALTHY), rep("b")], down.status["conditions"])).events == []
+    back = plan(observe(s, [rep("a"), rep("b")], down.status["conditions"]))
+    assert degraded(back) == ("False", "ReconcileSucceeded", "")
+    assert events(back, "ReplicaRecovered") == [
+        ("Normal", "ReplicaRecovered", "Replica a is ready again after it was reported unhealthy")]
+    assert plan(observe(s, [rep("a"), rep("b")], back.status["conditions"])).events == []  # said once
+
+
+def test_each_failing_replica_is_named_and_each_recovery_told():
+    s = spec(3)
+    failing = [rep("a", ready=False, failure=("Unschedulable", "pod a-head: 0/1 nodes are available")),
+               rep("b", ready=False, failure=UNHEALTHY), rep("c", ready=False, failure=UNHEALTHY)]
+    down = plan(observe(s, failing))
+    assert degraded(down) == ("True", "Unschedulable", "replica a: pod a-head: 0/1 nodes are available; also failing: "
+                                                       "replica b (ReplicaUnhealthy), replica c (ReplicaUnhealthy)")
+    # c serves again, b is gone (replaced), a was never unhealthy: only c recovered.
+    back = plan(observe(s, [rep("a"), rep("c")], down.status["conditions"]))
+    assert events(back, "ReplicaRecovered") == [
+        ("Normal", "ReplicaRecovered", "Replica c is ready again after it was reported unhealthy")]
+
+
+def test_the_degraded_message_keeps_every_name_within_its_length():
+    long = ("ReplicaUnhealthy", "x" * 2000)
+    p = plan(observe(spec(2), [rep("a", ready=False, failure=long), rep("b", ready=False, failure=UNHEALTHY)]))
+    message = degraded(p)[2]
+    assert len(message) == 1000 and message.startswith("replica a: xxx")
+    assert message.endswith("; also failing: replica b (ReplicaUnhealthy)")
+    back = plan(observe(spec(2), [rep("a"), rep("b")], p.status["conditions"]))
+    assert [e[2] for e in events(back, "ReplicaRecovered")] == [
+        f"Replica {n} is ready again after it was reported unhealthy" for n in "ab"]
+
