@@ -53,6 +53,8 @@ class Replica:
     # KubeRay or the scheduler cannot make its pods run, e.g. KubeRay's ReplicaFailure (FailedCreateHeadPod:
     # refused by admission), Unschedulable, ImagePullBackOff.
     failure: tuple[str, str] | None = None
+    engine_restarts: int | None = None  # what its server says (WeightsReport.restarts); None: not asked or no answer
+    engine_restarts_seen: int = 0  # the count last recorded (Plan.record_engine_restarts)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Plan:
     start_weight_updates: list[str] = field(default_factory=list)
     finish_weight_updates: list[str] = field(default_factory=list)  # loaded: record the revision
     fail_weight_updates: list[str] = field(default_factory=list)  # failed or timed out: replace
+    record_engine_restarts: dict[str, int] = field(default_factory=dict)  # replica -> its server's count now
     status: dict = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None  # seconds until something time-based may change
@@ -253,6 +256,14 @@ def plan(obs: Observed) -> Plan:
     for name in sorted(serving_again):
         out.events.append(Event("Normal", "ReplicaRecovered", f"Replica {name} is ready again after it was "
                                                               "reported unhealthy"))
+    for r in remaining:
+        if r.engine_restarts is None or r.engine_restarts == r.engine_restarts_seen:
+            continue
+        out.record_engine_restarts[r.name] = r.engine_restarts
+        # An unready one is reported by Degraded; a lower count is a server that started afresh.
+        if r.ready and r.engine_restarts > r.engine_restarts_seen:
+            out.events.append(Event("Warning", "EngineRestarted", f"Replica {r.name}'s server restarted its model "
+                                    f"engine: {r.engine_restarts} restart(s) since the server started"))
 
     out.status = {
         "observedGeneration": obs.generation,

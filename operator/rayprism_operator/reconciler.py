@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 ANNOTATION_WEIGHTS_TARGET = f"{api.GROUP}/weights-target"  # revision being loaded in place
 ANNOTATION_WEIGHTS_SINCE = f"{api.GROUP}/weights-since"  # when a load was last asked for, or finished
 ANNOTATION_WEIGHTS_FAILED = f"{api.GROUP}/weights-failed"  # revision whose load failed: replace
+ANNOTATION_ENGINE_RESTARTS = f"{api.GROUP}/engine-restarts"  # the server's engine restart count last seen
 SUFFIX_ALPHABET = string.ascii_lowercase + string.digits
 # The namespace of the pod's service account, i.e. the operator's own, as every in-cluster client finds it.
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -262,7 +263,7 @@ def observe(raycluster: dict, now: datetime, report: planner.WeightsReport | Non
             pods: list[dict] = (), served: planner.WeightsReport | None = None) -> planner.Replica:
     """`report`: a loading replica's admin API; `served`: what a settled or unhealthy one says of itself: the
     revision it serves, which wins over the annotation (a head container that restarted comes back on the
-    revision in its args), and why it does not serve."""
+    revision in its args), its engine's restarts, and why it does not serve."""
     meta = raycluster["metadata"]
     annotations = meta.get("annotations") or {}
     status = raycluster.get("status") or {}
@@ -281,6 +282,8 @@ def observe(raycluster: dict, now: datetime, report: planner.WeightsReport | Non
         weights_failed=annotations.get(ANNOTATION_WEIGHTS_FAILED),
         admin=report,
         failure=failure(raycluster, list(pods), served),
+        engine_restarts=served.restarts if served is not None else None,
+        engine_restarts_seen=int(annotations.get(ANNOTATION_ENGINE_RESTARTS) or 0),
     )
 
 
@@ -364,7 +367,8 @@ class Reconciler:
         loading = [c for c in children if target is not None
                    and (c["metadata"].get("annotations") or {}).get(ANNOTATION_WEIGHTS_TARGET) == target
                    and (c["metadata"].get("labels") or {}).get(render.LABEL_REVISION) == revision]
-        # The others are asked what they serve, and why those that served once do not now, at their head pod's IP, which KubeRay reports for every head pod (no DNS lookup of
+        # The others are asked what they serve, how often their engine restarted, and why those that served
+        # once do not now, at their head pod's IP, which KubeRay reports for every head pod (no DNS lookup of
         # the head Service on each resync).
         asked = [c for c in children if c not in loading and (is_ready(c) or provisioned(c))
                  and not c["metadata"].get("deletionTimestamp") and head_pod_ip(c)]
@@ -404,6 +408,8 @@ class Reconciler:
             metrics.WEIGHT_UPDATES.labels("failed").inc()
         for replica in plan.delete:
             await self.kube.delete(RAYCLUSTERS, namespace, replica)
+        for replica, count in plan.record_engine_restarts.items():
+            await annotate(replica, {ANNOTATION_ENGINE_RESTARTS: str(count)})
         for replica in plan.start_weight_updates:
             # Recorded before asking, so that a restart in between polls (and re-asks) the replica.
             await annotate(replica, {ANNOTATION_WEIGHTS_TARGET: target, ANNOTATION_WEIGHTS_SINCE: _stamp(now)})

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import pytest
 
 from rayprism_operator import api, planner, render
-from rayprism_operator.reconciler import failure, is_ready
+from rayprism_operator.reconciler import failure, is_ready, observe
 
 from . import harness
+
+NOW = datetime(2026, 1, 1, 2, tzinfo=timezone.utc)
 
 
 def raycluster(head: str, ready_workers: int | None, desired_workers: int | None) -> dict:
@@ -161,6 +165,14 @@ HEALTHY = [pod("r-head", "head"), pod("r-worker-a", "worker")]
         "loading-in-place", "terminating", "never-served-crash-loop"])
 def test_a_replica_that_served_and_does_not_now_says_what_and_why(raycluster, pods, served, expected):
     assert failure(raycluster, pods, served) == expected
+
+
+def test_what_the_server_says_of_its_engine_reaches_the_planner():
+    report = planner.WeightsReport("v1", "ready", restarts=2)
+    replica = observe(served_once(ready=True, annotations={"rayprism.dev/engine-restarts": "1"},
+                                  creationTimestamp=PROVISIONED), NOW, pods=HEALTHY, served=report)
+    assert (replica.engine_restarts, replica.engine_restarts_seen, replica.failure) == (2, 1, None)
+    assert observe(served_once(ready=True), NOW, pods=HEALTHY).engine_restarts is None  # not asked
 
 
 def test_the_ray_containers_put_their_log_tail_in_their_termination_message():

@@ -317,7 +317,8 @@ async def test_a_replica_that_stops_serving_is_reported_with_its_servers_words_t
         server = admin.weights[kuberay.pod_ips[faulty]]
         await kuberay.set_ready(faulty, False)
         await wait_for(lambda: condition(k8s, "Degraded").get("reason") == "ReplicaUnhealthy", what="unready seen")
-        # Its server restarts the engine (a worker died), and says so once asked.
+        # Its server restarts the engine (a worker died), and says so once asked (a count that grew on a
+        # replica still seen ready would be an EngineRestarted event).
         server.update(state="restarting", error="a worker died: ActorDiedError", restarts=1)
         said = "its server is restarting the model engine (restart 1): a worker died: ActorDiedError"
         await wait_for(lambda: condition(k8s, "Degraded").get("message", "").endswith(said), what="unhealthy")
@@ -331,6 +332,13 @@ async def test_a_replica_that_stops_serving_is_reported_with_its_servers_words_t
         assert condition(k8s, "Degraded")["status"] == "False"
         assert [e["message"] for e in k8s.events("ReplicaRecovered")] == [
             f"Replica {faulty} is ready again after it was reported unhealthy"]
+        assert not k8s.events("EngineRestarted")  # that restart was reported as unreadiness
+
+        server["restarts"] = 2  # healed between two looks: only its count tells
+        await wait_for(lambda: k8s.events("EngineRestarted"), what="the restart the operator did not see")
+        assert [e["message"] for e in k8s.events("EngineRestarted")] == [
+            f"Replica {faulty}'s server restarted its model engine: 2 restart(s) since the server started"]
+        assert k8s.objects[RC, NS, faulty].raw["metadata"]["annotations"]["rayprism.dev/engine-restarts"] == "2"
 
 
 async def test_children_it_does_not_own_are_refused_and_owned_ones_recreated(k8s, operator):

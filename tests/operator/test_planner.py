@@ -330,3 +330,20 @@ def test_the_degraded_message_keeps_every_name_within_its_length():
     assert [e[2] for e in events(back, "ReplicaRecovered")] == [
         f"Replica {n} is ready again after it was reported unhealthy" for n in "ab"]
 
+
+@pytest.mark.parametrize("case, replica, record, event", [
+    ("grew on a ready replica", rep("a", engine_restarts=2, engine_restarts_seen=1), {"a": 2},
+     ("Warning", "EngineRestarted", "Replica a's server restarted its model engine: 2 restart(s) since the server "
+                                    "started")),
+    ("first seen, and restarted", rep("a", engine_restarts=1), {"a": 1},
+     ("Warning", "EngineRestarted", "Replica a's server restarted its model engine: 1 restart(s) since the server "
+                                    "started")),
+    ("unchanged", rep("a", engine_restarts=2, engine_restarts_seen=2), {}, None),
+    ("the server started afresh", rep("a", engine_restarts=0, engine_restarts_seen=3), {"a": 0}, None),
+    ("unready: Degraded tells", rep("a", ready=False, engine_restarts=1, failure=UNHEALTHY), {"a": 1}, None),
+    ("not asked or no answer", rep("a", engine_restarts=None, engine_restarts_seen=2), {}, None),
+])
+def test_engine_restarts_the_operator_did_not_see_as_unreadiness(case, replica, record, event):
+    p = plan(observe(spec(1), [replica]))
+    assert p.record_engine_restarts == record, case
+    assert events(p, "EngineRestarted") == ([event] if event else []), case
