@@ -35,6 +35,9 @@ ADMIN_TOKEN_DIR = "/etc/rayprism/admin"
 ADMIN_TOKEN_KEY = "token"
 CACHE_DIR = "/var/cache/rayprism"
 TMP_DIR = "/tmp"  # Ray's session dir (/tmp/ray) is in it
+# A worker pod's preStop hook creates it; the pod's ranks report it, and the head's server drains and moves
+# the engine off that pod before the ranks go (worker_image: rayprism.executor.worker).
+POD_TERMINATING_FILE = f"{TMP_DIR}/rayprism-pod-terminating"
 MODELS_DIR = "/models"
 WORKER_GROUP = "workers"
 # Ray's object store in a worker pod: Ray's own default share of the pod's memory, but within this share
@@ -255,6 +258,7 @@ def _env() -> list[dict]:
         {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
         # Ray renices its worker processes to 15; here they are the model ranks, the serving path itself.
         {"name": "RAY_worker_niceness", "value": "0"},
+        {"name": "RAYPRISM_POD_TERMINATING_FILE", "value": POD_TERMINATING_FILE},
     ]
 
 
@@ -335,13 +339,15 @@ RANK_PROCESS_PATTERN = "ray::RayGPUWorke[r]"
 
 
 def worker_pre_stop(spec: InferenceDeploymentSpec) -> dict:
-    """Workers hold the model's ranks: a worker told to stop keeps Ray up while a rank actor still runs
+    """Workers hold the model's ranks: a worker told to stop first says so (POD_TERMINATING_FILE, which its
+    ranks report to the head's server: alone, as a deleted pod or a drained node, it makes the replica drain
+    and move its engine to the pod KubeRay creates instead), then keeps Ray up while a rank actor still runs
     here, i.e. until its head's server has drained and shut the model down (at most the drain), so the
     requests in flight are not cut off under the head. Local processes, not the head's address: the head
     Service goes with the RayCluster, and its name stops resolving before the head is done."""
     wait = spec.rollout.drain_seconds + UNREADY_DELAY_S + 5
     # Only this pod's processes (those in its network namespace: in a container that is all of /proc).
-    script = (f"end=$((SECONDS + {wait})); me=$(readlink /proc/self/ns/net); "
+    script = (f": > {POD_TERMINATING_FILE}; end=$((SECONDS + {wait})); me=$(readlink /proc/self/ns/net); "
               "ranks() { for p in /proc/[0-9]*; do [ \"$(readlink $p/ns/net 2>/dev/null)\" = \"$me\" ] && "
               f"grep -qs '{RANK_PROCESS_PATTERN}' $p/cmdline && return 0; done; return 1; }}; "
               "while (( SECONDS < end )) && ranks; do sleep 1; done")

@@ -243,6 +243,20 @@ def test_ray_workers_keep_normal_priority(llama):
         assert {"name": "RAY_worker_niceness", "value": "0"} in container["env"]
 
 
+def test_a_stopping_worker_marks_the_file_its_ranks_report(llama, tmp_path, monkeypatch):
+    """The preStop hook, run as rendered (no rank process here, so it does not wait), creates the file that the
+    env tells the ranks to look for: the head's server then moves the engine off the pod (worker_image)."""
+    assert render.POD_TERMINATING_FILE.startswith(f"{render.TMP_DIR}/")   # the pod's writable /tmp emptyDir
+    monkeypatch.setattr(render, "POD_TERMINATING_FILE", str(tmp_path / "terminating"))
+    raycluster = render.render_raycluster(_infd(llama), "abc", "x")
+    [worker] = raycluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["RAYPRISM_POD_TERMINATING_FILE"] == str(tmp_path / "terminating")
+    hook = worker["lifecycle"]["preStop"]["exec"]["command"]
+    subprocess.run(hook, check=True, timeout=10)
+    assert (tmp_path / "terminating").exists()
+
+
 @pytest.mark.parametrize("hard", [1024, 4096])
 def test_commands_raise_open_files_to_whatever_hard_limit_there_is(llama, hard):
     """Run as rendered, up to the Ray start: no error and the soft limit at the hard one, even below 65536."""
