@@ -815,21 +815,27 @@ class Kubelet:
                 raise RuntimeError(f"node {name} status not written: {code} {out.get('message')}")
 
     async def heartbeat(self) -> None:
-        """Every node labelled for this kubelet: Ready, and a fresh Lease."""
+        """Every node labelled for this kubelet: Ready, and a fresh Lease; through API server outages too."""
         while True:
-            code, out = await self.api.get("/api/v1/nodes", labelSelector=f"{NODE_LABEL}=true")
-            if code == 200:
-                self.nodes = {n["metadata"]["name"] for n in out["items"]}
-            for name in self.nodes:
-                await self.api.merge_patch(f"/api/v1/nodes/{name}/status", {"status": self.node_status(None)})
-                lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                         "metadata": {"name": name, "namespace": "kube-node-lease"},
-                         "spec": {"holderIdentity": name, "leaseDurationSeconds": LEASE_S,
-                                  "renewTime": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}
-                code, _ = await self.api.call("PUT", f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}", lease)
-                if code == 404:
-                    await self.api.call("POST", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", lease)
+            try:
+                await self._beat()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                log.warning("heartbeat: API server: %r", e)
             await asyncio.sleep(HEARTBEAT_S)
+
+    async def _beat(self) -> None:
+        code, out = await self.api.get("/api/v1/nodes", labelSelector=f"{NODE_LABEL}=true")
+        if code == 200:
+            self.nodes = {n["metadata"]["name"] for n in out["items"]}
+        for name in self.nodes:
+            await self.api.merge_patch(f"/api/v1/nodes/{name}/status", {"status": self.node_status(None)})
+            lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                     "metadata": {"name": name, "namespace": "kube-node-lease"},
+                     "spec": {"holderIdentity": name, "leaseDurationSeconds": LEASE_S,
+                              "renewTime": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}
+            code, _ = await self.api.call("PUT", f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}", lease)
+            if code == 404:
+                await self.api.call("POST", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", lease)
 
     # --- Service names for the pods' /etc/hosts
 
@@ -947,7 +953,7 @@ class Kubelet:
             while not stop.is_set():
                 try:
                     await self.sync()
-                except aiohttp.ClientError as e:
+                except (aiohttp.ClientError, TimeoutError) as e:
                     log.warning("API server: %r", e)
                 try:
                     await asyncio.wait_for(stop.wait(), 0.5)
