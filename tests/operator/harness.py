@@ -157,7 +157,7 @@ class ApiServerEmulator(KubernetesEmulator):
 
     def replicas(self, deployment: str | None = None) -> dict[str, tuple[str, bool]]:
         """Live RayClusters: name -> (revision, ready)."""
-        from rayprism_operator.reconciler import is_ready
+        from rayprism_operator.observe import is_ready
         out = {}
         for (resource, _, name), obj in self.objects.items():
             if resource == RC and not obj.deleted:

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 
 from rayprism_operator import api, planner, render
-from rayprism_operator.reconciler import failure, is_ready, observe
+from rayprism_operator.observe import failure, is_ready, observe
 
 from . import harness
 
