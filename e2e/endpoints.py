@@ -93,7 +93,8 @@ def ready_addresses(namespace: str, service: str, port: str | int) -> list[str]:
 
 class ReadyEndpoints:
     """Round-robin over a Service port's ready endpoints, re-read at most every `refresh_s`, so that
-    continuous traffic follows endpoints as they come and go. Thread-safe."""
+    continuous traffic follows endpoints as they come and go; while the API server does not answer, the last
+    list is used, as kube-proxy keeps its rules. Thread-safe."""
 
     def __init__(self, namespace: str, service: str, port: str | int, refresh_s: float = 1.0):
         self.namespace, self.service, self.refresh_s = namespace, service, refresh_s
@@ -110,7 +111,11 @@ class ReadyEndpoints:
     def next(self) -> str:
         with self._lock:
             if time.monotonic() - self._read_at >= self.refresh_s:
-                self._addresses = self.current()
+                try:
+                    self._addresses = self.current()
+                except (RuntimeError, subprocess.TimeoutExpired):
+                    if not self._addresses:
+                        raise
                 self._read_at = time.monotonic()
             if not self._addresses:
                 raise NoReadyEndpoints(f"service {self.namespace}/{self.service} has no ready endpoint")

@@ -21,9 +21,7 @@ import json
 import os
 import re
 import subprocess
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,6 +30,7 @@ import yaml
 from e2e.endpoints import (ReadyEndpoints, kubectl_binary, kubectl_json, openai_base_url, openai_base_urls,
                            ready_addresses, service_port)
 from e2e.marks import ON_A_CLUSTER
+from e2e.traffic import Traffic
 
 pytestmark = ON_A_CLUSTER
 
@@ -138,46 +137,8 @@ def stream_chat(base_url: str, max_tokens: int = 24) -> None:
     assert finish in (["stop"], ["length"]), f"the stream ended without finishing: {finish}"
 
 
-class Traffic:
-    """Requests one after another from `clients` threads, each to the next base URL, for as long as the
-    `with` block lasts (greedy chat completions, or streams that must finish): counts the answers, keeps
-    every failure and the worst latency."""
-
-    def __init__(self, next_base_url: Callable[[], str], streaming: bool = False, clients: int = 1):
-        self.next_base_url = next_base_url
-        self.streaming = streaming
-        self.answered = 0
-        self.failures: list[str] = []
-        self.worst_latency_s = 0.0
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._send, daemon=True) for _ in range(clients)]
-
-    def _send(self) -> None:
-        while not self._stop.is_set():
-            started = time.monotonic()
-            try:
-                if self.streaming:
-                    stream_chat(self.next_base_url())
-                else:
-                    assert chat(self.next_base_url(), max_tokens=8).choices[0].message.content is not None
-                self.answered += 1
-            except Exception as e:  # every failure is recorded; the caller decides how many are allowed
-                self.failures.append(repr(e))
-            self.worst_latency_s = max(self.worst_latency_s, time.monotonic() - started)
-
-    def __enter__(self) -> Traffic:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join()  # bounded by the client's request timeout
-
-    def report(self) -> dict:
-        return {"requests": self.answered + len(self.failures), "failed": len(self.failures),
-                "worst_latency_s": round(self.worst_latency_s, 2)}
+def greedy_chat(base_url: str) -> None:
+    assert chat(base_url, max_tokens=8).choices[0].message.content is not None
 
 
 def _quantity(value: str) -> float:
@@ -288,7 +249,8 @@ def test_weights_roll_in_place_without_failed_requests():
         pytest.skip(f"model.revision selects no weights in {uri}: set RAYPRISM_E2E_MODEL_URI to a "
                     "file://.../{revision} template")
     before = names(labelled("rayclusters"))
-    with openai_base_urls(NAMESPACE, NAME, SERVICE_PORT) as next_base_url, Traffic(next_base_url) as traffic:
+    with openai_base_urls(NAMESPACE, NAME, SERVICE_PORT) as next_base_url, \
+            Traffic(next_base_url, greedy_chat) as traffic:
         patch_spec({"model": {"revision": NEXT_REVISION}})
         wait_for(f"jsonpath={{.status.weightsRevision}}={NEXT_REVISION}", 900)
         wait_for("condition=Available", 120)
@@ -296,7 +258,7 @@ def test_weights_roll_in_place_without_failed_requests():
     RESULTS["in_place_roll"] = report
     print(f"in-place roll to {NEXT_REVISION}: {report}")
     assert not traffic.failures, traffic.failures[:5]
-    assert traffic.answered > 0
+    assert traffic.requests
     # In place: the same RayClusters, each now recording the new weights revision.
     clusters = labelled("rayclusters")
     assert names(clusters) == before
@@ -347,7 +309,7 @@ def test_pod_template_change_replaces_replicas_within_max_unavailable():
     samples: list[dict] = []
     started = time.monotonic()
     with openai_base_urls(NAMESPACE, NAME, SERVICE_PORT) as next_base_url, \
-            Traffic(next_base_url, streaming=True, clients=2) as traffic:
+            Traffic(next_base_url, stream_chat, clients=2) as traffic:
         _sample_rollout(endpoints, generation, replicas, samples, started)
     RESULTS["replacement_traffic"] = traffic.report()
     print(f"streaming during the replacement: {traffic.report()}")
@@ -371,7 +333,7 @@ def test_pod_template_change_replaces_replicas_within_max_unavailable():
 def test_scale_down_drains_streams():
     """The removed replica leaves the endpoints first and finishes the streams it has (spec.rollout.drainSeconds)."""
     with openai_base_urls(NAMESPACE, NAME, SERVICE_PORT) as next_base_url, \
-            Traffic(next_base_url, streaming=True, clients=2) as traffic:
+            Traffic(next_base_url, stream_chat, clients=2) as traffic:
         time.sleep(3)  # streams on both replicas
         kubectl("scale", "infd", NAME, "--replicas", "1")
         deadline = time.monotonic() + 300
@@ -382,7 +344,7 @@ def test_scale_down_drains_streams():
     RESULTS["scale_down_traffic"] = traffic.report()
     print(f"streaming during the scale-down: {traffic.report()}")
     assert not traffic.failures, traffic.failures[:5]
-    assert traffic.answered > 0
+    assert traffic.requests
 
 
 @pytest.mark.timeout(600)
