@@ -692,13 +692,20 @@ class Pod:
 
     async def report(self) -> None:
         status = self.status()
-        if status != self._written:
+        if status != self._written or self._changed_by_others(status):
             code, body = await self.api.merge_patch(
                 f"/api/v1/namespaces/{self.namespace}/pods/{self.name}/status", {"status": status})
             if code == 200:
                 self._written = status
             elif code != 404:
                 log.warning("pod %s/%s: status not written: %s %s", self.namespace, self.name, code, body.get("message"))
+
+    def _changed_by_others(self, status: dict) -> bool:
+        """Whether the API server holds other conditions than this kubelet wrote: the node lifecycle controller
+        marks a Node's pods not ready when its Lease expired (an API server outage longer than its grace period
+        does that too); a kubelet's status manager then writes the pods' real status again."""
+        held = {c["type"]: c.get("status") for c in (self.obj.get("status") or {}).get("conditions") or []}
+        return any(held.get(c["type"], c["status"]) != c["status"] for c in status["conditions"])
 
     def log(self, container: str) -> str:
         path = self.root / f"{container}.log"
