@@ -6,11 +6,12 @@ import time
 from types import SimpleNamespace
 
 from aiohttp.test_utils import TestClient, TestServer
+from ray.exceptions import RayTaskError
 from transformers import AutoTokenizer
 
 import rayprism
 from rayprism.executor import EngineDeadError
-from rayprism.server.app import Server
+from rayprism.server.app import Server, first_line
 from tests.serving.helpers import smollm2_folder
 
 
@@ -130,3 +131,14 @@ async def test_no_restart_allowed_fails_at_once():
     await asyncio.wait_for(server.keep_engine_alive(build, 0, 600), 10)
     assert not calls and server.engine_dead_for_good
     assert server.weights["error"] == "worker rank 0 died: killed" and server.weights["restarts"] == 0
+
+
+def test_an_error_a_worker_raised_is_named_by_itself():
+    """A model that cannot be loaded any more fails in the worker: the line the server logs last (the pod's
+    termination message, which the operator shows) names that error, not Ray's actor call, pid and colours."""
+    missing = FileNotFoundError(2, "No such file or directory", "/models/v3")
+    raised = RayTaskError("RayGPUWorker.start", "Traceback (most recent call last):\n...", missing,
+                          proctitle="ray::RayGPUWorker.start()", pid=7248, ip="10.214.0.6").as_instanceof_cause()
+    assert str(raised).startswith("\x1b[36mray::RayGPUWorker.start()")
+    assert first_line(raised) == "FileNotFoundError: [Errno 2] No such file or directory: '/models/v3'"
+    assert first_line(EngineDeadError("worker rank 0 died: gone\ntraceback")) == "worker rank 0 died: gone"

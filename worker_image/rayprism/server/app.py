@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 
 from aiohttp import web
+from ray.exceptions import RayTaskError
 
 from rayprism import __version__
 from rayprism.engine import InvalidRequestError
@@ -336,7 +337,7 @@ class Server:
             await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, self.llm.check_health),
                                    _HEALTH_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001
-            return web.json_response({"status": "unhealthy", "error": _first_line(err)}, status=503)
+            return web.json_response({"status": "unhealthy", "error": first_line(err)}, status=503)
         return web.json_response({"status": "ok"})
 
     async def live(self, request: web.Request) -> web.Response:
@@ -417,8 +418,8 @@ class Server:
             try:
                 self.llm.check_alive()
             except EngineDeadError as err:
-                log.error("the engine died: %s", _first_line(err))
-                if not await self._restart_engine(_first_line(err), build_llm, max_restarts, window_s):
+                log.error("the engine died: %s", first_line(err))
+                if not await self._restart_engine(first_line(err), build_llm, max_restarts, window_s):
                     return
                 continue
             if (leaving := self.llm.worker_leaving()) and not self.draining:
@@ -469,7 +470,7 @@ class Server:
                     await _to_the_end(loop.run_in_executor(None, build.result().shutdown))
                 raise
             except Exception as err:  # noqa: BLE001 - counted; tried again after the back-off
-                cause = f"restarting the engine failed: {_first_line(err)}"
+                cause = f"restarting the engine failed: {first_line(err)}"
                 log.error("%s", cause)
                 restarting = self._begin_restart(cause, max_restarts, window_s)
                 if restarting:
@@ -565,8 +566,12 @@ def _internal_error(request: web.Request) -> APIError:
                     code="internal_error")
 
 
-def _first_line(err: Exception) -> str:
-    """An error's first line: the executor's errors go on with a worker's traceback, not for clients."""
+def first_line(err: BaseException) -> str:
+    """An error's first line: the executor's errors go on with a worker's traceback, not for clients. An error a
+    worker raised (Ray's RayTaskError, whose text starts with the actor's call and pid) is named by itself."""
+    if isinstance(err, RayTaskError) and err.cause is not None:
+        cause = err.cause
+        return f"{type(cause).__name__}: {str(cause).partition(chr(10))[0]}"
     return str(err).partition("\n")[0] or type(err).__name__
 
 

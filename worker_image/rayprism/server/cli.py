@@ -10,7 +10,7 @@ import time
 
 from aiohttp import web
 
-from rayprism.server.app import Server
+from rayprism.server.app import Server, first_line
 
 log = logging.getLogger("rayprism.serve")
 
@@ -133,7 +133,8 @@ async def _serve(args: argparse.Namespace, on_ready) -> int:
         try:
             llm = load.result()
         except Exception as err:  # noqa: BLE001 - the process exits non-zero; the pod restarts
-            log.error("could not load the model: %s", err)
+            log.info("the model's load failed", exc_info=err)
+            log.error("could not load the model: %s", first_line(err))   # last: the pod's termination message
             return 1
         server.set_llm(llm)
         keeper = asyncio.create_task(server.keep_engine_alive(
