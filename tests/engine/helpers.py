@@ -60,19 +60,24 @@ def prefill_logits(engine, token_ids: list[int]) -> torch.Tensor:
 
 
 def generate(engine, prompts, params, staggered: bool = False) -> dict[str, dict]:
-    """Run requests to completion; returns {request_id: {"token_ids", "text", "finish_reason"}}.
-    staggered: add one request per step, so later ones join the decoding ones' steps (mixed steps)."""
+    """Run requests to completion; returns {request_id: {"token_ids", "text", "finish_reason", "logprobs",
+    "cumulative_logprob", "prompt_logprobs"}}, where a request's sequence of index i > 0 (n, best_of) is keyed
+    "{request_id}.{i}". staggered: add one request per step, so later ones join the decoding ones' steps (mixed
+    steps)."""
     params_list = params if isinstance(params, list) else [params] * len(prompts)
     results = {}
 
     def step():
         for out in engine.step():
-            r = results[out.request_id]
+            key = out.request_id if out.index == 0 else f"{out.request_id}.{out.index}"
+            r = results.setdefault(key, {"token_ids": [], "text": "", "finish_reason": None, "logprobs": []})
             r["token_ids"] += out.new_token_ids
             r["text"] += out.new_text
             r["logprobs"] += out.logprobs or []
-            if out.finished:
-                r["finish_reason"] = out.finish_reason
+            r["finish_reason"] = out.finish_reason
+            r["cumulative_logprob"] = out.cumulative_logprob
+            if out.prompt_logprobs is not None:
+                r["prompt_logprobs"] = out.prompt_logprobs
 
     for i, (prompt, p) in enumerate(zip(prompts, params_list)):
         engine.add_request(str(i), prompt, p)

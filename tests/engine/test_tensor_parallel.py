@@ -17,6 +17,8 @@ PROBE_IDS = [1, 504, 3458, 282, 4649, 314, 1345, 30, 216, 17, 28, 34, 28, 35]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 # A sampled request between greedy ones: its steps gather logits to rank 0, the steps after it are greedy again.
 SAMPLED_BETWEEN = [GREEDY, SamplingParams(max_tokens=4, temperature=0.8, seed=3, ignore_eos=True), GREEDY]
+# Three sequences forked from one prefill (the partial prompt block copied on every rank), with prompt logprobs.
+FORKED = SamplingParams(max_tokens=6, temperature=1.0, seed=5, n=3, prompt_logprobs=2, ignore_eos=True)
 
 
 def scaled_norms(folder: str) -> list[tuple[str, torch.Tensor]]:
@@ -28,7 +30,8 @@ def scaled_norms(folder: str) -> list[tuple[str, torch.Tensor]]:
 def run_model(engine: LLMEngine, folder: str) -> dict:
     result = {"logits": prefill_logits(engine, PROBE_IDS), "tokens": generate(engine, PROMPTS, GREEDY),
               "mixed_step_tokens": generate(engine, PROMPTS, GREEDY, staggered=True),
-              "sampled_between": generate(engine, PROMPTS, SAMPLED_BETWEEN, staggered=True)}
+              "sampled_between": generate(engine, PROMPTS, SAMPLED_BETWEEN, staggered=True),
+              "forked": generate(engine, PROMPTS[2:], FORKED)}
     engine.update_weights_from_tensors(scaled_norms(folder))
     result["updated_logits"] = prefill_logits(engine, PROBE_IDS)
     return result
@@ -92,6 +95,9 @@ def test_tp2_matches_tp1(name, tp2_results, tiny_llama_dir, tiny_qwen2_dir):
     torch.testing.assert_close(tp2["logits"], tp1["logits"], rtol=1e-4, atol=1e-4)
     assert tp2["tokens"] == tp1["tokens"] == tp2["mixed_step_tokens"] == tp1["mixed_step_tokens"]
     assert_greedy_rows_unchanged(tp2["sampled_between"], tp1["tokens"])
+    assert [r["token_ids"] for r in tp2["forked"].values()] == [r["token_ids"] for r in tp1["forked"].values()]
+    prompt_logprobs = [[entry and entry["logprob"] for entry in tp["forked"]["0"]["prompt_logprobs"]] for tp in (tp1, tp2)]
+    assert prompt_logprobs[1] == pytest.approx(prompt_logprobs[0], abs=1e-4)
     torch.testing.assert_close(tp2["updated_logits"], tp1["updated_logits"], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(tp1["updated_logits"], tp1["logits"])  # the update really changed the model
     assert "no-such-model" in tp2["load_error"]

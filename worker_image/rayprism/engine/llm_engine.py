@@ -40,14 +40,18 @@ DETOKENIZE_CONTEXT = 5
 
 @dataclass
 class RequestOutput:
+    """What one step added to one sequence of a request (a request of n or best_of > 1 has several, by index)."""
     request_id: str
     new_token_ids: list[int]
     new_text: str
-    finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | "error" (see _fail) | None
+    finished: bool  # the request: every one of its sequences has finished
+    finish_reason: str | None  # this sequence's: "stop" | "length" | "abort" | "error" (see _fail) | None
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[dict] | None
+    index: int = 0
+    cumulative_logprob: float | None = None  # of the sampled tokens, when best_of > n (to pick the best n)
+    prompt_logprobs: list[dict | None] | None = None  # once, with the first output of sequence 0
 
 
 @dataclass
@@ -109,29 +113,38 @@ class LLMEngine:
                 raise InvalidRequestError("prompt", f"token ids must be integers in [0, {vocab_size})")
         if not token_ids:
             raise InvalidRequestError("prompt", "must not be empty")
+        if params.num_sequences > self.config.max_num_seqs:   # its sequences must all run at once
+            raise InvalidRequestError("best_of" if params.best_of else "n",
+                                      f"at most max_num_seqs={self.config.max_num_seqs} sequences per request")
         if len(token_ids) > self.max_model_len:
             raise InvalidRequestError(
                 "prompt", f"has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}"
             )
         seq = Sequence(request_id, token_ids, params, next(self._arrivals))
+        blocks = self.scheduler.block_manager
+        if blocks.blocks_needed(seq) + blocks.fork_blocks_needed(seq) > blocks.num_blocks:
+            raise InvalidRequestError("best_of" if params.best_of else "n",
+                                      f"{params.num_sequences} sequences of this prompt do not fit the KV cache")
         seq.prefix_offset = max(0, len(token_ids) - DETOKENIZE_CONTEXT)
         seq.read_offset = len(token_ids)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
-        seq = self.requests.pop(request_id, None)
-        if seq is None:
-            return  # unknown or already finished
-        self.scheduler.finish(seq, "abort")
-        self.ended.append(seq)
+        self._end(request_id, "abort")  # unknown or already finished: nothing to do
 
     def _fail(self, seq: Sequence) -> None:
         """Ends a request whose processing raised (call it in the except block: it logs the traceback)."""
         log.exception("request %s failed in the engine; the other requests go on", seq.request_id)
-        if self.requests.pop(seq.request_id, None) is not None:
-            self.scheduler.finish(seq, "error")
-            self.ended.append(seq)
+        self._end(seq.request_id, "error")
+
+    def _end(self, request_id: str, reason: str) -> None:
+        """Finishes every unfinished sequence of a request; their last (empty) outputs go with the next step."""
+        seq = self.requests.pop(request_id, None)
+        for member in seq.group if seq else ():
+            if member.finish_reason is None:
+                self.scheduler.finish(member, reason)
+                self.ended.append(member)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests or self.ended or self.ready)
@@ -167,14 +180,21 @@ class LLMEngine:
         self.num_steps += 1
         self.num_prefill_steps += num_prefill > 0
         previous_rows = len(self.in_flight.seqs) if self.in_flight else 0
+        prefilled = seqs[:num_prefill]
+        prompt_logits = any(seq.wants_prompt_logprobs for seq in prefilled)
+        forking = [seq for seq in prefilled if seq.unforked]
         # Greedy steps take their tokens from the model runner (argmax on every rank, no logits gathered).
-        greedy = not any(seq.params.needs_logits for seq in seqs)
+        greedy = not (any(seq.params.needs_logits for seq in seqs) or prompt_logits or forking)
         batch = Batch.from_sequences(seqs, num_prefill, self.config.block_size, previous_rows, greedy)
         # Where the penalties find a pending token. A request with a logits processor is in no greedy step, so
         # its pending token is a sampled step's, never in the decode graphs' buffer that this step overwrites.
         previous = self.runner.previous_tokens
         result = self.runner.call("execute_model", batch.pack())
         logits = None if greedy else result
+        if prompt_logits:
+            logits = self._take_prompt_logprobs(logits, batch, prefilled)
+        if forking:
+            seqs, logits = self._fork(seqs, forking, logits)
         token_ids = result if greedy else self._sample(logits, seqs, previous)
         self.runner.previous_tokens = token_ids  # the next batch's pending inputs name rows of it
         sampled = None
@@ -187,8 +207,44 @@ class LLMEngine:
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
             seq.pending_row = row
-        wants_logprobs = any(seq.params.logprobs is not None for seq in seqs)
+        wants_logprobs = any(seq.params.logprobs is not None or seq.params.ranks_sequences for seq in seqs)
         return LaunchedStep(seqs, token_ids, sampled, logits if wants_logprobs else None)
+
+    def _take_prompt_logprobs(self, logits: torch.Tensor, batch: Batch, prefilled: list[Sequence]) -> torch.Tensor:
+        """Computes the prompt logprobs of the sequences that asked, from the logits of their every prompt token;
+        returns the logits with one row per sequence left, as sampling takes them."""
+        rows, start = [], 0
+        for seq, begin, end in zip(prefilled, batch.cu_seqlens[:-1], batch.cu_seqlens[1:]):
+            if seq.wants_prompt_logprobs:   # row i predicts token i + 1; the first token has none
+                num_tokens = end - begin
+                seq.prompt_logprobs = [None] + self.sampler.token_logprobs(
+                    logits[start: start + num_tokens - 1], seq.token_ids[1:num_tokens], seq.params.prompt_logprobs)
+                seq.wants_prompt_logprobs = False
+                start += num_tokens
+            else:
+                start += 1
+            rows.append(start - 1)
+        return logits[rows + list(range(start, len(logits)))]
+
+    def _fork(self, seqs: list[Sequence], forking: list[Sequence], logits: torch.Tensor
+              ) -> tuple[list[Sequence], torch.Tensor]:
+        """The siblings of requests of n or best_of > 1, forked from their just-prefilled first sequence: they
+        share its prompt's KV blocks and sample their first tokens from its logits row. The scheduler reserved
+        their seats and blocks."""
+        children, rows, copies = [], list(range(len(seqs))), []
+        for parent in forking:
+            row = seqs.index(parent)
+            for index in range(1, parent.unforked + 1):
+                child = parent.fork(index)
+                if (copy := self.scheduler.block_manager.fork(parent, child)) is not None:
+                    copies.append(copy)
+                self.scheduler.add_running(child)
+                children.append(child)
+                rows.append(row)
+            parent.unforked = 0
+        if copies:   # queued after this step's prefill, which wrote the blocks copied
+            self.runner.call("copy_blocks", copies)
+        return seqs + children, logits[rows]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], previous: torch.Tensor | None) -> torch.Tensor:
         try:
@@ -221,6 +277,10 @@ class LLMEngine:
         """Take a sampled token into its sequence: stop conditions, text, and the request's output."""
         seq.token_ids[seq.num_known_tokens] = token_id
         seq.num_pending -= 1
+        if token_logprobs and seq.params.ranks_sequences:
+            seq.cumulative_logprob += token_logprobs["logprob"]
+        if seq.params.logprobs is None:   # computed for the ranking only
+            token_logprobs = None
         text_start = len(seq.output_text)
         new_text = self._process_token(seq, token_id)
         if token_logprobs:  # where the token's text begins in the output's (a stop string may have cut it off)
@@ -228,7 +288,8 @@ class LLMEngine:
         if seq.finish_reason:
             seq.drop_pending()
             self.scheduler.finish(seq, seq.finish_reason)
-            del self.requests[seq.request_id]
+            if seq.request_finished:
+                del self.requests[seq.request_id]
         # token_logprobs is None for requests that did not ask
         return self._output(seq, [token_id], new_text, [token_logprobs] if token_logprobs else None)
 
@@ -283,15 +344,19 @@ class LLMEngine:
 
     @staticmethod
     def _output(seq: Sequence, token_ids: list[int], text: str, logprobs) -> RequestOutput:
+        prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=token_ids,
             new_text=text,
-            finished=seq.finish_reason is not None,
+            finished=seq.request_finished,
             finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             logprobs=logprobs,
+            index=seq.index,
+            cumulative_logprob=seq.cumulative_logprob if seq.params.ranks_sequences else None,
+            prompt_logprobs=prompt_logprobs,
         )
 
     # --- weights and memory -------------------------------------------------------------------------

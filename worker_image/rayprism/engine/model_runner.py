@@ -45,12 +45,16 @@ class Batch:
     context_lens: list[int]  # decode part
     previous_rows: int = 0  # > 0: negative input ids name rows of the previous step's sampled tokens
     greedy: bool = False  # the step returns greedy tokens (on every rank), not logits
+    # Prefill part: the sequences whose logits are returned for every prompt token (prompt_logprobs), not only
+    # the last one's.
+    prompt_logits: list[bool] | None = None
 
     @classmethod
     def from_sequences(cls, seqs: list[Sequence], num_prefill: int, block_size: int, previous_rows: int = 0,
                        greedy: bool = False) -> Batch:
         """seqs[:num_prefill] are prefilled, the rest decode. A decode input still pending on the device (the
-        previous step, of previous_rows rows, sampled it) is written as -1 - its row there."""
+        previous step, of previous_rows rows, sampled it) is written as -1 - its row there. A prefilled sequence
+        that wants_prompt_logprobs gets the logits of every prompt token."""
         input_ids, positions, slots, cu_seqlens = [], [], [], [0]
         pending = False
         for i, seq in enumerate(seqs):
@@ -68,18 +72,26 @@ class Batch:
         width = max((len(seq.block_table) for seq in decode), default=0)
         block_tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in decode]
         return cls(input_ids, positions, slots, cu_seqlens, block_tables, [len(seq) for seq in decode],
-                   previous_rows if pending else 0, greedy)
+                   previous_rows if pending else 0, greedy, [seq.wants_prompt_logprobs for seq in seqs[:num_prefill]])
+
+    def logits_rows(self) -> list[int]:
+        """The tokens whose logits the step returns, in order: each prefilled sequence's last token (all of its
+        tokens where prompt_logits says so), then every decode token."""
+        prompt_logits = self.prompt_logits or [False] * (len(self.cu_seqlens) - 1)
+        rows = []
+        for start, end, every in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:], prompt_logits):
+            rows.extend(range(start, end) if every else [end - 1])
+        return rows + list(range(self.cu_seqlens[-1], len(self.input_ids)))
 
     def pack(self) -> torch.Tensor:
         """One int64 CPU tensor, a header of sizes then every field: what rank 0 broadcasts to the other ranks,
         and one host-to-device copy instead of one per field."""
         prefill_lens = [end - start for start, end in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:])]
         num_prefill_tokens = self.cu_seqlens[-1]
-        # Rows whose logits are sampled: each prefilled sequence's last token, then every decode token.
-        logits_rows = [end - 1 for end in self.cu_seqlens[1:]] + list(range(num_prefill_tokens, len(self.input_ids)))
+        logits_rows = self.logits_rows()
         width = len(self.block_tables[0]) if self.block_tables else 0
         header = [len(self.input_ids), len(prefill_lens), len(self.context_lens), width, max(prefill_lens, default=0),
-                  self.previous_rows, int(self.greedy), 0]
+                  self.previous_rows, int(self.greedy), len(logits_rows)]
         # array('q') converts in C; torch.tensor(list) takes several ms for the block tables of a large batch.
         packed = array.array("q", header)
         for field in (self.input_ids, self.positions, self.slot_mapping, self.cu_seqlens, logits_rows,
@@ -294,10 +306,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, packed: torch.Tensor) -> torch.Tensor | None:
         """Run one step (a Batch.pack()). A greedy batch returns its tokens (on every rank: they stay on the device
-        for the next step); any other returns to rank 0 the logits of each sequence's last token (None elsewhere)."""
+        for the next step); any other returns to rank 0 the logits of Batch.logits_rows (None elsewhere)."""
         header = packed[:PACK_HEADER].tolist()
-        num_tokens, num_prefill, num_decode, width, max_prefill_len, previous_rows, greedy, _ = header
-        sizes = [num_tokens] * 3 + [num_prefill + 1, num_prefill + num_decode, num_decode, num_decode * width]
+        num_tokens, num_prefill, num_decode, width, max_prefill_len, previous_rows, greedy, num_logits_rows = header
+        sizes = [num_tokens] * 3 + [num_prefill + 1, num_logits_rows, num_decode, num_decode * width]
         data = self._to_device(packed[PACK_HEADER:])
         input_ids, positions, slots, cu_seqlens, logits_rows, context_lens, tables = unpack(data, sizes)
         if previous_rows and self.world_size > 1 and not self.previous_tokens_on_every_rank:
@@ -325,6 +337,13 @@ class ModelRunner:
             self.previous_tokens = tokens
             return tokens
         return self.model.lm_head.gather(logits)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """KV blocks copied (source, destination) in every layer: a forked sequence's own copy of a shared prompt's
+        last, partial block. Queued on the stream after the prefill that wrote them."""
+        if self.kv_cache is not None:
+            src, dst = torch.tensor(pairs, device=self.device).T
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     def _to_device(self, data: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":

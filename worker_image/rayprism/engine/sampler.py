@@ -20,8 +20,9 @@ class Sampler:
     def generator_for(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
             return self.generator
-        if seq.generator is None:
-            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+        if seq.generator is None:  # a request's sequences (n > 1) each draw their own stream from its seed
+            seed = (seq.params.seed + seq.index * 0x9E3779B97F4A7C15) % 2**64
+            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
         return seq.generator
 
     @torch.inference_mode()
@@ -151,21 +152,27 @@ class Sampler:
     @staticmethod
     @torch.inference_mode()
     def logprobs(logits: torch.Tensor, token_ids: list[int], seqs: list[Sequence]) -> list[dict | None] | None:
-        """Per row: the chosen token's logprob and the top ones, for the sequences that asked (else None)."""
-        params = [s.params for s in seqs]
-        if all(p.logprobs is None for p in params):
+        """Per row: the chosen token's logprob and the top ones, for the sequences that asked or whose request
+        ranks its sequences by their cumulative logprob (else None)."""
+        wanted = [s.params.logprobs is not None or s.params.ranks_sequences for s in seqs]
+        if not any(wanted):
             return None
+        entries = Sampler.token_logprobs(logits, token_ids, [s.params.logprobs or 0 for s in seqs])
+        return [entry if want else None for entry, want in zip(entries, wanted)]
+
+    @staticmethod
+    @torch.inference_mode()
+    def token_logprobs(logits: torch.Tensor, token_ids: list[int], top_k: int | list[int]) -> list[dict]:
+        """Per row of logits: the logprob of token_ids[row] under the model's distribution and the top_k most
+        likely tokens' ({token id: logprob}); top_k per row or for all."""
+        top_ks = top_k if isinstance(top_k, list) else [top_k] * len(token_ids)
         logprobs = logits.float().log_softmax(dim=-1)
-        max_k = max(p.logprobs or 0 for p in params)
+        max_k = max(top_ks, default=0)
         top_values, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (None, None)
-        chosen = logprobs.gather(-1, torch.tensor(token_ids, device=logits.device)[:, None]).squeeze(-1).tolist()
-        out = []
-        for row, p in enumerate(params):
-            if p.logprobs is None:
-                out.append(None)
-                continue
-            top = {}
-            if p.logprobs:
-                top = dict(zip(top_ids[row, : p.logprobs].tolist(), top_values[row, : p.logprobs].tolist()))
-            out.append({"token_id": token_ids[row], "logprob": chosen[row], "top": top})
-        return out
+        chosen = logprobs.gather(-1, torch.tensor(token_ids, device=logits.device, dtype=torch.long)[:, None])
+        chosen = chosen.squeeze(-1).tolist()
+        if max_k:
+            top_values, top_ids = top_values.tolist(), top_ids.tolist()
+        return [{"token_id": token, "logprob": chosen[row],
+                 "top": dict(zip(top_ids[row][:k], top_values[row][:k])) if k else {}}
+                for row, (token, k) in enumerate(zip(token_ids, top_ks))]

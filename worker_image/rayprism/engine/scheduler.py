@@ -53,9 +53,13 @@ class Scheduler:
             decode.append(seq)
         prefill, num_tokens = [], len(decode)
         # After a preemption the pool is full: admitting anyone now would only preempt again.
-        while self.waiting and self.num_preemptions == preemptions and len(self.running) < self.max_num_seqs:
+        # A sequence with siblings to fork (n, best_of) needs their seats and their blocks now (LLMEngine forks them
+        # right after this step's prefill).
+        while self.waiting and self.num_preemptions == preemptions:
             seq = self.waiting[0]
-            if num_tokens + len(seq) > self.max_num_batched_tokens or not self.block_manager.can_allocate(seq):
+            if (len(self.running) + 1 + seq.unforked > self.max_num_seqs
+                    or num_tokens + len(seq) > self.max_num_batched_tokens
+                    or not self.block_manager.can_allocate(seq, self.block_manager.fork_blocks_needed(seq))):
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq)
@@ -64,6 +68,11 @@ class Scheduler:
             prefill.append(seq)
             num_tokens += len(seq)
         return prefill + decode, len(prefill)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence forked from a running one (its blocks given by BlockManager.fork)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

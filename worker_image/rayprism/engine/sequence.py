@@ -25,6 +25,12 @@ class Sequence:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
+        self.index = 0  # among its request's sequences (n, best_of)
+        self.group: list[Sequence] = [self]  # the request's sequences, this one included
+        self.unforked = params.num_sequences - 1  # siblings to fork from this one's first prefill
+        self.wants_prompt_logprobs = params.prompt_logprobs is not None  # cleared once computed
+        self.prompt_logprobs: list[dict | None] | None = None  # computed, not yet sent
+        self.cumulative_logprob = 0.0  # of the sampled tokens, kept when params.ranks_sequences
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.generator: torch.Generator | None = None  # per-request RNG when params.seed is set
@@ -36,6 +42,19 @@ class Sequence:
         self.num_emitted_chars = 0
         self.prefix_offset = 0
         self.read_offset = 0
+
+    def fork(self, index: int) -> Sequence:
+        """A sibling of a sequence whose prompt was just prefilled: the same prompt (its KV blocks are shared by
+        the block manager), no output yet."""
+        child = Sequence(self.request_id, self.token_ids[: self.num_prompt_tokens], self.params, self.arrival)
+        child.index, child.group, child.unforked, child.wants_prompt_logprobs = index, self.group, 0, False
+        child.prefix_offset, child.read_offset = self.prefix_offset, self.read_offset
+        self.group.append(child)
+        return child
+
+    @property
+    def request_finished(self) -> bool:
+        return all(seq.finish_reason is not None for seq in self.group)
 
     def __len__(self) -> int:
         """Tokens in the KV cache once the steps in flight are done (pending ones included)."""
