@@ -50,6 +50,20 @@ def test_generate_matches_the_bare_engine(llm, checkpoints):
     assert all(r.finish_reason == "length" and r.num_prompt_tokens > 0 and r.text for r in results)
 
 
+async def test_n_and_best_of(llm):
+    """Each prompt's n sequences come together; with best_of > n, the n of highest cumulative logprob, best first."""
+    sampled = SamplingParams(max_tokens=6, temperature=1.0, seed=11, ignore_eos=True)
+    results = llm.generate(PROMPTS, [SamplingParams(**{**vars(sampled), "n": 2}), sampled])
+    assert [r.index for r in results] == [0, 1, 0] and results[0].token_ids != results[1].token_ids
+    assert results[2].token_ids == llm.generate(PROMPTS[1], sampled)[0].token_ids
+    best = [out async for out in llm.generate_async(PROMPTS[0], SamplingParams(**{**vars(sampled), "n": 2,
+                                                                                  "best_of": 4}))]
+    all_four = llm.generate(PROMPTS[0], SamplingParams(**{**vars(sampled), "n": 4}))
+    assert [b.index for b in best] == [0, 1]
+    assert best[0].cumulative_logprob >= best[1].cumulative_logprob
+    assert {tuple(b.token_ids) for b in best} <= {tuple(a.token_ids) for a in all_four}
+
+
 async def test_stream_increments_add_up_and_leaving_early_aborts(llm):
     [whole] = llm.generate(PROMPTS[0], GREEDY)
     pieces = [out async for out in llm.generate_async(PROMPTS[0], GREEDY, stream=True)]

@@ -32,21 +32,51 @@ class RequestFailedError(RuntimeError):
 
 @dataclass
 class CompletionOutput:
-    """The whole result of one request."""
+    """The whole result of one sequence of a request (a request of n > 1 has n of them, by index)."""
     request_id: str
+    index: int = 0
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     logprobs: list[dict] | None = None
+    cumulative_logprob: float | None = None   # when best_of > n
+    prompt_logprobs: list[dict | None] | None = None   # the request's, when asked (the first prompt token: None)
 
     def add(self, output: RequestOutput) -> None:
         self.text += output.new_text
         self.token_ids.extend(output.new_token_ids)
         self.finish_reason = output.finish_reason
         self.num_prompt_tokens = output.num_prompt_tokens
+        self.cumulative_logprob = output.cumulative_logprob
         if output.logprobs is not None:
             self.logprobs = (self.logprobs or []) + output.logprobs
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
+
+
+class RequestResult:
+    """Collects a request's RequestOutputs into one CompletionOutput per sequence."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.sequences: dict[int, CompletionOutput] = {}
+
+    def add(self, output: RequestOutput) -> None:
+        self.sequences.setdefault(output.index, CompletionOutput(self.request_id, output.index)).add(output)
+
+    def best(self, n: int) -> list[CompletionOutput]:
+        """The n sequences returned: all of them in index order, or with best_of > n the n of highest cumulative
+        logprob, best first and indexed again from 0. Each carries the request's prompt logprobs."""
+        outputs = [self.sequences[index] for index in sorted(self.sequences)]
+        prompt_logprobs = outputs[0].prompt_logprobs if outputs else None
+        if len(outputs) > n:
+            outputs = sorted(outputs, key=lambda output: -output.cumulative_logprob)[:n]
+            for index, output in enumerate(outputs):
+                output.index = index
+        for output in outputs:
+            output.prompt_logprobs = prompt_logprobs
+        return outputs
 
 
 class LLM:
@@ -126,7 +156,8 @@ class LLM:
     # ---- generation --------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[CompletionOutput]:
-        """Blocks until every prompt is finished; results come in the order of the prompts."""
+        """Blocks until every prompt is finished; results come in the order of the prompts, each prompt's n
+        sequences together (see RequestResult.best)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = _params_per_prompt(params, len(prompts))
@@ -134,7 +165,7 @@ class LLM:
         outputs = {}
         for prompt, sampling in zip(prompts, params_list):
             request_id = self._executor.new_request_id()
-            outputs[request_id] = CompletionOutput(request_id)
+            outputs[request_id] = RequestResult(request_id)
             try:
                 self._executor.add_request(request_id, prompt, sampling,
                                            lambda item, rid=request_id: results.put((rid, item)))
@@ -149,7 +180,7 @@ class LLM:
                 raise _error(request_id, item)
             outputs[request_id].add(item)
             remaining -= item.finished
-        return list(outputs.values())
+        return [output for result, sampling in zip(outputs.values(), params_list) for output in result.best(sampling.n)]
 
     def _abort_all(self, outputs: dict) -> None:
         for request_id in outputs:
@@ -157,7 +188,8 @@ class LLM:
 
     async def generate_async(self, prompt: Prompt, params: SamplingParams | None = None, *, stream: bool = False,
                              request_id: str | None = None) -> AsyncIterator[RequestOutput | CompletionOutput]:
-        """stream=True yields each RequestOutput increment; stream=False yields one CompletionOutput at the end.
+        """stream=True yields each RequestOutput increment (of each sequence, by index); stream=False yields the
+        request's n CompletionOutputs at the end (see RequestResult.best).
         Closing the iterator early (aclose(), e.g. through contextlib.aclosing) or cancelling the task aborts
         the request; an iterator merely dropped is aborted when Python finalises it."""
         loop = asyncio.get_running_loop()
@@ -170,8 +202,9 @@ class LLM:
                 pass
 
         request_id = request_id or self._executor.new_request_id()
-        self._executor.add_request(request_id, prompt, _params_per_prompt(params, 1)[0], sink)
-        result = CompletionOutput(request_id)
+        params = _params_per_prompt(params, 1)[0]
+        self._executor.add_request(request_id, prompt, params, sink)
+        result = RequestResult(request_id)
         finished = False
         try:
             while not finished:
@@ -184,7 +217,8 @@ class LLM:
                 if stream:
                     yield item
             if not stream:
-                yield result
+                for output in result.best(params.n):
+                    yield output
         finally:
             if not finished:
                 self._executor.abort(request_id)
