@@ -292,6 +292,13 @@ class Engine(_Model):
     max_queue_size: int = Field(
         default=1024, ge=1, description="Requests waiting beyond this get 429 instead of queueing without bound."
     )
+    tool_call_parser: Literal["auto", "none", "hermes", "llama3_json"] = Field(
+        default="auto",
+        description="How the server finds tool calls in replies to tool_choice \"auto\" (the default when a request "
+        "has tools): auto picks the model's format from its chat template (or model type); none refuses "
+        "tool_choice \"auto\"; or a format: hermes (Qwen2.5, Qwen3, Hermes 2 Pro), llama3_json (Llama 3.1-3.3). "
+        "tool_choice \"required\" and named functions need none (the grammar enforces them).",
+    )
 
 
 class Rollout(_Model):

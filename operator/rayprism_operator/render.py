@@ -200,6 +200,8 @@ def serve_args(spec: InferenceDeploymentSpec) -> list[str]:
         args += ["--max-model-len", str(engine.max_model_len)]
     if engine.enforce_eager:
         args.append("--enforce-eager")
+    if engine.tool_call_parser != "auto":    # the server's default: unchanged commands for specs without it
+        args += ["--tool-call-parser", engine.tool_call_parser]
     return args
 
 

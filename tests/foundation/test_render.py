@@ -297,6 +297,7 @@ HASH_KEEPING = [
     {"spec.service.allowFrom": [{"namespaceSelector": {}}]},
     {"spec.model.revision": "new-weights"},          # InPlace: weights load into running replicas
     {"spec.engine.maxNumSeqs": 256},                  # written out, equal to the default
+    {"spec.engine.toolCallParser": "auto"},           # the default: the server's too
     {"spec.rollout.weightUpdate": "Rolling"},         # switching how weights update rolls nothing
     # Rolling: the planner replaces replicas by their weights annotation, not by the hash.
     {"spec.rollout.weightUpdate": "Rolling", "spec.model.revision": "new-weights"},
@@ -306,6 +307,7 @@ HASH_CHANGING = [
     {"spec.parallelism.pipeline": 2},
     {"spec.image": "example.com/worker:2"},
     {"spec.engine.maxNumSeqs": 128},
+    {"spec.engine.toolCallParser": "hermes"},
     {"spec.resources.memory": "256Gi"},
     {"spec.model.uri": "hf://meta-llama/Llama-3.1-70B-Instruct"},
 ]
@@ -325,6 +327,21 @@ def test_hash_is_stable_and_label_safe(llama):
     assert _hash(llama) == _hash(llama)
     assert len(_hash(llama)) == 10 and _hash(llama).isalnum()
     assert render.revision_hash(_infd(llama).spec, render.RenderOptions(default_image="other:1")) != _hash(llama)
+
+
+@pytest.mark.parametrize("parser, flags", [
+    (None, []),
+    ("auto", []),       # the server's default: the command stays as it was before the field
+    ("none", ["--tool-call-parser", "none"]),
+    ("hermes", ["--tool-call-parser", "hermes"]),
+    ("llama3_json", ["--tool-call-parser", "llama3_json"]),
+])
+def test_tool_call_parser_reaches_the_server(llama, parser, flags):
+    infd = _infd(with_changes(llama, **({"spec.engine.toolCallParser": parser} if parser else {})))
+    args = render.serve_args(infd.spec)
+    assert args[args.index("--tool-call-parser"):][:2] == flags if flags else "--tool-call-parser" not in args
+    head = render.render_raycluster(infd, "abc", "x")["spec"]["headGroupSpec"]["template"]["spec"]
+    assert " ".join(flags) in head["containers"][0]["args"][0]
 
 
 @functools.cache

@@ -11,6 +11,7 @@ import time
 from aiohttp import web
 
 from rayprism.server.app import Server, first_line
+from rayprism.server.tools import PARSER_CHOICES
 
 log = logging.getLogger("rayprism.serve")
 
@@ -35,6 +36,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--enforce-eager", action="store_true", help="no CUDA graphs")
     add("--max-queue-size", type=_non_negative_int, default=1024,
         help="requests admitted beyond --max-num-seqs before answering 429")
+    add("--tool-call-parser", default="auto", choices=PARSER_CHOICES,
+        help="how tool calls are found in replies to tool_choice 'auto' (the default when a request has tools): "
+             "'auto' picks the format from the chat template (or the model type), 'none' refuses tool_choice "
+             "'auto' with a 400, or a format: hermes (Qwen2.5, Qwen3, Hermes), llama3_json (Llama 3.1-3.3). "
+             "tool_choice 'required' and named functions work without one (the grammar enforces them)")
     add("--host", default="0.0.0.0")
     add("--port", type=int, default=8000, help="the OpenAI API, /health, /live and /metrics")
     add("--admin-port", type=int, default=8001,
