@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from rayprism.engine import SamplingParams
+from rayprism.server.protocol import NOT_WIRED_YET
 from tests.serving.helpers import (FAULTY_SEED, FAULTY_WORKERS_ENV, STALL_FILE, RayNodes, ServeProcess,
                                   reference_outputs)
 
@@ -261,7 +262,8 @@ BAD_REQUESTS = [
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                           "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
-    ("chat/completions", {"model": MODEL, "messages": [{"content": "hi"}]}, 400, "messages[0]"),
+    ("chat/completions", {"model": MODEL, "messages": [{"content": "hi"}]}, 400, "messages[0].role"),
+    ("chat/completions", {"model": MODEL, "messages": ["hi"]}, 400, "messages[0]"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 3}]}, 400,
      "messages[0].content"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
@@ -270,7 +272,48 @@ BAD_REQUESTS = [
                           "top_logprobs": 21}, 400, "top_logprobs"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}] * 513}, 400,
      "messages"),
+    # every field either works or is refused; the fields not served yet are typed and range-checked
+    ("completions", {"model": MODEL, "prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
+    ("completions", {"model": MODEL, "prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, 400,
+     "messages"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "prompt": "hi"}, 400,
+     "prompt"),
+    ("completions", {"model": MODEL, "prompt": "hi", "suffix": "}"}, 400, "suffix"),
+    ("completions", {"model": MODEL, "prompt": "hi", "n": 0}, 400, "n"),
+    ("completions", {"model": MODEL, "prompt": "hi", "n": 2, "best_of": 1}, 400, "best_of"),
+    ("completions", {"model": MODEL, "prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
+    ("completions", {"model": MODEL, "prompt": "hi", "response_format": {"type": "xml"}}, 400, "response_format"),
+    ("completions", {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_schema"}}, 400,
+     "response_format"),
+    ("completions", {"model": MODEL, "prompt": "hi", "response_format": {"type": "json_schema",
+                                                                        "json_schema": {"schema": {}}}},
+     400, "response_format"),
+    ("completions", {"model": MODEL, "prompt": "hi", "guided_json": "{not json"}, 400, "guided_json"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": {}}, 400,
+     "tools"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tool_choice": 5}, 400,
+     "tool_choice"),
+    ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 400,
+     "logprobs"),
+    *[(endpoint, {"model": MODEL, **base, field: value}, 400, field)   # refused until served
+      for endpoint, base, field, value in [
+          ("completions", {"prompt": "hi"}, "n", 2), ("completions", {"prompt": "hi"}, "best_of", 2),
+          ("completions", {"prompt": "hi"}, "echo", True), ("completions", {"prompt": "hi"}, "prompt_logprobs", 0),
+          ("completions", {"prompt": "hi"}, "response_format", {"type": "json_object"}),
+          ("completions", {"prompt": "hi"}, "guided_json", {"type": "object"}),
+          ("completions", {"prompt": "hi"}, "guided_regex", "a+"),
+          ("completions", {"prompt": "hi"}, "guided_choice", ["a", "b"]),
+          ("completions", {"prompt": "hi"}, "guided_grammar", "root ::= 'a'"),
+          ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "tools",
+           [{"type": "function", "function": {"name": "f"}}]),
+          ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "tool_choice", "required"),
+          ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                "tools": [{"type": "function", "function": {"name": "f"}}]}, "parallel_tool_calls",
+           False)]
+      if field in NOT_WIRED_YET],
     ("/tokenize", [1], 400, None),
+    ("/tokenize", {"prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
+    ("/detokenize", {"tokens": [1], "frobnicate": 1}, 400, "frobnicate"),
     ("/tokenize", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
     ("/tokenize", {"model": 5, "prompt": "hi"}, 400, "model"),
     ("/tokenize", {"model": MODEL}, 400, "prompt"),

@@ -1,18 +1,31 @@
 """OpenAI request parsing and response shapes (completions and chat completions), and vLLM's
 /tokenize and /detokenize requests.
 
-Every field a request may carry is checked here, type and range, so that a bad value is a 400 naming it
-(`param`) and never an error deep in the engine. Unknown fields are ignored, as other OpenAI-compatible
-servers do."""
+Requests are pydantic models of OpenAI's schema (and vLLM's extensions): every field a request may carry is
+declared with a strict type (a bool is not an int, "1" is not a number; JSON integers are fine for numbers),
+so that a bad value is a 400 naming it (`param`) and never an error deep in the engine. Value ranges are
+SamplingParams.validate()'s (the Python API needs them too), checked once the request is parsed. Every field
+either works or is refused: an unknown field is a 400 naming it; the few fields accepted without effect are
+IGNORED_FIELDS (each logged once per process), and fields parsed but not served yet are NOT_WIRED_YET.
+
+Responses are built as dicts on the serving path (completion(), choice(), envelope()): the pydantic response
+models below describe the same shapes, and the tests validate every response against them; building a
+streamed chunk through them costs more than the dict (bench/http_overhead.py measures both)."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from rayprism.engine import InvalidRequestError, SamplingParams
-from rayprism.engine.sampling import MAX_LOGPROBS
+
+log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 1024, 256
 # Checked before tokenising (megabytes cost seconds of CPU only to be refused): text averages about 4
@@ -24,6 +37,26 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({
     "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
     "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
     "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+# Parsed and typed, in ParsedRequest, but not served yet: a request that asks for one of them (a value other
+# than the one that asks for nothing, _ASKS_NOTHING) is refused with a 400 naming it. Each is removed from here
+# once the server serves it; n, best_of and prompt_logprobs then go into SamplingParams, whose validate()
+# checks their ranges.
+NOT_WIRED_YET = {"n", "best_of", "echo", "prompt_logprobs", "response_format", "guided_json", "guided_regex",
+                 "guided_choice", "guided_grammar", "tools", "tool_choice", "parallel_tool_calls"}
+# Accepted and without effect here, each logged once per process (at WARNING, as vLLM does): field -> why.
+IGNORED_FIELDS = {
+    "user": "an end user's id, for OpenAI's abuse monitoring; nothing here reads it",
+    "safety_identifier": "an end user's id, for OpenAI's abuse monitoring (user's successor); nothing here reads it",
+    "store": "asks OpenAI to keep the completion for its dashboard; nothing is stored here",
+    "metadata": "tags of a stored completion (store); nothing is stored here",
+    "service_tier": "OpenAI's processing tiers; this server has one",
+    "prompt_cache_key": "a routing hint for OpenAI's prompt cache; it changes no output",
+    "stream_options.include_obfuscation": "OpenAI pads stream chunks against side channels; this server does not",
+}
+SUFFIX_REFUSED = ("not supported: inserting text before a suffix needs a fill-in-the-middle prompt template, "
+                  "which the models served here do not have (vLLM refuses it too)")
+_warned_ignored: set[str] = set()
 
 
 class APIError(Exception):
@@ -43,11 +76,327 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+# ---- requests: OpenAI's schema as pydantic models -------------------------------------------------------
+def _error(message: str) -> PydanticCustomError:
+    """A refusal of a validator: its answer is "'<field>': <message>"."""
+    return PydanticCustomError("rayprism", message)
+
+
+class _Request(BaseModel):
+    """Strict types, no unknown fields (each is refused with a 400 naming it)."""
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(_Request):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str     # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Request):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
+class Message(_Request):
+    """A chat message. Keys beyond these are allowed and passed to the chat template, which may read them."""
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content):
+        if isinstance(content, list) and not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise _error("only text parts ({\"type\": \"text\", \"text\": ...}) are supported")
+        if content is not None and not isinstance(content, (str, list)):
+            raise _error("must be a string or a list of text parts")
+        return content
+
+    def template_dict(self) -> dict:
+        """What the chat template reads: the message as sent, its text parts joined, no content as ""."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        return {**self.model_dump(exclude_unset=True), "content": content or ""}
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None     # IGNORED_FIELDS
+
+
+class JSONSchemaFormat(_Request):
+    name: str
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Request):
+    """{"type": "text"} (plain generation, what SDKs send), {"type": "json_object"} or
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"?, "description"?}}."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise _error("'json_schema' goes with type \"json_schema\", and only with it")
+        return self
+
+
+def _listify(value):
+    return [value] if isinstance(value, str) else value
+
+
+class SamplingRequest(_Request):
+    """What completions and chat completions share. None means the default (SamplingParams' own)."""
+    model: str | None = None    # the server checks it before parsing (a 404 names another model)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: Annotated[list[str] | None, BeforeValidator(_listify)] = None    # a string or a list of them
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
+    ignore_eos: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_tokens: int | None = None
+    logit_bias: dict[str, float] | None = None    # {"token id": bias}: JSON keys are strings
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    # NOT_WIRED_YET
+    n: int | None = None
+    best_of: int | None = None
+    prompt_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None    # a JSON schema, or its JSON text
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+    # IGNORED_FIELDS
+    user: str | None = None
+    safety_identifier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, stop):
+        if stop is not None and (len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop)):
+            raise _error(f"at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters")
+        return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_id_keys(cls, bias):
+        """Range and vocabulary checks follow in the engine."""
+        if bias is not None and not all(token.isdecimal() for token in bias):
+            raise _error("must map token ids (strings of integers) to numbers")
+        return bias
+
+    @field_validator("guided_json")
+    @classmethod
+    def _json_schema_object(cls, schema):
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as err:
+                raise _error(f"not valid JSON: {err}") from None
+            if not isinstance(schema, dict):
+                raise _error("must be a JSON schema: an object, or its JSON text")
+        return schema
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions."""
+    prompt: Annotated[str | list[int], BeforeValidator(lambda prompt: _one_prompt(prompt))]
+    logprobs: int | None = None
+    suffix: str | None = None
+    echo: bool | None = None    # NOT_WIRED_YET
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix):
+        if suffix:
+            raise _error(SUFFIX_REFUSED)
+        return suffix
+
+
+def _one_prompt(prompt):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]      # a batch of one
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        raise _error("only one prompt per request is supported")
+    if not prompt and isinstance(prompt, (str, list)):
+        raise _error("must not be empty")
+    if not isinstance(prompt, (str, list)):
+        raise _error("must be a non-empty string or a non-empty list of token ids")
+    return prompt
+
+
+class ChatTemplateFields(_Request):
+    """apply_chat_template's keyword arguments (vLLM's): chat completions and /tokenize's chat form."""
+    messages: list[Message] = Field(min_length=1)
+    add_generation_prompt: bool | None = None      # default true
+    continue_final_message: bool | None = None     # default false: the last message is continued (no end of turn)
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, extra):
+        if extra is None:
+            return extra
+        if len(json.dumps(extra)) > MAX_TEMPLATE_KWARGS_CHARS:
+            raise _error(f"must be at most {MAX_TEMPLATE_KWARGS_CHARS} characters of JSON")
+        if reserved := sorted(_RESERVED_TEMPLATE_KWARGS & extra.keys()):
+            raise _error(f"may not set {', '.join(reserved)} (apply_chat_template's own parameters)")
+        return extra
+
+    def template_options(self) -> dict:
+        generation_prompt = self.add_generation_prompt is not False
+        continue_final = self.continue_final_message is True
+        if generation_prompt and continue_final:
+            raise bad_request("'continue_final_message' and 'add_generation_prompt' cannot both be true",
+                              "continue_final_message")
+        return {**(self.chat_template_kwargs or {}), "add_generation_prompt": generation_prompt,
+                "continue_final_message": continue_final}
+
+
+class ChatCompletionRequest(ChatTemplateFields, SamplingRequest):
+    """POST /v1/chat/completions."""
+    max_completion_tokens: int | None = None     # OpenAI's successor of max_tokens; wins when both are given
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    # NOT_WIRED_YET; their validation is server/tools.py's
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+
+class TokenizeCompletionRequest(_Request):
+    """vLLM's /tokenize with a prompt."""
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool | None = None     # default true
+    return_token_strs: bool | None = None
+
+
+class TokenizeChatRequest(ChatTemplateFields):
+    """vLLM's /tokenize with messages (through the chat template)."""
+    model: str | None = None
+    add_special_tokens: bool | None = None     # default false: the template holds the special tokens it wants
+    return_token_strs: bool | None = None
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+def _validate(model: type[_Request], body: dict):
+    try:
+        return model.model_validate(body)
+    except ValidationError as err:
+        raise _refusal(err) from None
+
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
+               bool: "a boolean", type(None): "null"}
+# pydantic's words for JSON's types
+_JSON_WORDS = (("a valid dictionary", "an object"), ("a valid list", "an array"), ("a valid string", "a string"),
+               ("a valid integer", "an integer"), ("a valid number", "a number"), ("a valid boolean", "a boolean"))
+
+
+def _refusal(err: ValidationError) -> APIError:
+    """The first field the ValidationError names, as a 400. Of its errors (a union gives one per member) the
+    deepest says most: it went furthest into the value."""
+    errors = err.errors(include_url=False, include_context=False)
+    param = _param(errors[0]["loc"])
+    errors = [e for e in errors if _param(e["loc"]) == param]
+    deepest = max(len(e["loc"]) for e in errors)
+    errors = [e for e in errors if len(e["loc"]) == deepest]
+    first, where = errors[0], _where(errors[0]["loc"])
+    if first["type"] == "extra_forbidden":
+        return bad_request(f"'{where}' is not a field this server knows (every field either works or is refused)",
+                           param)
+    if first["type"] == "missing":
+        return bad_request(f"'{where}' is required", param)
+    wants = []
+    for e in errors:
+        want = e["msg"].removeprefix("Input ").removeprefix("should be ")
+        want = want.split(" or instance of ")[0].replace(" after validation", "")
+        for words, json_words in _JSON_WORDS:
+            want = want.replace(words, json_words)
+        wants.append(want)
+    message = " or ".join(dict.fromkeys(wants))
+    if first["type"].endswith("_type"):
+        message = f"must be {message}, got {_JSON_TYPES.get(type(first['input']), type(first['input']).__name__)}"
+    elif first["type"] == "literal_error":
+        message = f"must be {message}, got {json.dumps(first['input'])[:100]}"
+    return bad_request(f"'{where}': {message}", param)
+
+
+def _param(loc: tuple) -> str | None:
+    """The field an error names: a top-level field (for an object-valued one, the field itself, not its keys),
+    or within messages, "messages[i]" and "messages[i].<field>"."""
+    if not loc:
+        return None
+    param = str(loc[0])
+    if param == "messages" and len(loc) > 1 and isinstance(loc[1], int):
+        param += f"[{loc[1]}]"
+        if len(loc) > 2 and loc[2] in Message.model_fields:
+            param += f".{loc[2]}"
+    return param
+
+
+def _where(loc: tuple) -> str:
+    """The full path of an error, for its message: without the union members pydantic names (str, list[int])."""
+    path = ""
+    for item in loc:
+        if isinstance(item, int):
+            path += f"[{item}]"
+        elif not ("[" in item or "-" in item or item in ("str", "int", "float", "bool", "dict", "list")):
+            path += f".{item}" if path else item
+    return path
+
+
+def _warn_ignored(request: BaseModel) -> None:
+    for name, why in IGNORED_FIELDS.items():
+        if name in _warned_ignored:
+            continue
+        holder, _, field = name.rpartition(".")
+        holder = getattr(request, holder, None) if holder else request
+        if holder is not None and field in holder.model_fields_set:
+            _warned_ignored.add(name)
+            log.warning("the request field '%s' is accepted and ignored: %s (logged once)", name, why)
+
+
+# ---- parsing ----------------------------------------------------------------------------------------------
 @dataclass
 class ParsedRequest:
     chat: bool
     prompt: str | list[int] | None      # completions: text or token ids; chat: None until the template runs
-    messages: list[dict] | None
+    messages: list[dict] | None         # chat: Message.template_dict()s
     template_options: dict | None       # chat: apply_chat_template's keyword arguments
     params: SamplingParams
     max_tokens_given: bool
@@ -56,75 +405,103 @@ class ParsedRequest:
     logprobs: int | None
     id: str
     created: int
+    # NOT_WIRED_YET: parsed and typed, refused unless they ask for nothing (_ASKS_NOTHING); the defaults do.
+    n: int = 1
+    best_of: int | None = None
+    echo: bool = False                  # completions only
+    prompt_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: dict | None = None     # a JSON schema (sent as an object or as its JSON text)
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    tools: list[dict] | None = None     # chat only, like the next two; validated by server/tools.py
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
 
 
-_NOT_SUPPORTED_UNLESS = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "tools": []}
+# For each NOT_WIRED_YET field, whether the request asks nothing of it (what today's generation does anyway).
+_ASKS_NOTHING = {
+    "n": lambda r: r.n == 1,
+    "best_of": lambda r: r.best_of in (None, r.n),
+    "echo": lambda r: not r.echo,
+    "prompt_logprobs": lambda r: r.prompt_logprobs is None,
+    "response_format": lambda r: r.response_format is None or r.response_format.type == "text",
+    "guided_json": lambda r: r.guided_json is None,
+    "guided_regex": lambda r: r.guided_regex is None,
+    "guided_choice": lambda r: r.guided_choice is None,
+    "guided_grammar": lambda r: r.guided_grammar is None,
+    "tools": lambda r: not r.tools,
+    "tool_choice": lambda r: r.tool_choice in (None, "none"),
+    "parallel_tool_calls": lambda r: r.parallel_tool_calls is None or not r.tools,
+}
+# SamplingParams' fields among NOT_WIRED_YET: they go into it once out of that set (validate() checks them).
+_SAMPLING_NOT_WIRED = ("n", "best_of", "prompt_logprobs")
+_STRUCTURED_OUTPUT = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 def parse_request(body, *, chat: bool) -> ParsedRequest:
     """Validates a request body; raises APIError(400) naming the offending field."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
-    for key, neutral in _NOT_SUPPORTED_UNLESS.items():
-        if body.get(key, neutral) not in (neutral, None):
-            raise bad_request(f"'{key}' is not supported (only {neutral!r})", key)
-    # SDKs send {"type": "text"}, which asks for nothing beyond plain generation.
-    if _field(body, "response_format", dict, {}).get("type", "text") != "text":
-        raise bad_request("'response_format': structured output is not supported yet (only {\"type\": \"text\"})",
-                          "response_format")
+    request = _validate(ChatCompletionRequest if chat else CompletionRequest, body)
+    _warn_ignored(request)
     messages, prompt, template_options = None, None, None
     if chat:
-        messages, template_options = _messages(body.get("messages")), _template_options(body)
-        max_tokens = _field(body, "max_completion_tokens", int, None)
-        max_tokens = max_tokens if max_tokens is not None else _field(body, "max_tokens", int, None)
-        wants_logprobs = _field(body, "logprobs", bool, False)
-        top_logprobs = _ranged(body, "top_logprobs", 0, MAX_LOGPROBS)
-        if top_logprobs is not None and not wants_logprobs:
+        messages, template_options = [m.template_dict() for m in request.messages], request.template_options()
+        max_tokens = request.max_completion_tokens
+        max_tokens = max_tokens if max_tokens is not None else request.max_tokens
+        if request.top_logprobs is not None and not request.logprobs:
             raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        logprobs = (top_logprobs or 0) if wants_logprobs else None
+        logprobs = (request.top_logprobs or 0) if request.logprobs else None
     else:
-        prompt = _prompt(body.get("prompt"))
-        max_tokens = _field(body, "max_tokens", int, 16)
-        logprobs = _ranged(body, "logprobs", 0, MAX_LOGPROBS)
-    stream = _field(body, "stream", bool, False)
-    stream_options = _field(body, "stream_options", dict, {})
-    if stream_options and not stream:
+        prompt, logprobs = request.prompt, request.logprobs
+        max_tokens = request.max_tokens if request.max_tokens is not None else 16
+    stream = request.stream is True
+    options = request.stream_options
+    if options is not None and options.model_fields_set and not stream:
         raise bad_request("'stream_options' needs 'stream': true", "stream_options")
-    include_usage = stream_options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise bad_request("'stream_options.include_usage' must be a boolean", "stream_options")
-    min_tokens = _field(body, "min_tokens", int, 0)
+    min_tokens = request.min_tokens
     values = dict(
         # Chat's default is filled in once the prompt is known (min_tokens is checked against it again then).
-        max_tokens=max_tokens if max_tokens is not None else max(1, min_tokens),
-        temperature=_field(body, "temperature", (int, float), 1.0),
-        top_p=_field(body, "top_p", (int, float), 1.0),
-        top_k=_field(body, "top_k", int, 0),
-        seed=_field(body, "seed", int, None),
-        stop=_stop(body.get("stop")),
-        stop_token_ids=_stop_token_ids(body.get("stop_token_ids")),
-        ignore_eos=_field(body, "ignore_eos", bool, False),
-        include_stop_str_in_output=_field(body, "include_stop_str_in_output", bool, False),
-        skip_special_tokens=_field(body, "skip_special_tokens", bool, True),
-        spaces_between_special_tokens=_field(body, "spaces_between_special_tokens", bool, True),
-        logprobs=logprobs,
-        repetition_penalty=_field(body, "repetition_penalty", (int, float), 1.0),
-        presence_penalty=_field(body, "presence_penalty", (int, float), 0.0),
-        frequency_penalty=_field(body, "frequency_penalty", (int, float), 0.0),
-        min_p=_field(body, "min_p", (int, float), 0.0),
-        min_tokens=min_tokens,
-        logit_bias=_logit_bias(body.get("logit_bias")),
-    )
+        max_tokens=max_tokens if max_tokens is not None else max(1, min_tokens or 0),
+        temperature=request.temperature, top_p=request.top_p, top_k=request.top_k, min_p=request.min_p,
+        seed=request.seed, stop=request.stop, stop_token_ids=request.stop_token_ids, ignore_eos=request.ignore_eos,
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        skip_special_tokens=request.skip_special_tokens,
+        spaces_between_special_tokens=request.spaces_between_special_tokens, logprobs=logprobs,
+        repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty, min_tokens=min_tokens,
+        logit_bias=None if request.logit_bias is None else {int(t): b for t, b in request.logit_bias.items()},
+        **{name: getattr(request, name) for name in _SAMPLING_NOT_WIRED if name not in NOT_WIRED_YET})
+    parsed = ParsedRequest(
+        chat=chat, prompt=prompt, messages=messages, template_options=template_options, params=SamplingParams(),
+        max_tokens_given=max_tokens is not None, stream=stream,
+        include_usage=stream and options is not None and options.include_usage is True, logprobs=logprobs,
+        id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),
+        n=request.n if request.n is not None else 1, best_of=request.best_of,
+        echo=not chat and request.echo is True, prompt_logprobs=request.prompt_logprobs,
+        response_format=request.response_format, guided_json=request.guided_json,
+        guided_regex=request.guided_regex, guided_choice=request.guided_choice, guided_grammar=request.guided_grammar,
+        tools=request.tools if chat else None, tool_choice=request.tool_choice if chat else None,
+        parallel_tool_calls=request.parallel_tool_calls if chat else None)
+    for name in sorted(NOT_WIRED_YET):
+        if not _ASKS_NOTHING[name](parsed):
+            raise bad_request(f"'{name}' is not supported yet (issue #18): this server parses it but does not "
+                              "serve it", name)
+    structured = [name for name in _STRUCTURED_OUTPUT if not _ASKS_NOTHING[name](parsed)]
+    if len(structured) > 1:
+        raise bad_request(f"one kind of structured output per request: {', '.join(structured)} were given",
+                          structured[1])
     try:
-        params = SamplingParams(**values)
-        params.validate()
+        parsed.params = SamplingParams(**{name: value for name, value in values.items() if value is not None})
+        parsed.params.validate()
     except InvalidRequestError as err:
+        # Chat asks the number of top logprobs in top_logprobs ('logprobs' is a boolean there).
+        if chat and err.param == "logprobs":
+            raise bad_request(f"top_logprobs{str(err).removeprefix('logprobs')}", "top_logprobs") from None
         raise bad_request(str(err), err.param) from None
-    return ParsedRequest(chat=chat, prompt=prompt, messages=messages, template_options=template_options,
-                         params=params,
-                         max_tokens_given=max_tokens is not None, stream=stream,
-                         include_usage=include_usage, logprobs=logprobs,
-                         id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()))
+    return parsed
 
 
 def check_prompt_size(req: ParsedRequest | TokenizeRequest, max_model_len: int) -> None:
@@ -155,127 +532,142 @@ class TokenizeRequest:
 
 def parse_tokenize(body: dict) -> TokenizeRequest:
     chat = "messages" in body
+    if not chat and "prompt" not in body:
+        raise bad_request("'prompt' (a string) or 'messages' is required", "prompt")
+    request = _validate(TokenizeChatRequest if chat else TokenizeCompletionRequest, body)
+    add_special_tokens = request.add_special_tokens if request.add_special_tokens is not None else not chat
     if chat:
-        prompt, messages = None, _messages(body["messages"])
-    else:
-        prompt, messages = body.get("prompt"), None
-        if not isinstance(prompt, str):
-            raise bad_request("'prompt' (a string) or 'messages' is required", "prompt")
-    return TokenizeRequest(chat=chat, prompt=prompt, messages=messages,
-                           template_options=_template_options(body) if chat else None,
-                           add_special_tokens=_field(body, "add_special_tokens", bool, not chat),
-                           return_token_strs=_field(body, "return_token_strs", bool, False))
-
-
-def _template_options(body: dict) -> dict:
-    """apply_chat_template's keyword arguments: vLLM's add_generation_prompt, continue_final_message (the last
-    message is continued: no generation prompt, no end of turn after it) and chat_template_kwargs."""
-    generation_prompt = _field(body, "add_generation_prompt", bool, True)
-    continue_final = _field(body, "continue_final_message", bool, False)
-    if generation_prompt and continue_final:
-        raise bad_request("'continue_final_message' and 'add_generation_prompt' cannot both be true",
-                          "continue_final_message")
-    extra = _field(body, "chat_template_kwargs", dict, {})
-    if len(json.dumps(extra)) > MAX_TEMPLATE_KWARGS_CHARS:
-        raise bad_request(f"'chat_template_kwargs' must be at most {MAX_TEMPLATE_KWARGS_CHARS} characters of JSON",
-                          "chat_template_kwargs")
-    if reserved := sorted(_RESERVED_TEMPLATE_KWARGS & extra.keys()):
-        raise bad_request(f"'chat_template_kwargs' may not set {', '.join(reserved)}", "chat_template_kwargs")
-    return {**extra, "add_generation_prompt": generation_prompt, "continue_final_message": continue_final}
+        return TokenizeRequest(chat=True, prompt=None, messages=[m.template_dict() for m in request.messages],
+                               template_options=request.template_options(), add_special_tokens=add_special_tokens,
+                               return_token_strs=request.return_token_strs is True)
+    return TokenizeRequest(chat=False, prompt=request.prompt, messages=None, template_options=None,
+                           add_special_tokens=add_special_tokens, return_token_strs=request.return_token_strs is True)
 
 
 def parse_detokenize(body: dict, vocab_size: int, max_tokens: int) -> list[int]:
     """vLLM's /detokenize: {"tokens": [...]}, at most a context's worth of ids the tokenizer knows."""
-    tokens = body.get("tokens")
-    if not (isinstance(tokens, list) and len(tokens) <= max_tokens
-            and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in tokens)):
-        raise bad_request(f"'tokens' must be a list of at most {max_tokens} token ids in [0, {vocab_size})",
-                          "tokens")
+    refusal = bad_request(f"'tokens' must be a list of at most {max_tokens} token ids in [0, {vocab_size})", "tokens")
+    try:
+        tokens = _validate(DetokenizeRequest, body).tokens
+    except APIError as err:
+        raise refusal if err.param == "tokens" else err from None
+    if len(tokens) > max_tokens or not all(0 <= t < vocab_size for t in tokens):
+        raise refusal
     return tokens
 
 
-def _field(body: dict, key: str, types, default):
-    value = body.get(key)
-    if value is None:
-        return default
-    types = types if isinstance(types, tuple) else (types,)
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        names = " or ".join(t.__name__ for t in types)
-        raise bad_request(f"'{key}' must be {names}, got {type(value).__name__}", key)
-    return value
+# ---- responses ------------------------------------------------------------------------------------------
+# Built as dicts (below): per streamed chunk, a pydantic model costs more than the dict and json.dumps
+# (bench/http_overhead.py, "chunk" part). These models describe the same shapes; the tests validate every
+# response against them.
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
-def _ranged(body: dict, key: str, low: int, high: int) -> int | None:
-    value = _field(body, key, int, None)
-    if value is not None and not low <= value <= high:
-        raise bad_request(f"'{key}' must be in [{low}, {high}], got {value}", key)
-    return value
+class _Response(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
-def _stop(stop) -> list[str]:
-    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise bad_request("'stop' must be a string or a list of strings", "stop")
-    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
-        raise bad_request(f"'stop': at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_CHARS} characters",
-                          "stop")
-    return stop
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
 
-def _stop_token_ids(ids) -> list[int]:
-    ids = [] if ids is None else ids
-    if not (isinstance(ids, list) and len(ids) <= MAX_STOP_TOKEN_IDS
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
-        raise bad_request(f"'stop_token_ids' must be a list of at most {MAX_STOP_TOKEN_IDS} integers",
-                          "stop_token_ids")
-    return ids
+class CompletionLogprobs(_Response):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
-def _logit_bias(bias) -> dict[int, float]:
-    """OpenAI's {"token id": bias}: JSON keys are strings. Range and vocabulary checks follow in the engine."""
-    bias = {} if bias is None else bias
-    if not (isinstance(bias, dict) and all(isinstance(token, str) and token.isdecimal() for token in bias)
-            and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in bias.values())):
-        raise bad_request("'logit_bias' must map token ids (strings of integers) to numbers", "logit_bias")
-    return {int(token): value for token, value in bias.items()}
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None
 
 
-def _prompt(prompt) -> str | list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]      # a batch of one
-    if isinstance(prompt, str):
-        if not prompt:
-            raise bad_request("'prompt' must not be empty", "prompt")
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        raise bad_request("'prompt': only one prompt per request is supported", "prompt")
-    raise bad_request("'prompt' must be a non-empty string or a non-empty list of token ids", "prompt")
+class Completion(_Response):
+    """A completion, and (with usage only on the last, when asked) each chunk of a streamed one."""
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None
 
 
-def _messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' must be a non-empty list", "messages")
-    parsed = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise bad_request(f"'messages[{i}]' must be an object with a string 'role'", f"messages[{i}]")
-        content = message.get("content")
-        if isinstance(content, list):   # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise bad_request(f"'messages[{i}].content': only text parts are supported",
-                                  f"messages[{i}].content")
-            content = "".join(p["text"] for p in content)
-        elif content is not None and not isinstance(content, str):
-            raise bad_request(f"'messages[{i}].content' must be a string or a list of text parts",
-                              f"messages[{i}].content")
-        parsed.append({**message, "content": content or ""})
-    return parsed
+class CompletionChunk(Completion):
+    usage: Usage | None = None
 
 
-# ---- responses -------------------------------------------------------------------------------------
+class ChatTopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[ChatTokenLogprob] | None
+
+
+class ChatMessage(_Response):
+    role: Literal["assistant"]
+    content: str | None
+
+
+class ChatChoice(_Response):
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None     # only on the last chunk, when stream_options.include_usage asks
+
+
+class ErrorInfo(_Response):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(_Response):
+    error: ErrorInfo
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
