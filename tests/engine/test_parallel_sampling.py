@@ -88,6 +88,7 @@ def test_prompt_logprobs_match_transformers(engine, tiny_llama_dir):
         row = logprobs[position - 1]
         assert entry["token_id"] == token_ids[position]
         assert entry["logprob"] == pytest.approx(row[token_ids[position]].item(), abs=1e-4)
+        assert entry["rank"] == (row > row[token_ids[position]]).sum().item() + 1
         top_values, top_ids = row.topk(3)
         assert list(entry["top"]) == top_ids.tolist()
         assert list(entry["top"].values()) == pytest.approx(top_values.tolist(), abs=1e-4)

@@ -369,11 +369,11 @@ def decode(token_id: int) -> str:
 def test_completion_responses_have_the_models_shape(with_logprobs):
     req = parse_request({"model": "tiny", "prompt": "hi", **({"logprobs": 2} if with_logprobs else {})}, chat=False)
     logprobs = protocol.completion_logprobs(logprob_entries(), decode) if with_logprobs else None
-    full = protocol.envelope(req, "tiny", [protocol.choice(req, "ab", "length", logprobs, delta=False)], chunk=False,
+    full = protocol.envelope(req, "tiny", [protocol.choice(req, 0, "ab", "length", logprobs, delta=False)], chunk=False,
                              usage=protocol.usage(3, 2))
-    chunks = [protocol.envelope(req, "tiny", [protocol.choice(req, "a", None, logprobs, delta=True, first=True)],
+    chunks = [protocol.envelope(req, "tiny", [protocol.choice(req, 0, "a", None, logprobs, delta=True, first=True)],
                                 chunk=True),
-              protocol.envelope(req, "tiny", [protocol.choice(req, "b", "stop", logprobs, delta=True)], chunk=True),
+              protocol.envelope(req, "tiny", [protocol.choice(req, 0, "b", "stop", logprobs, delta=True)], chunk=True),
               protocol.envelope(req, "tiny", [], chunk=True, usage=protocol.usage(3, 2))]
     exact(protocol.Completion, full)
     openai.types.Completion.model_validate(full)
@@ -386,12 +386,12 @@ def test_completion_responses_have_the_models_shape(with_logprobs):
 def test_chat_responses_have_the_models_shape(with_logprobs):
     req = chat(**({"logprobs": True, "top_logprobs": 2} if with_logprobs else {}))
     logprobs = protocol.chat_logprobs(logprob_entries(), decode) if with_logprobs else None
-    full = protocol.envelope(req, "tiny", [protocol.choice(req, "ab", "stop", logprobs, delta=False)], chunk=False,
+    full = protocol.envelope(req, "tiny", [protocol.choice(req, 0, "ab", "stop", logprobs, delta=False)], chunk=False,
                              usage=protocol.usage(3, 2))
-    chunks = [protocol.envelope(req, "tiny", [protocol.choice(req, "a", None, logprobs, delta=True, first=True)],
+    chunks = [protocol.envelope(req, "tiny", [protocol.choice(req, 0, "a", None, logprobs, delta=True, first=True)],
                                 chunk=True),
-              protocol.envelope(req, "tiny", [protocol.choice(req, "b", None, logprobs, delta=True)], chunk=True),
-              protocol.envelope(req, "tiny", [protocol.choice(req, "", "length", None, delta=True)], chunk=True),
+              protocol.envelope(req, "tiny", [protocol.choice(req, 0, "b", None, logprobs, delta=True)], chunk=True),
+              protocol.envelope(req, "tiny", [protocol.choice(req, 0, "", "length", None, delta=True)], chunk=True),
               protocol.envelope(req, "tiny", [], chunk=True, usage=protocol.usage(3, 2))]
     exact(protocol.ChatCompletion, full)
     openai.types.chat.ChatCompletion.model_validate(full)

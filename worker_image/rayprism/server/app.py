@@ -40,6 +40,7 @@ from rayprism import __version__
 from rayprism.engine import InvalidRequestError
 from rayprism.executor import EngineDeadError
 from rayprism.executor.ray_executor import node_alive
+from rayprism.llm import RequestResult
 from rayprism.server import protocol
 from rayprism.server.metrics import Metrics
 from rayprism.server.protocol import APIError, ParsedRequest, bad_request
@@ -267,11 +268,12 @@ class Server:
                         raise _engine_error(request, err) from None
                     now = time.monotonic()
                     if output.new_token_ids:
+                        self.metrics.generation_tokens.inc(len(output.new_token_ids))
+                    if output.new_token_ids and output.index == 0:   # latencies: of the first sequence (n > 1)
                         if output.num_output_tokens == len(output.new_token_ids):
                             self.metrics.time_to_first_token.observe(now - arrival)
                         else:
                             self.metrics.inter_token_latency.observe((now - last) / len(output.new_token_ids))
-                        self.metrics.generation_tokens.inc(len(output.new_token_ids))
                         last = now
                     if output.finished:
                         ended = output.finish_reason
@@ -284,17 +286,51 @@ class Server:
     def _logprobs(self, llm, req: ParsedRequest, entries) -> dict | None:
         if req.logprobs is None or entries is None:
             return None
-        decode = lambda token_id: llm.tokenizer.decode([token_id])  # noqa: E731
-        return (protocol.chat_logprobs if req.chat else protocol.completion_logprobs)(entries, decode)
+        return (protocol.chat_logprobs if req.chat else protocol.completion_logprobs)(entries, _decoder(llm))
+
+    @staticmethod
+    def _echo(llm, req: ParsedRequest, prompt_ids: list[int], prompt_entries: list[dict | None] | None
+              ) -> tuple[str, list[dict]]:
+        """Completions' echo: the prompt's text, which each sequence's text starts with, and (with logprobs) its
+        tokens' logprob entries, with their offsets in that text (as for the output's tokens)."""
+        text = req.prompt if isinstance(req.prompt, str) else llm.tokenizer.decode(prompt_ids)
+        entries, offset, decode = [], 0, _decoder(llm)
+        with_logprobs = zip(prompt_ids, prompt_entries or ()) if req.logprobs is not None else ()
+        for token_id, entry in with_logprobs:
+            top = None if entry is None else dict(list(entry["top"].items())[:req.logprobs])
+            entries.append({"token_id": token_id, "logprob": entry and entry["logprob"], "top": top,
+                            "text_offset": offset})
+            offset += len(decode(token_id))
+        return text, entries
+
+    @staticmethod
+    def _after_echo(echo_text: str, entries: list[dict] | None) -> list[dict] | None:
+        """The output's logprob entries with their offsets moved past the echoed prompt."""
+        return entries and [{**entry, "text_offset": entry["text_offset"] + len(echo_text)} for entry in entries]
 
     async def _complete(self, request, llm, req: ParsedRequest, prompt_ids: list[int]) -> web.Response:
-        text, entries, output = "", [], None
+        result = RequestResult(req.id)
         async for output in self._outputs(request, llm, req, prompt_ids):
-            text += output.new_text
-            entries += output.logprobs or []
-        choice = protocol.choice(req, text, output.finish_reason, self._logprobs(llm, req, entries), delta=False)
-        usage = protocol.usage(output.num_prompt_tokens, output.num_output_tokens)
-        return web.json_response(protocol.envelope(req, self.served_model_name, [choice], chunk=False, usage=usage))
+            result.add(output)
+        completion_tokens = sum(len(sequence.token_ids) for sequence in result.sequences.values())   # best_of's all
+        sequences = result.best(req.params.n)
+        prompt_entries = sequences[0].prompt_logprobs
+        echo_text, echo_entries = self._echo(llm, req, prompt_ids, prompt_entries) if req.echo else ("", [])
+        prompt_logprobs = (None if req.prompt_logprobs is None else
+                           protocol.prompt_logprobs(prompt_entries, req.prompt_logprobs, _decoder(llm)))
+        choices = []
+        for sequence in sequences:
+            entries = echo_entries + self._after_echo(echo_text, sequence.logprobs or [])
+            choice = protocol.choice(req, sequence.index, echo_text + sequence.text, sequence.finish_reason,
+                                     self._logprobs(llm, req, entries), delta=False)
+            if prompt_logprobs is not None and not req.chat:
+                choice["prompt_logprobs"] = prompt_logprobs
+            choices.append(choice)
+        usage = protocol.usage(len(prompt_ids), completion_tokens)
+        body = protocol.envelope(req, self.served_model_name, choices, chunk=False, usage=usage)
+        if prompt_logprobs is not None and req.chat:   # vLLM's place for chat: the response's
+            body["prompt_logprobs"] = prompt_logprobs
+        return web.json_response(body)
 
     async def _stream(self, request, llm, req: ParsedRequest, prompt_ids: list[int]) -> web.StreamResponse:
         outputs = self._outputs(request, llm, req, prompt_ids)
@@ -307,18 +343,26 @@ class Server:
             async def send(data) -> None:
                 await response.write(f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode())
 
-            output, is_first = first, True
+            output = first
+            output_tokens: dict[int, int] = {}   # by sequence index: its first chunk is the one not counted yet
+            echo_text, echo_entries = "", []
+            if req.echo:   # with logprobs, the first output (sequence 0's) brings the prompt's
+                echo_text, echo_entries = self._echo(llm, req, prompt_ids, first.prompt_logprobs)
             try:
                 while True:
-                    choice = protocol.choice(req, output.new_text, output.finish_reason,
-                                             self._logprobs(llm, req, output.logprobs), delta=True, first=is_first)
+                    is_first = output.index not in output_tokens
+                    output_tokens[output.index] = output.num_output_tokens
+                    text, entries = output.new_text, self._after_echo(echo_text, output.logprobs)
+                    if is_first and req.echo:
+                        text, entries = echo_text + text, echo_entries + (entries or [])
+                    choice = protocol.choice(req, output.index, text, output.finish_reason,
+                                             self._logprobs(llm, req, entries), delta=True, first=is_first)
                     await send(protocol.envelope(req, self.served_model_name, [choice], chunk=True))
-                    is_first = False
                     if output.finished:
                         break
                     output = await anext(outputs)
                 if req.include_usage:
-                    usage = protocol.usage(output.num_prompt_tokens, output.num_output_tokens)
+                    usage = protocol.usage(output.num_prompt_tokens, sum(output_tokens.values()))
                     await send(protocol.envelope(req, self.served_model_name, [], chunk=True, usage=usage))
                 await send("[DONE]")
             except APIError as err:        # the replica failed mid-stream: tell the client, no [DONE]
@@ -564,6 +608,11 @@ def _internal_error(request: web.Request) -> APIError:
     log.exception("request %s failed", request[REQUEST_ID])
     return APIError(500, f"internal server error (request id {request[REQUEST_ID]})", type="internal_error",
                     code="internal_error")
+
+
+def _decoder(llm):
+    """A token id's own text, as logprobs name tokens."""
+    return lambda token_id: llm.tokenizer.decode([token_id])
 
 
 def first_line(err: BaseException) -> str:

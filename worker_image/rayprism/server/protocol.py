@@ -42,8 +42,8 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({
 # than the one that asks for nothing, _ASKS_NOTHING) is refused with a 400 naming it. Each is removed from here
 # once the server serves it; n, best_of and prompt_logprobs then go into SamplingParams, whose validate()
 # checks their ranges.
-NOT_WIRED_YET = {"n", "best_of", "echo", "prompt_logprobs", "response_format", "guided_json", "guided_regex",
-                 "guided_choice", "guided_grammar", "tools", "tool_choice", "parallel_tool_calls"}
+NOT_WIRED_YET = {"response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools",
+                 "tool_choice", "parallel_tool_calls"}
 # Accepted and without effect here, each logged once per process (at WARNING, as vLLM does): field -> why.
 IGNORED_FIELDS = {
     "user": "an end user's id, for OpenAI's abuse monitoring; nothing here reads it",
@@ -485,6 +485,14 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
         guided_regex=request.guided_regex, guided_choice=request.guided_choice, guided_grammar=request.guided_grammar,
         tools=request.tools if chat else None, tool_choice=request.tool_choice if chat else None,
         parallel_tool_calls=request.parallel_tool_calls if chat else None)
+    if stream and parsed.best_of not in (None, parsed.n):
+        raise bad_request("'best_of' greater than 'n' cannot be streamed: the best sequences are known only once "
+                          "all have finished", "best_of")
+    if stream and parsed.prompt_logprobs is not None:
+        raise bad_request("'prompt_logprobs' cannot be streamed (they would all come in the first chunk): ask "
+                          "without 'stream'", "prompt_logprobs")
+    if parsed.echo and logprobs is not None:   # the echoed prompt's tokens come with their logprobs
+        values["prompt_logprobs"] = max(logprobs, parsed.prompt_logprobs or 0)
     for name in sorted(NOT_WIRED_YET):
         if not _ASKS_NOTHING[name](parsed):
             raise bad_request(f"'{name}' is not supported yet (issue #18): this server parses it but does not "
@@ -580,11 +588,21 @@ class CompletionLogprobs(_Response):
     text_offset: list[int]
 
 
+class PromptLogprob(_Response):
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]   # vLLM's: per prompt token, the first None
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
+    prompt_logprobs: PromptLogprobs | None = None   # when asked (never in a stream)
 
 
 class Completion(_Response):
@@ -634,6 +652,7 @@ class ChatCompletion(_Response):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None   # when asked
 
 
 class DeltaMessage(_Response):
@@ -674,10 +693,23 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_logprobs(entries: list[dict], decode) -> dict:
+    """An echoed prompt's first token has no logprob: its entry's logprob and top are None."""
     return {"tokens": [decode(e["token_id"]) for e in entries],
             "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{decode(t): lp for t, lp in e["top"].items()} for e in entries],
+            "top_logprobs": [None if e["top"] is None else {decode(t): lp for t, lp in e["top"].items()}
+                             for e in entries],
             "text_offset": [e["text_offset"] for e in entries]}
+
+
+def prompt_logprobs(entries: list[dict | None], k: int, decode) -> list[dict | None]:
+    """vLLM's prompt_logprobs: per prompt token (the first: None), {token id: {logprob, rank, decoded_token}}
+    for the prompt's token and the k most likely ones."""
+    def entry(e):
+        tops = {t: {"logprob": lp, "rank": rank, "decoded_token": decode(t)}
+                for rank, (t, lp) in enumerate(list(e["top"].items())[:k], start=1)}
+        return {str(e["token_id"]): {"logprob": e["logprob"], "rank": e["rank"], "decoded_token": decode(e["token_id"])},
+                **{str(t): top for t, top in tops.items() if t != e["token_id"]}}
+    return [e and entry(e) for e in entries]
 
 
 def chat_logprobs(entries: list[dict], decode) -> dict:
@@ -688,14 +720,14 @@ def chat_logprobs(entries: list[dict], decode) -> dict:
                          "top_logprobs": [token(t, lp) for t, lp in e["top"].items()]} for e in entries]}
 
 
-def choice(req: ParsedRequest, text: str, finish_reason: str | None, logprobs: dict | None, *,
+def choice(req: ParsedRequest, index: int, text: str, finish_reason: str | None, logprobs: dict | None, *,
            delta: bool, first: bool = False) -> dict:
     if not req.chat:
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     if delta:
         content = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        return {"index": 0, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+        return {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
             "finish_reason": finish_reason}
 
 
