@@ -2,6 +2,7 @@
 from .config import EngineConfig
 from .llm_engine import LLMEngine, RequestOutput
 from .model_runner import ModelRunner
-from .sampling import InvalidRequestError, SamplingParams
+from .sampling import InvalidRequestError, SamplingParams, StructuredOutput
 
-__all__ = ["EngineConfig", "InvalidRequestError", "LLMEngine", "ModelRunner", "RequestOutput", "SamplingParams"]
+__all__ = ["EngineConfig", "InvalidRequestError", "LLMEngine", "ModelRunner", "RequestOutput", "SamplingParams",
+           "StructuredOutput"]

@@ -8,6 +8,11 @@ runs while the device computes. A decoding sequence's next input is then its pre
 device (sequence.PENDING in token_ids until read). A sequence that stops on a token (EOS, a stop string)
 has already been given one more step, whose token is dropped; length limits are known ahead and cost nothing.
 
+Structured output (structured.py) gives up the overlap where it must: a grammar's mask for the next token
+needs its matcher to have taken the previous token, so a step that samples for a structured sequence whose
+token is pending finishes the step in flight first (after launching its own forward pass, which still overlaps
+that work). Other steps keep the overlap.
+
 One request never takes the others down: if sampling or detokenising raises for one sequence, that request
 ends with finish_reason "error" (the traceback is logged here) and the rest of the batch goes on. Errors of
 the batch as a whole (the forward pass) still propagate: the replica is then dead.
@@ -30,6 +35,7 @@ from .sampler import Sampler
 from .sampling import InvalidRequestError, SamplingParams
 from .scheduler import Scheduler
 from .sequence import PENDING, Sequence, SequenceStatus
+from .structured import Grammars
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +86,7 @@ class LLMEngine:
             self.max_model_len,
         )
         self.sampler = Sampler(self.runner.device, config.seed, self.eos_token_ids)
+        self.grammars = Grammars(self.tokenizer, self.eos_token_ids)  # structured output's compiled grammars
         self.requests: dict[str, Sequence] = {}
         self.ended: list[Sequence] = []  # aborted or failed: their last (empty) output goes out with the next step
         self.in_flight: LaunchedStep | None = None
@@ -120,7 +127,10 @@ class LLMEngine:
             raise InvalidRequestError(
                 "prompt", f"has {len(token_ids)} tokens, more than max_model_len={self.max_model_len}"
             )
+        # A schema, regex or grammar that does not compile is refused here, before the request is queued.
+        matcher = self.grammars.matcher(params.structured) if params.structured is not None else None
         seq = Sequence(request_id, token_ids, params, next(self._arrivals))
+        seq.matcher = matcher
         blocks = self.scheduler.block_manager
         if blocks.blocks_needed(seq) + blocks.fork_blocks_needed(seq) > blocks.num_blocks:
             raise InvalidRequestError("best_of" if params.best_of else "n",
@@ -144,6 +154,7 @@ class LLMEngine:
         for member in seq.group if seq else ():
             if member.finish_reason is None:
                 self.scheduler.finish(member, reason)
+                member.matcher = None  # structured output's state: not needed any more
                 self.ended.append(member)
 
     def has_unfinished_requests(self) -> bool:
@@ -168,9 +179,12 @@ class LLMEngine:
         self.ready, self.ended = [], []
         if self.sleeping:  # requests wait (none are lost) until wake_up
             return outputs
-        previous, self.in_flight = self.in_flight, self._launch()
+        launched = self._launch()
+        previous, self.in_flight = self.in_flight, launched  # None where _launch has finished it (_drain)
         if previous is not None:
-            outputs += self._finish(previous)
+            self.ready += self._finish(previous)
+        outputs += self.ready
+        self.ready = []
         return outputs
 
     def _launch(self) -> LaunchedStep | None:
@@ -195,6 +209,8 @@ class LLMEngine:
             logits = self._take_prompt_logprobs(logits, batch, prefilled)
         if forking:
             seqs, logits = self._fork(seqs, forking, logits)
+        if self.in_flight is not None and any(seq.matcher is not None and seq.num_pending for seq in seqs):
+            self._drain()  # structured output: the grammars take the pending tokens before they mask (docstring)
         token_ids = result if greedy else self._sample(logits, seqs, previous)
         self.runner.previous_tokens = token_ids  # the next batch's pending inputs name rows of it
         sampled = None
@@ -204,6 +220,8 @@ class LLMEngine:
             sampled = torch.cuda.Event()
             sampled.record()
         for row, seq in enumerate(seqs):
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # ended by the step that _drain finished above: this row's token is dropped
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
             seq.pending_row = row
@@ -277,6 +295,8 @@ class LLMEngine:
         """Take a sampled token into its sequence: stop conditions, text, and the request's output."""
         seq.token_ids[seq.num_known_tokens] = token_id
         seq.num_pending -= 1
+        if seq.matcher is not None and not seq.matcher.accept(token_id):  # its mask allowed it: a bug if so
+            raise RuntimeError(f"the structured output's grammar refused the sampled token {token_id}")
         if token_logprobs and seq.params.ranks_sequences:
             seq.cumulative_logprob += token_logprobs["logprob"]
         if seq.params.logprobs is None:   # computed for the ranking only
@@ -288,6 +308,7 @@ class LLMEngine:
         if seq.finish_reason:
             seq.drop_pending()
             self.scheduler.finish(seq, seq.finish_reason)
+            seq.matcher = None
             if seq.request_finished:
                 del self.requests[seq.request_id]
         # token_logprobs is None for requests that did not ask
@@ -300,7 +321,8 @@ class LLMEngine:
         return step.token_ids.tolist()
 
     def _drain(self) -> None:
-        """Finish the step in flight now (before the running set changes); its outputs go out with the next step."""
+        """Finish the step in flight now (before the running set changes); its outputs go out with step()'s (this
+        one's where step() is running: _launch)."""
         if self.in_flight is not None:
             step, self.in_flight = self.in_flight, None
             self.ready += self._finish(step)
@@ -308,7 +330,8 @@ class LLMEngine:
     def _process_token(self, seq: Sequence, token_id: int) -> str:
         """Detokenise, apply the stop conditions (sets seq.finish_reason) and return the text to emit."""
         params = seq.params
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+        if (token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
+                or (seq.matcher is not None and seq.matcher.terminated)):  # a grammar ends on an EOS token
             seq.finish_reason = "stop"  # the stop token's own text is not part of the output
         else:
             delta = self._detokenize(seq)

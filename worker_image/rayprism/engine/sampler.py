@@ -1,10 +1,11 @@
-"""Sampling on the device: logits processors (logit_bias, min_tokens, penalties), greedy, temperature, min-p,
-top-k, top-p, per-request seeded generators, logprobs."""
+"""Sampling on the device: logits processors (logit_bias, min_tokens, penalties, the structured-output grammar's
+mask), greedy, temperature, min-p, top-k, top-p, per-request seeded generators, logprobs."""
 from __future__ import annotations
 
 import torch
 
-from .sequence import Sequence
+from .sequence import Sequence, SequenceStatus
+from .structured import apply_token_bitmask, fill_bitmask
 
 # Logits divided by a smaller temperature can overflow float32 to inf (then softmax gives NaN); at 1e-3 the
 # distribution is greedy for any practical purpose already.
@@ -58,10 +59,35 @@ class Sampler:
             return logits
         seqs = [seqs[row] for row in rows]
         rows = torch.tensor(rows, device=logits.device)
-        processed = self._hold_back_stops(self._bias(logits[rows], seqs), seqs)
+        processed = self._bias(logits[rows], seqs)
+        # Rows whose grammar may allow only tokens that min_tokens holds back: kept as they are before that.
+        structured = [row for row, seq in enumerate(seqs) if Sampler.constrained(seq)]
+        unheld = processed.clone() if any(seqs[row].params.min_tokens for row in structured) else None
+        processed = self._hold_back_stops(processed, seqs)
         if any(seq.params.penalizes for seq in seqs):
             processed = self._penalize(processed, seqs, previous_tokens)
+        if structured:
+            processed = self._constrain(processed, seqs, structured, unheld)
         return logits.index_copy(0, rows, processed)
+
+    @staticmethod
+    def constrained(seq: Sequence) -> bool:
+        """Whether a grammar constrains this sequence's next token (structured output; not once it has ended)."""
+        return seq.matcher is not None and seq.status is not SequenceStatus.FINISHED
+
+    @staticmethod
+    def _constrain(logits: torch.Tensor, seqs: list[Sequence], rows: list[int], unheld: torch.Tensor | None
+                   ) -> torch.Tensor:
+        """Structured output: -inf for the tokens each row's grammar does not allow next (engine/structured.py),
+        last, so that nothing gives them back a probability. Where min_tokens held back every token the grammar
+        allows (it can only end there), the grammar wins: that row's logits before min_tokens, masked."""
+        matchers = [seqs[row].matcher for row in rows]
+        bitmask = fill_bitmask(matchers, logits.device)
+        masked = apply_token_bitmask(logits, bitmask, rows, matchers[0].vocab_size)
+        if unheld is None:
+            return masked
+        fallback = apply_token_bitmask(unheld, bitmask, rows, matchers[0].vocab_size)
+        return torch.where(torch.isneginf(masked).all(dim=-1, keepdim=True), fallback, masked)
 
     @staticmethod
     def _bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -163,16 +189,17 @@ class Sampler:
     @staticmethod
     @torch.inference_mode()
     def token_logprobs(logits: torch.Tensor, token_ids: list[int], top_k: int | list[int]) -> list[dict]:
-        """Per row of logits: the logprob of token_ids[row] under the model's distribution and the top_k most
-        likely tokens' ({token id: logprob}); top_k per row or for all."""
+        """Per row of logits: the logprob of token_ids[row] under the model's distribution, its rank there (1 is
+        the most likely) and the top_k most likely tokens' ({token id: logprob}); top_k per row or for all."""
         top_ks = top_k if isinstance(top_k, list) else [top_k] * len(token_ids)
         logprobs = logits.float().log_softmax(dim=-1)
         max_k = max(top_ks, default=0)
         top_values, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (None, None)
         chosen = logprobs.gather(-1, torch.tensor(token_ids, device=logits.device, dtype=torch.long)[:, None])
+        ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
         chosen = chosen.squeeze(-1).tolist()
         if max_k:
             top_values, top_ids = top_values.tolist(), top_ids.tolist()
-        return [{"token_id": token, "logprob": chosen[row],
+        return [{"token_id": token, "logprob": chosen[row], "rank": ranks[row],
                  "top": dict(zip(top_ids[row][:k], top_values[row][:k])) if k else {}}
                 for row, (token, k) in enumerate(zip(token_ids, top_ks))]

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .structured import Matcher
 
 
 # Stands in token_ids for a token sampled on the device and not yet read back (see LLMEngine.step).
@@ -34,6 +38,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+        # Structured output: the grammar's state, past every token read back (kept across preemption).
+        self.matcher: Matcher | None = None
         self.finish_reason: str | None = None
         self.num_pending = 0   # trailing PENDING tokens (one per step in flight)
         self.pending_row = 0   # the newest pending token's row in its step's sampled tokens
@@ -49,6 +55,7 @@ class Sequence:
         child = Sequence(self.request_id, self.token_ids[: self.num_prompt_tokens], self.params, self.arrival)
         child.index, child.group, child.unforked, child.wants_prompt_logprobs = index, self.group, 0, False
         child.prefix_offset, child.read_offset = self.prefix_offset, self.read_offset
+        child.matcher = self.matcher.fork() if self.matcher is not None else None  # at the grammar's start too
         self.group.append(child)
         return child
 
