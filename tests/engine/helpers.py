@@ -14,7 +14,8 @@ def save_random_model(folder: str, tokenizer_dir: str, architecture: str = "llam
     """Save a random-weight transformers model (safetensors) plus the SmolLM2 tokenizer into `folder`."""
     import transformers
 
-    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[architecture]
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "mixtral": "Mixtral",
+              "qwen3_moe": "Qwen3Moe"}[architecture]
     config_cls = getattr(transformers, f"{prefix}Config")
     model_cls = getattr(transformers, f"{prefix}ForCausalLM")
     fields = dict(

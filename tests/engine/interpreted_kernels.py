@@ -12,9 +12,9 @@ import sys
 
 import torch
 
-from rayprism.engine import cuda_graphs, fused_ops, gemv, greedy, paged_attention
+from rayprism.engine import cuda_graphs, fused_moe, fused_ops, gemv, greedy, moe, paged_attention
 from rayprism.engine.attention import store_kv
-from rayprism.engine.layers import rotate_half
+from rayprism.engine.layers import RMSNorm, rotate_half
 
 from .helpers import reference_decode
 
@@ -68,6 +68,62 @@ def rotary_and_cache_write() -> None:
         empty = torch.empty(0)
         q_only, k_only = paged_attention.rotary_store_kv(positions, q, k, v, cos, sin, empty, empty, slots)
         assert torch.equal(q_only, q_rot) and torch.equal(k_only, k_rot), "no KV pool: rotates only"
+
+
+def rotary_with_qk_norm() -> None:
+    """Qwen3's per-head q/k RMSNorms fused before the rotary: the eager norms, then the eager rotary."""
+    generator = torch.Generator().manual_seed(7)
+    for heads, kv_heads, head_dim in ((4, 2, 32), (3, 1, 48)):
+        tokens = 3
+        qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=generator) * 3
+        q, k, v = (part.view(tokens, -1, head_dim)
+                   for part in qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1))
+        q_norm, k_norm = RMSNorm(head_dim, 1e-6), RMSNorm(head_dim, 1e-6)
+        q_norm.weight.data, k_norm.weight.data = (torch.rand(head_dim, generator=generator) + 0.5 for _ in range(2))
+        cos, sin = torch.randn(20, head_dim, generator=generator), torch.randn(20, head_dim, generator=generator)
+        positions, slots = torch.tensor([0, 7, 19]), torch.tensor([2, -1, 5])
+        k_cache, v_cache = torch.zeros(2, 4, kv_heads, head_dim), torch.zeros(2, 4, kv_heads, head_dim)
+        c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        qn, kn = q_norm(q), k_norm(k)
+        expected_q, expected_k = qn * c + rotate_half(qn) * s, kn * c + rotate_half(kn) * s
+        q_rot, k_rot = paged_attention.rotary_store_kv(positions, q, k, v, cos, sin, k_cache, v_cache, slots,
+                                                       (q_norm.weight, k_norm.weight, 1e-6))
+        close(q_rot, expected_q, f"normed rotary q, head_dim {head_dim}", rtol=1e-5)
+        close(k_rot, expected_k, f"normed rotary k, head_dim {head_dim}", rtol=1e-5)
+        assert torch.equal(k_cache.view(-1, kv_heads, head_dim)[slots[[0, 2]]], k_rot[[0, 2]])
+
+
+def moe_routing_and_experts() -> None:
+    """fused_moe's routing (softmax, top k, renormalised or not, rounded or not) and both expert paths (per-pair
+    GEMVs; pairs sorted by expert into grouped GEMMs) against moe.py's torch path."""
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(9, 6, generator=generator)
+    logits[3, [1, 4]] = 5.0  # equal logits: the first expert wins, as torch.topk's order does not promise
+    for renormalize in (True, False):
+        weights, ids = fused_moe.route(logits, 3, renormalize, round_weights=False)
+        expected_weights, expected_ids = moe.select_experts(logits, 3, renormalize, False)
+        assert ids.tolist()[3][:2] == [1, 4], ids.tolist()[3]
+        assert torch.equal(ids.long().sort(-1).values, expected_ids.sort(-1).values), (ids, expected_ids)
+        close(weights.sort(-1).values, expected_weights.sort(-1).values, "routing weights", rtol=1e-6)
+    for tokens, num_experts, top_k, hidden, inter in ((1, 8, 2, 64, 48), (5, 8, 2, 40, 24), (33, 6, 3, 32, 80)):
+        x = torch.randn(tokens, hidden, generator=generator)
+        gate_up = torch.randn(num_experts, 2 * inter, hidden, generator=generator) / hidden ** 0.5
+        down = torch.randn(num_experts, hidden, inter, generator=generator) / inter ** 0.5
+        weights, ids = moe.select_experts(torch.randn(tokens, num_experts, generator=generator), top_k, True, False)
+        expected = moe.fused_experts_torch(x, gate_up, down, weights, ids)
+        for gemv_path in (True, False) if tokens < 8 else (False,):  # (the interpreter runs many GEMV programs slowly)
+            got = fused_moe.fused_experts(x, gate_up, down, weights, ids, gemv=gemv_path)
+            close(got, expected, f"experts, {tokens} tokens, gemv {gemv_path}", rtol=1e-5)
+    # the sort: every pair once, each expert's run in pair order, padded to BLOCK_M
+    ids = torch.randint(0, 5, (300,), generator=generator, dtype=torch.int32)
+    ids[:40] = 2  # one expert's run across chunks
+    sorted_pairs, ends, counts = fused_moe.align(ids, 5, 16)
+    assert counts.tolist() == torch.bincount(ids.long(), minlength=5).tolist()
+    assert ends.tolist() == (-(-counts // 16) * 16).cumsum(0).tolist()
+    for expert in range(5):
+        start = ends[expert].item() - -(-counts[expert].item() // 16) * 16
+        run = sorted_pairs[start: start + counts[expert].item()].tolist()
+        assert run == (ids == expert).nonzero().flatten().tolist(), expert
 
 
 def paged_decode_splits() -> None:
@@ -229,9 +285,9 @@ def fused_ops_reference_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     return weight.double() * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5))
 
 
-CHECKS = {fn.__name__: fn for fn in (norm_and_silu, rotary_and_cache_write, paged_decode_splits, gemv_and_bias,
-                                     greedy_argmax, stage_decode_inputs, lines_all_reduce_norm,
-                                     gemv_sends_lines)}
+CHECKS = {fn.__name__: fn for fn in (norm_and_silu, rotary_and_cache_write, rotary_with_qk_norm, paged_decode_splits,
+                                     gemv_and_bias, greedy_argmax, stage_decode_inputs, lines_all_reduce_norm,
+                                     gemv_sends_lines, moe_routing_and_experts)}
 
 if __name__ == "__main__":
     CHECKS[sys.argv[1]]()

@@ -22,9 +22,10 @@ FORKED = SamplingParams(max_tokens=6, temperature=1.0, seed=5, n=3, prompt_logpr
 
 
 def scaled_norms(folder: str) -> list[tuple[str, torch.Tensor]]:
-    """An RLHF-style partial weight update: every norm weight scaled by 1.5."""
+    """An RLHF-style partial weight update: every norm weight (Qwen3's q/k norms too) and every tensor of expert 1
+    of the mixtures of experts (into its rows of the stacked expert parameters) scaled by 1.5."""
     state = load_file(os.path.join(folder, "model.safetensors"))
-    return [(name, t * 1.5) for name, t in state.items() if name.endswith("norm.weight")]
+    return [(name, t * 1.5) for name, t in state.items() if name.endswith("norm.weight") or ".experts.1." in name]
 
 
 def run_model(engine: LLMEngine, folder: str) -> dict:
@@ -80,16 +81,22 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def tp2_results(tiny_llama_dir, tiny_qwen2_dir, tmp_path_factory):
-    folders = {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir}
+def tiny_dirs(tiny_llama_dir, tiny_qwen2_dir, tiny_qwen3_dir, tiny_mixtral_dir, tiny_qwen3_moe_dir) -> dict[str, str]:
+    return {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir, "qwen3": tiny_qwen3_dir, "mixtral": tiny_mixtral_dir,
+            "qwen3_moe": tiny_qwen3_moe_dir}
+
+
+@pytest.fixture(scope="module")
+def tp2_results(tiny_dirs, tmp_path_factory):
+    """Every tiny model in one pair of spawned ranks (a spawn costs seconds)."""
     out_dir = str(tmp_path_factory.mktemp("tp2"))
-    mp.spawn(tp_worker, args=(free_port(), folders, out_dir), nprocs=2, join=True)
-    return {name: torch.load(os.path.join(out_dir, f"{name}.pt")) for name in folders}
+    mp.spawn(tp_worker, args=(free_port(), tiny_dirs, out_dir), nprocs=2, join=True)
+    return {name: torch.load(os.path.join(out_dir, f"{name}.pt")) for name in tiny_dirs}
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
-def test_tp2_matches_tp1(name, tp2_results, tiny_llama_dir, tiny_qwen2_dir):
-    folder = {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir}[name]
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3", "mixtral", "qwen3_moe"])
+def test_tp2_matches_tp1(name, tp2_results, tiny_dirs):
+    folder = tiny_dirs[name]
     tp1 = run_model(LLMEngine(EngineConfig(model=folder, num_kv_blocks=32)), folder)
     tp2 = tp2_results[name]
     torch.testing.assert_close(tp2["logits"], tp1["logits"], rtol=1e-4, atol=1e-4)
@@ -110,16 +117,20 @@ LLAMA31_ROPE = {
 }
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-bias-tied", "llama3.1-rope", "mistral"])
-def test_tp1_matches_transformers_logits(variant, tiny_llama_dir, tiny_qwen2_dir, smollm2_dir, tmp_path):
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-bias-tied", "llama3.1-rope", "mistral", "qwen3", "mixtral",
+                                     "qwen3-moe"])
+def test_tp1_matches_transformers_logits(variant, tiny_dirs, smollm2_dir, tmp_path):
     """Our forward pass against transformers' for each architecture and rope flavour."""
     from transformers import AutoModelForCausalLM
 
     from .helpers import save_random_model
 
     folder = {
-        "llama-gqa": lambda: tiny_llama_dir,
-        "qwen2-bias-tied": lambda: tiny_qwen2_dir,
+        "llama-gqa": lambda: tiny_dirs["llama"],
+        "qwen2-bias-tied": lambda: tiny_dirs["qwen2"],
+        "qwen3": lambda: tiny_dirs["qwen3"],
+        "mixtral": lambda: tiny_dirs["mixtral"],
+        "qwen3-moe": lambda: tiny_dirs["qwen3_moe"],
         "llama3.1-rope": lambda: save_random_model(str(tmp_path), smollm2_dir, rope_parameters=LLAMA31_ROPE),
         "mistral": lambda: save_random_model(str(tmp_path), smollm2_dir, "mistral", sliding_window=None),
     }[variant]()

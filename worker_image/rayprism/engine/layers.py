@@ -174,6 +174,18 @@ class QKVParallelLinear(ColumnParallelLinear):
         param.data[offset: offset + size].copy_(read_part(loaded, 0, start, size))
 
 
+class ReplicatedLinear(nn.Module):
+    """The whole weight on every rank (a MoE router: every rank must pick the same experts)."""
+
+    def __init__(self, input_size: int, output_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = default_weight_loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 class RowParallelLinear(nn.Module):
     """Input features split across ranks; one all-reduce sums the partial outputs. With reduce_results=False
     each rank returns its partial sum and the caller reduces (the decoder's RMSNorm does, fused with its add)."""
@@ -281,16 +293,21 @@ class Attention(nn.Module):
         # Views into the runner's KV pool: [num_blocks, block_size, num_kv_heads, head_dim]; set by ModelRunner.
         self.k_cache = self.v_cache = torch.empty(0)
 
-    def forward(self, positions, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, positions, q, k, v, meta: AttentionMetadata, q_norm: RMSNorm | None = None,
+                k_norm: RMSNorm | None = None) -> torch.Tensor:
+        """q_norm, k_norm: RMSNorms over head_dim applied to each head of q and k before the rotary (Qwen3)."""
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if q.is_cuda:  # rotary and the cache write in one launch
+        if q.is_cuda:  # the norms, the rotary and the cache write in one launch
             from .paged_attention import rotary_store_kv
 
+            norms = (q_norm.weight, k_norm.weight, q_norm.eps) if q_norm is not None else None
             q, k = rotary_store_kv(positions, q, k, v, self.rotary.cos, self.rotary.sin, self.k_cache, self.v_cache,
-                                   meta.slot_mapping)
+                                   meta.slot_mapping, norms)
         else:
+            if q_norm is not None:
+                q, k = q_norm(q), k_norm(k)
             q, k = self.rotary(positions, q, k)
             if self.k_cache.numel():
                 store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)

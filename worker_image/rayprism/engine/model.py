@@ -1,6 +1,8 @@
-"""One implementation of LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM (GQA, tied embeddings)."""
+"""One implementation of the Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+(per-head q/k norms) and the mixtures of experts MixtralForCausalLM and Qwen3MoeForCausalLM (moe.py)."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,14 +15,17 @@ from .layers import (
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
+    ReplicatedLinear,
     RMSNorm,
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
     silu_and_mul,
 )
+from .moe import FusedMoE
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "MixtralForCausalLM", "Qwen3MoeForCausalLM")
 
 # Hugging Face checkpoint name -> (our fused parameter, shard id)
 PACKED_WEIGHTS = {
@@ -30,10 +35,24 @@ PACKED_WEIGHTS = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+# One expert's checkpoint tensor (Mixtral's names, Qwen3-MoE's) -> (our stacked parameter, part): moe.FusedMoE
+EXPERT_WEIGHTS = {
+    "w1": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1), "w2": ("down_proj", None),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", None),
+}
+EXPERT_TENSOR = re.compile(r"(.*\.experts)\.(\d+)\.(\w+)\.weight")
 
 
 def head_dim_of(cfg) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def is_moe_layer(cfg, index: int) -> bool:
+    """Mixtral: every layer; Qwen3-MoE: those its decoder_sparse_step and mlp_only_layers leave sparse."""
+    if not (getattr(cfg, "num_local_experts", 0) or 0):
+        return False
+    return index not in (getattr(cfg, "mlp_only_layers", None) or []) and \
+        (index + 1) % (getattr(cfg, "decoder_sparse_step", 1) or 1) == 0
 
 
 class DecoderAttention(nn.Module):
@@ -51,10 +70,14 @@ class DecoderAttention(nn.Module):
             cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=attention_bias and not qwen2, reduce_results=False
         )
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, rotary)
+        self.q_norm = self.k_norm = None
+        if cfg.model_type in ("qwen3", "qwen3_moe"):  # RMSNorm of each head of q and k, before the rotary
+            self.q_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, cfg.rms_norm_eps)
 
     def forward(self, positions, hidden, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        return self.o_proj(self.attn(positions, q, k, v, meta))
+        return self.o_proj(self.attn(positions, q, k, v, meta, self.q_norm, self.k_norm))
 
 
 class MLP(nn.Module):
@@ -70,11 +93,29 @@ class MLP(nn.Module):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
+class SparseMoeBlock(nn.Module):
+    """Router and experts (moe.py); like MLP, returns this rank's partial sum for the next norm to all-reduce."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only silu)")
+        num_experts = cfg.num_local_experts
+        self.gate = ReplicatedLinear(cfg.hidden_size, num_experts)
+        self.experts = FusedMoE(
+            num_experts, cfg.hidden_size, getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size,
+            cfg.num_experts_per_tok, renormalize=bool(getattr(cfg, "norm_topk_prob", True)),
+            weights_in_model_dtype=cfg.model_type != "mixtral")  # Mixtral keeps its routing weights in float32
+
+    def forward(self, x):
+        return self.experts(x, self.gate(x))
+
+
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, rotary: RotaryEmbedding):
+    def __init__(self, cfg, rotary: RotaryEmbedding, index: int):
         super().__init__()
         self.self_attn = DecoderAttention(cfg, rotary)
-        self.mlp = MLP(cfg)
+        self.mlp = SparseMoeBlock(cfg) if is_moe_layer(cfg, index) else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -96,7 +137,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         rotary = RotaryEmbedding(cfg, head_dim_of(cfg), max_positions)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta):
@@ -125,6 +166,11 @@ class CausalLM(nn.Module):
         """(our parameter, shard id) that HF checkpoint tensor `name` loads into; None for tensors we skip."""
         if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
             return None
+        name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoints name its MoE block so
+        expert = EXPERT_TENSOR.fullmatch(name)
+        if expert and expert.group(3) in EXPERT_WEIGHTS:
+            ours, part = EXPERT_WEIGHTS[expert.group(3)]
+            return f"{expert.group(1)}.{ours}", (int(expert.group(2)), part)
         for hf_part, (our_part, shard_id) in PACKED_WEIGHTS.items():
             if f".{hf_part}." in name:
                 return name.replace(hf_part, our_part), shard_id

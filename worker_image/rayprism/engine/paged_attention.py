@@ -1,7 +1,8 @@
 """CUDA attention over the paged KV cache (Triton kernels and flash attention) (the CPU keeps attention.py's plain path).
 
-- rotary_store_kv: one launch applies the rotary embedding to this step's q and k and writes the rotated K
-  and V rows into their slots; slot -1 (a padding row of a CUDA-graph batch) is skipped.
+- rotary_store_kv: one launch applies the rotary embedding to this step's q and k (after Qwen3's per-head
+  RMSNorms) and writes the rotated K and V rows into their slots; slot -1 (a padding row of a CUDA-graph batch)
+  is skipped.
 - paged_decode_attention: programs per (sequence, KV head) walk the sequence's block table and read the
   cached K/V in place (no gather into a [batch, max_len] copy), with an online softmax. The query heads of
   a GQA group share each K/V load. Small batches split each context over several programs (flash decoding)
@@ -20,9 +21,10 @@ TILE = 64  # cached tokens per loop iteration
 
 
 @triton.jit
-def _rotate_heads(src_ptr, dst_ptr, cos, sin, heads, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  DIM_PAD: tl.constexpr):
-    """Neox rotary on one token's heads (each row contiguous); stores to dst and returns the rotated rows."""
+def _rotate_heads(src_ptr, dst_ptr, cos, sin, heads, norm_ptr, eps, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  DIM_PAD: tl.constexpr, NORM: tl.constexpr):
+    """Neox rotary on one token's heads (each row contiguous); stores to dst and returns the rotated rows. NORM:
+    each head RMSNorm'd first (weight at norm_ptr), rounded as layers.RMSNorm rounds."""
     h = tl.arange(0, HEADS_PAD)[:, None]
     d = tl.arange(0, DIM_PAD)[None, :]
     mask = (h < heads) & (d < HEAD_DIM)
@@ -31,6 +33,12 @@ def _rotate_heads(src_ptr, dst_ptr, cos, sin, heads, HEADS_PAD: tl.constexpr, HE
     # rotate_half(x) = cat(-x2, x1): element d reads d + D/2 (negated) in the first half, d - D/2 in the second
     half = HEAD_DIM // 2
     partner = tl.load(src_ptr + h * HEAD_DIM + (d + half) % HEAD_DIM, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        rstd = tl.math.rsqrt(tl.sum(x * x, 1) / HEAD_DIM + eps)[:, None]
+        w = tl.load(norm_ptr + d, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+        w_partner = tl.load(norm_ptr + (d + half) % HEAD_DIM, mask=d < HEAD_DIM, other=0.0).to(tl.float32)
+        x = (w * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        partner = (w_partner * (partner * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     rotated = tl.where(d < half, -partner, partner)
     out = ((x * cos).to(dtype).to(tl.float32) + (rotated * sin).to(dtype).to(tl.float32)).to(dtype)
     tl.store(dst_ptr + h * HEAD_DIM + d, out, mask=mask)
@@ -39,9 +47,10 @@ def _rotate_heads(src_ptr, dst_ptr, cos, sin, heads, HEADS_PAD: tl.constexpr, HE
 
 @triton.jit
 def _rotary_store_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_ptr, v_cache_ptr, positions_ptr,
-                            slot_ptr, cos_ptr, sin_ptr, q_stride, k_stride, v_stride, heads, kv_heads,
-                            HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            DIM_PAD: tl.constexpr, STORE: tl.constexpr, USE_PDL: tl.constexpr):
+                            slot_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, eps, q_stride, k_stride, v_stride,
+                            heads, kv_heads, HEADS_PAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr,
+                            HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, STORE: tl.constexpr, NORM: tl.constexpr,
+                            USE_PDL: tl.constexpr):
     pdl_prologue(USE_PDL)
     token = tl.program_id(0)
     position = tl.load(positions_ptr + token)
@@ -50,10 +59,10 @@ def _rotary_store_kv_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, k_cache_p
     # The tables are float32; the eager path casts them to the model dtype first (as transformers does).
     cos = tl.load(cos_ptr + position * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0).to(dtype).to(tl.float32)
     sin = tl.load(sin_ptr + position * HEAD_DIM + d, mask=d < HEAD_DIM, other=0.0).to(dtype).to(tl.float32)
-    _rotate_heads(q_ptr + token * q_stride, q_out_ptr + token * heads * HEAD_DIM, cos, sin, heads, HEADS_PAD,
-                  HEAD_DIM, DIM_PAD)
+    _rotate_heads(q_ptr + token * q_stride, q_out_ptr + token * heads * HEAD_DIM, cos, sin, heads, q_norm_ptr, eps,
+                  HEADS_PAD, HEAD_DIM, DIM_PAD, NORM)
     k = _rotate_heads(k_ptr + token * k_stride, k_out_ptr + token * kv_heads * HEAD_DIM, cos, sin, kv_heads,
-                      KV_HEADS_PAD, HEAD_DIM, DIM_PAD)
+                      k_norm_ptr, eps, KV_HEADS_PAD, HEAD_DIM, DIM_PAD, NORM)
     if STORE:
         slot = tl.load(slot_ptr + token).to(tl.int64)
         h = tl.arange(0, KV_HEADS_PAD)[:, None]
@@ -143,23 +152,26 @@ def supports(head_dim: int) -> bool:
 
 
 def rotary_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor):
+                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                    norms: tuple[torch.Tensor, torch.Tensor, float] | None = None):
     """Rotary embedding of q and k, and the rotated k plus v written to their cache slots, in one launch.
 
     q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] (rows may be strided, as split from the fused
-    projection); cos/sin: float32 [max_positions, head_dim]. An empty cache stores nothing. Returns the rotated
-    q and k (contiguous)."""
+    projection); cos/sin: float32 [max_positions, head_dim]. An empty cache stores nothing. norms: (q_norm weight,
+    k_norm weight, eps): each head of q and k RMSNorm'd before the rotary (Qwen3). Returns the rotated q and k
+    (contiguous)."""
     tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     for name, t in (("q", q), ("k", k), ("v", v)):
         assert t.stride(2) == 1 and t.stride(1) == head_dim, f"{name}: each token's heads must be contiguous"
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    q_norm, k_norm, eps = norms or (q, k, 0.0)
     _rotary_store_kv_kernel[(tokens,)](
-        q, k, v, q_out, k_out, k_cache, v_cache, positions, slot_mapping, cos, sin, q.stride(0), k.stride(0),
-        v.stride(0), heads, kv_heads, HEADS_PAD=triton.next_power_of_2(heads),
+        q, k, v, q_out, k_out, k_cache, v_cache, positions, slot_mapping, cos, sin, q_norm, k_norm, eps, q.stride(0),
+        k.stride(0), v.stride(0), heads, kv_heads, HEADS_PAD=triton.next_power_of_2(heads),
         KV_HEADS_PAD=triton.next_power_of_2(kv_heads), HEAD_DIM=head_dim, DIM_PAD=triton.next_power_of_2(head_dim),
-        STORE=k_cache.numel() > 0, **pdl(q))
+        STORE=k_cache.numel() > 0, NORM=norms is not None, **pdl(q))
     return q_out, k_out
 
 
