@@ -130,6 +130,7 @@ def test_n_sequences_each_follow_the_grammar(engine):
 
 @pytest.mark.parametrize("output, message", [
     (structured("json_schema", {"type": "nope"}, "response_format"), "nope"),
+    (structured("json_schema", {"enum": {1, 2}}, "guided_json"), "not JSON serializable"),
     (structured("regex", "a(b", "guided_regex"), "parenthesis"),
     (structured("grammar", "root ::= missing", "guided_grammar"), "missing"),
     (structured("regex", ["a"], "guided_regex"), "regex must be a non-empty string"),

@@ -63,7 +63,10 @@ class Grammars:
     def compile(self, structured: StructuredOutput):
         """The xgrammar CompiledGrammar; InvalidRequestError(structured.param) if it does not compile."""
         kind, value = structured.kind, structured.value
-        key = (kind, json.dumps(value))  # not sorted: a schema's property order is the output's
+        try:
+            key = (kind, json.dumps(value))  # not sorted: a schema's property order is the output's
+        except (TypeError, ValueError) as e:
+            raise InvalidRequestError(structured.param, f"invalid {kind.replace('_', ' ')}: {e}") from e
         compiled = self._cache.get(key)
         if compiled is None:
             try:
