@@ -6,7 +6,10 @@ checked in test_server.py.)"""
 from __future__ import annotations
 
 import collections
+import json
+import re
 
+import jsonschema
 import openai
 import pytest
 import requests
@@ -50,7 +53,8 @@ def chat(client, messages=CHAT, **fields):
 
 # vLLM's parameters beyond OpenAI's: the client sends them in extra_body.
 EXTRA_BODY = {"top_k", "min_p", "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids",
-              "prompt_logprobs", "include_stop_str_in_output"}
+              "prompt_logprobs", "include_stop_str_in_output", "guided_json", "guided_regex", "guided_choice",
+              "guided_grammar"}
 
 
 def text(response) -> str:
@@ -208,9 +212,68 @@ def check_prompt_logprobs(client):
             entry[str(token)]["rank"] <= 2
 
 
+# ---- structured output: many samples (n sequences, each its own seeded stream) all valid ----------------
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "colors"],
+          "properties": {"name": {"type": "string", "maxLength": 12},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "colors": {"type": "array", "maxItems": 3, "items": {"enum": ["red", "green", "blue"]}}}}
+DESCRIBE = [{"role": "user", "content": "Describe a person as JSON."}]
+SAMPLES = {"n": 12, "temperature": 1.0, "seed": 21}
+
+
+def all_texts(response) -> list[str]:
+    assert all(c.finish_reason == "stop" for c in response.choices), [c.finish_reason for c in response.choices]
+    return [c.message.content if hasattr(c, "message") else c.text for c in response.choices]
+
+
+def check_response_format_json_schema(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for output in all_texts(chat(client, DESCRIBE, response_format=fmt, max_tokens=80, **SAMPLES)):
+        jsonschema.validate(json.loads(output), PERSON)
+
+
+def check_response_format_json_object(client):
+    ask = [{"role": "user", "content": 'Give a JSON object with the key "color" and a color as its value.'}]
+    response = chat(client, ask, response_format={"type": "json_object"}, max_tokens=60)
+    assert isinstance(json.loads(all_texts(response)[0]), dict)
+
+
+def check_guided_json(client):
+    for output in all_texts(complete(client, "A person as JSON:", guided_json=PERSON, max_tokens=80, **SAMPLES)):
+        jsonschema.validate(json.loads(output), PERSON)
+
+
+def check_guided_regex(client):
+    pattern = r"\(\d{3}\) \d{3}-\d{4}"
+    outputs = all_texts(complete(client, "A phone number:", guided_regex=pattern, max_tokens=20, **SAMPLES))
+    assert all(re.fullmatch(pattern, output) for output in outputs) and len(set(outputs)) > 1
+
+
+def check_guided_choice(client):
+    outputs = all_texts(chat(client, [{"role": "user", "content": "Pick a color"}],
+                             guided_choice=["red", "green", "blue"], max_tokens=5, **SAMPLES))
+    assert set(outputs) <= {"red", "green", "blue"}
+
+
+def check_guided_grammar(client):
+    grammar = 'root ::= answer ", because " reason "."\nanswer ::= "yes" | "no"\nreason ::= [a-z ]{3,30}'
+    outputs = all_texts(complete(client, "Is the sky blue?", guided_grammar=grammar, max_tokens=40, **SAMPLES))
+    assert all(re.fullmatch(r"(yes|no), because [a-z ]{3,30}\.", output) for output in outputs)
+
+
+def check_structured_output_streamed(client):
+    fields = dict(guided_json=PERSON, max_tokens=80, temperature=1.0, seed=3)
+    whole = text(complete(client, "A person as JSON:", **fields))
+    streamed = "".join(c.choices[0].text for c in complete(client, "A person as JSON:", stream=True, **fields))
+    assert streamed == whole
+    jsonschema.validate(json.loads(whole), PERSON)
+
+
 PARAMETERS = [check_temperature, check_seed, check_top_p, check_top_k, check_min_p, check_max_tokens, check_stop,
               check_stop_token_ids, check_ignore_eos, check_min_tokens, check_logit_bias, check_logprobs,
-              check_chat_logprobs, check_n, check_chat_n, check_best_of, check_echo, check_prompt_logprobs]
+              check_chat_logprobs, check_n, check_chat_n, check_best_of, check_echo, check_prompt_logprobs,
+              check_response_format_json_schema, check_response_format_json_object, check_guided_json,
+              check_guided_regex, check_guided_choice, check_guided_grammar, check_structured_output_streamed]
 
 
 @pytest.mark.parametrize("check", PARAMETERS, ids=[c.__name__.removeprefix("check_") for c in PARAMETERS])
@@ -220,7 +283,11 @@ def test_parameter_has_its_effect(client, check):
 
 @pytest.mark.parametrize("fields, param", [({"suffix": "x"}, "suffix"), ({"frobnicate": 1}, "frobnicate"),
                                            ({"best_of": 2, "stream": True}, "best_of"),
-                                           ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs")])
+                                           ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+                                           ({"guided_regex": "(unclosed"}, "guided_regex"),
+                                           ({"guided_json": {"type": "no-such-type"}}, "guided_json"),
+                                           ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar"),
+                                           ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice")])
 def test_refused_with_the_field_named(client, fields, param):
     with pytest.raises(openai.BadRequestError) as error:
         client.completions.create(model=MODEL, prompt=PROMPT, extra_body=fields)

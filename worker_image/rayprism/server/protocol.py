@@ -24,6 +24,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from rayprism.engine import InvalidRequestError, SamplingParams
+from rayprism.engine.sampling import StructuredOutput
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,7 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({
 # than the one that asks for nothing, _ASKS_NOTHING) is refused with a 400 naming it. Each is removed from here
 # once the server serves it; n, best_of and prompt_logprobs then go into SamplingParams, whose validate()
 # checks their ranges.
-NOT_WIRED_YET = {"response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools",
-                 "tool_choice", "parallel_tool_calls"}
+NOT_WIRED_YET = {"tools", "tool_choice", "parallel_tool_calls"}
 # Accepted and without effect here, each logged once per process (at WARNING, as vLLM does): field -> why.
 IGNORED_FIELDS = {
     "user": "an end user's id, for OpenAI's abuse monitoring; nothing here reads it",
@@ -501,6 +501,7 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
     if len(structured) > 1:
         raise bad_request(f"one kind of structured output per request: {', '.join(structured)} were given",
                           structured[1])
+    values["structured"] = structured_output(parsed)
     try:
         parsed.params = SamplingParams(**{name: value for name, value in values.items() if value is not None})
         parsed.params.validate()
@@ -510,6 +511,21 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
             raise bad_request(f"top_logprobs{str(err).removeprefix('logprobs')}", "top_logprobs") from None
         raise bad_request(str(err), err.param) from None
     return parsed
+
+
+def structured_output(req: ParsedRequest) -> StructuredOutput | None:
+    """The grammar a request's output must follow, if any: OpenAI's response_format (json_schema is enforced
+    whether `strict` is set or not) or vLLM's guided_* fields (parse_request allows one of them)."""
+    fmt = req.response_format
+    if fmt is not None and fmt.type == "json_object":
+        return StructuredOutput("json_object", None, "response_format")
+    if fmt is not None and fmt.type == "json_schema":
+        return StructuredOutput("json_schema", fmt.json_schema.schema_, "response_format")
+    for name, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                       ("guided_grammar", "grammar")):
+        if (value := getattr(req, name)) is not None:
+            return StructuredOutput(kind, value, name)
+    return None
 
 
 def check_prompt_size(req: ParsedRequest | TokenizeRequest, max_model_len: int) -> None:
