@@ -1,14 +1,20 @@
-"""Engine benchmark: an 8B-shaped Llama (Llama-3.1-8B config, random bf16 weights) on one GPU host.
+"""Engine benchmark: a model of real shape with random bf16 weights on one GPU host: Llama-3.1-8B by default, or
+--model qwen3-8b, qwen3-30b-a3b (128 experts, top 8) or mixtral-8x7b (8 experts, top 2; ~93 GB of weights).
 
-In one run it measures the copy bandwidth (-> the batch-1 decode roofline), Hugging Face generate() at
+The engine starts from random weights (EngineConfig load_format "dummy") and no checkpoint is written, except with
+--serve, whose server reads one (Mixtral's 93 GB need that much disk). In one run it measures the copy bandwidth (-> the batch-1 decode roofline), Hugging Face generate() at
 batch 1 (the baseline), rayprism batch-1 decode and inter-token latency, time to first token at 128/1k/4k
 prompt tokens, offline throughput at 128/128 and 1k/1k with up to 256 sequences in flight, and peak GPU
 memory; with --tp 2 the same again with tensor parallel 2 and its batch-1 speed-up, with --serve the 128/128
 workload through `rayprism serve` and 64 concurrent HTTP streams. One JSON per run goes to bench/results/.
 
     python bench/engine_bench.py                     # on a GPU host
+    python bench/engine_bench.py --model qwen3-30b-a3b --skip-1k
     python bench/engine_bench.py --tp 2 --serve      # on a 2-GPU host
-    python bench/engine_bench.py --cpu-smoke         # a tiny random Llama on the CPU (CI: the code paths run)
+    python bench/engine_bench.py --cpu-smoke [--model NAME]   # a tiny model of that family on the CPU (CI)
+
+The batch-1 roofline is the copy bandwidth over the bytes a decoded token must read: every weight but the input
+embedding, and of a mixture of experts only the router's and the top-k experts' (roofline_bytes).
 """
 from __future__ import annotations
 
@@ -43,13 +49,43 @@ LLAMA_8B = dict(
 TINY = dict(LLAMA_8B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
             rope_scaling=dict(LLAMA_8B["rope_scaling"], original_max_position_embeddings=256))
+# The Hugging Face configs of Qwen/Qwen3-8B, Qwen/Qwen3-30B-A3B and mistralai/Mixtral-8x7B-v0.1, same tokenizer ids.
+QWEN3_8B = dict(
+    vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+    tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+)
+QWEN3_30B_A3B = dict(
+    QWEN3_8B, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_key_value_heads=4,
+    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True, decoder_sparse_step=1,
+    mlp_only_layers=[],
+)
+MIXTRAL_8X7B = dict(
+    vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+    rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False, bos_token_id=0,
+    eos_token_id=1,
+)
+TINY_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, max_position_embeddings=1024)
+# --model NAME: (architecture, real shape, tiny shape of --cpu-smoke)
+MODELS = {
+    "llama-3.1-8b": ("LlamaForCausalLM", LLAMA_8B, TINY),
+    "qwen3-8b": ("Qwen3ForCausalLM", QWEN3_8B, dict(QWEN3_8B, **TINY_SHAPE, head_dim=16)),
+    "qwen3-30b-a3b": ("Qwen3MoeForCausalLM", QWEN3_30B_A3B,
+                      dict(QWEN3_30B_A3B, **TINY_SHAPE, head_dim=16, num_experts=8, num_experts_per_tok=3,
+                           moe_intermediate_size=32)),
+    "mixtral-8x7b": ("MixtralForCausalLM", MIXTRAL_8X7B, dict(MIXTRAL_8X7B, **TINY_SHAPE, num_local_experts=4)),
+}
 
 
 class Workload:
-    """Sizes of one run: the 8B run on a GPU, or the tiny CPU smoke run."""
+    """Sizes of one run: the real-shape run on a GPU, or the tiny CPU smoke run."""
 
-    def __init__(self, smoke: bool):
-        self.model = TINY if smoke else LLAMA_8B
+    def __init__(self, smoke: bool, model: str = "llama-3.1-8b"):
+        self.name = model
+        self.architecture, shape, tiny = MODELS[model]
+        self.model = tiny if smoke else shape
         self.max_model_len = 512 if smoke else 8192
         self.copy_bytes = (64 << 20) if smoke else (4 << 30)
         self.hf_tokens = 4 if smoke else 64
@@ -109,26 +145,35 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     return 2 * nbytes / statistics.median(times[2:])
 
 
-def make_model_dir(folder: str, fields: dict, device: torch.device):
-    """Config, a stand-in word-level tokenizer over the whole vocabulary, and random bf16 safetensors.
+def make_model_dir(folder: str, fields: dict, device: torch.device, architecture: str = "LlamaForCausalLM",
+                   weights: bool = True, hf_model: bool = True):
+    """Config, a stand-in word-level tokenizer over the whole vocabulary, and (weights) random bf16 safetensors;
+    without weights the engine must start with load_format "dummy".
 
-    Returns the Hugging Face model (on `device`), kept for the generate() baseline."""
+    Returns the Hugging Face model (on `device`), kept for the generate() baseline (hf_model: else None)."""
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     os.makedirs(folder, exist_ok=True)
-    config = LlamaConfig(**fields)
+    config = getattr(transformers, architecture.replace("ForCausalLM", "Config"))(**fields)
+    config.architectures = [architecture]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config).eval()
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = None
+    if hf_model or weights:
+        torch.manual_seed(0)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = getattr(transformers, architecture)(config).eval()
+        finally:
+            torch.set_default_dtype(default_dtype)
     if not os.path.exists(os.path.join(folder, "config.json")):
-        model.save_pretrained(folder, safe_serialization=True)
+        if weights:
+            model.save_pretrained(folder, safe_serialization=True)
+        else:
+            config.save_pretrained(folder)
         vocab = {f"<t{i}>": i for i in range(config.vocab_size)}
         word_level = Tokenizer(models.WordLevel(vocab, unk_token="<t0>"))
         word_level.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -137,12 +182,25 @@ def make_model_dir(folder: str, fields: dict, device: torch.device):
     return model
 
 
-def roofline_bytes(fields: dict) -> int:
-    """Weight bytes read per decoded token in bf16: every weight but the input embedding (one row is read)."""
+def roofline_bytes(fields: dict, architecture: str = "LlamaForCausalLM") -> int:
+    """Weight bytes read per decoded token in bf16: every weight but the input embedding (one row is read); of a
+    mixture of experts' layer the router and the top-k experts only (the others are not read at batch 1)."""
     h, i, layers = fields["hidden_size"], fields["intermediate_size"], fields["num_hidden_layers"]
-    kv = h // fields["num_attention_heads"] * fields["num_key_value_heads"]
-    per_layer = h * (h + 2 * kv) + h * h + 3 * h * i + 2 * h
-    return 2 * (layers * per_layer + h + fields["vocab_size"] * h)
+    heads, kv_heads = fields["num_attention_heads"], fields["num_key_value_heads"]
+    head_dim = fields.get("head_dim") or h // heads
+    attention = h * (heads + 2 * kv_heads) * head_dim + heads * head_dim * h
+    norms = 2 * h + (2 * head_dim if architecture.startswith("Qwen3") else 0)  # Qwen3's q/k norms
+    experts = fields.get("num_experts") or fields.get("num_local_experts") or 0
+    total = 0
+    for layer in range(layers):
+        sparse = experts and layer not in fields.get("mlp_only_layers", []) and \
+            (layer + 1) % fields.get("decoder_sparse_step", 1) == 0
+        if sparse:
+            mlp = fields["num_experts_per_tok"] * 3 * h * fields.get("moe_intermediate_size", i) + experts * h
+        else:
+            mlp = 3 * h * i
+        total += attention + norms + mlp
+    return 2 * (total + h + fields["vocab_size"] * h)
 
 
 def random_prompt(length: int, vocab: int, generator: torch.Generator) -> list[int]:
@@ -414,7 +472,9 @@ async def _drive_server(url: str, server: subprocess.Popen, work: Workload, voca
 # --- the run ---------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny random Llama on the CPU (checks the code)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="llama-3.1-8b",
+                        help="the shape (with --cpu-smoke: a tiny model of that family)")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny random model on the CPU (checks the code)")
     parser.add_argument("--tp", type=int, choices=[1, 2], default=1,
                         help="2: also every engine figure again with tensor parallel 2, and its batch-1 speed-up")
     parser.add_argument("--serve", action="store_true", help="also 128/128 through `rayprism serve` over HTTP")
@@ -429,20 +489,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--commit", default=None, help="commit measured (default: git rev-parse HEAD)")
     args = parser.parse_args(argv)
 
-    work = Workload(args.cpu_smoke)
+    work = Workload(args.cpu_smoke, args.model)
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU host, or pass --cpu-smoke")
     vocab = work.model["vocab_size"]
     results = new_record("engine_bench.py", argv or sys.argv[1:], args.commit, args.label, device)
-    results["model"] = "Llama-3.1-8B shape, random weights" if not args.cpu_smoke else "tiny random Llama"
+    results["model"] = f"{args.model} {'tiny' if args.cpu_smoke else 'shape'}, random weights"
     model_dir = args.model_dir or tempfile.mkdtemp(prefix="rayprism-bench-")
 
     bandwidth = copy_bandwidth(device, work.copy_bytes)
     results["copy_bandwidth_gb_s"] = bandwidth / 1e9
-    results["roofline_tok_s"] = bandwidth / roofline_bytes(work.model)
+    results["roofline_bytes"] = roofline_bytes(work.model, work.architecture)
+    results["roofline_tok_s"] = bandwidth / results["roofline_bytes"]
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s -> roofline {results['roofline_tok_s']:.1f} tok/s", flush=True)
-    hf_model = make_model_dir(model_dir, work.model, device)
+    hf_model = make_model_dir(model_dir, work.model, device, work.architecture, weights=args.serve,
+                              hf_model=not (args.skip_hf or args.decode_only))
     if not (args.skip_hf or args.decode_only):
         measured(results, "hf_bs1_tok_s", hf_generate_bs1, hf_model, work, vocab, device)
     del hf_model
@@ -452,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = EngineConfig(model=model_dir, device=device.type, max_model_len=work.max_model_len,
                           max_num_seqs=work.max_num_seqs, enforce_eager=args.enforce_eager,
-                          num_kv_blocks=256 if args.cpu_smoke else None)
+                          num_kv_blocks=256 if args.cpu_smoke else None,
+                          load_format="auto" if args.serve else "dummy")
     started = time.perf_counter()
     engine = LLMEngine(config)
     results["engine_start_s"] = time.perf_counter() - started

@@ -4,6 +4,8 @@ import json
 import os
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -38,6 +40,41 @@ def test_roofline_bytes_match_llama_8b():
     bench = load_bench()
     # 8.03e9 parameters less the 0.525e9 of the input embedding, two bytes each (the issue's 223 tok/s at 3.35 TB/s)
     assert abs(bench.roofline_bytes(bench.LLAMA_8B) / 2 - 7.50e9) < 0.01e9
+
+
+@pytest.mark.parametrize("name,active", [("qwen3-8b", 7.56e9), ("qwen3-30b-a3b", 3.04e9), ("mixtral-8x7b", 12.75e9)])
+def test_roofline_bytes_count_the_active_experts(name, active):
+    """Every parameter of transformers' model of that shape (built on the meta device) but the input embedding and,
+    of each MoE layer, the experts a token does not use: two bytes each."""
+    import torch
+    import transformers
+
+    bench = load_bench()
+    architecture, fields, _ = bench.MODELS[name]
+    config = getattr(transformers, architecture.replace("ForCausalLM", "Config"))(**fields)
+    with torch.device("meta"):
+        model = getattr(transformers, architecture)(config)
+    unused = 0
+    for module_name, module in model.named_modules():
+        if module_name.endswith(".experts"):
+            per_expert = sum(p.numel() for p in module.parameters()) // config.num_local_experts
+            unused += per_expert * (config.num_local_experts - config.num_experts_per_tok)
+    expected = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel() - unused
+    assert bench.roofline_bytes(fields, architecture) == 2 * expected
+    assert abs(expected - active) < 0.01e9
+
+
+@pytest.mark.parametrize("name", ["qwen3-8b", "qwen3-30b-a3b", "mixtral-8x7b"])
+def test_cpu_smoke_of_each_family(name, tmp_path):
+    """--cpu-smoke --model NAME: every single-process figure of a tiny model of that family."""
+    bench = load_bench()
+    assert bench.main(["--cpu-smoke", "--model", name, "--skip-1k", "--output-dir", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("engine_cpu-smoke_*.json")
+    results = json.loads(path.read_text())
+    assert "errors" not in results, results["errors"]
+    assert results["model"] == f"{name} tiny, random weights"
+    for key in ("roofline_tok_s", "hf_bs1_tok_s", "decode_bs1_tok_s", "throughput_128_128_tok_s"):
+        assert results[key] > 0, key
 
 
 def test_decode_profile_summarises_a_trace(tmp_path):

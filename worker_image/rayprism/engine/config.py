@@ -25,6 +25,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     seed: int = 0
+    # auto: the checkpoint's weights; dummy: random ones (benchmarks at real shapes without a checkpoint on disk:
+    # only config.json and the tokenizer are read)
+    load_format: str = "auto"
 
     def __post_init__(self):
         if self.pipeline_parallel_size != 1:
@@ -33,6 +36,8 @@ class EngineConfig:
             )
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: expected auto or one of {sorted(DTYPES)}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format={self.load_format!r}: expected auto or dummy")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device={self.device!r}: expected auto, cuda or cpu")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):

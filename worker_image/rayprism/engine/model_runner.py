@@ -147,7 +147,10 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.load_weights(config.model, config.revision)
+        if config.load_format == "dummy":
+            self._random_weights()
+        else:
+            self.load_weights(config.model, config.revision)
         self.num_kv_blocks = self._kv_pool_size()
         self.max_model_len = self._max_model_len(max_positions)
         self.kv_cache: torch.Tensor | None = None
@@ -220,6 +223,15 @@ class ModelRunner:
             )
         self.model.load_weights(reader.slices(desc=f"Loading weights (rank {self.rank})"))
         self.model_path = path
+
+    def _random_weights(self) -> None:
+        """load_format "dummy": every weight random (normal, std 0.02), norms 1, biases 0, seeded per rank."""
+        generator = torch.Generator(self.device).manual_seed(self.config.seed + self.rank)
+        for name, param in self.model.named_parameters():
+            if param.dim() == 1:
+                param.data.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+            else:
+                param.data.normal_(0.0, 0.02, generator=generator)
 
     def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Full (unsharded) HF-named tensors; each rank copies its slice. Runs on every rank."""
