@@ -296,3 +296,76 @@ def test_refused_with_the_field_named(client, fields, param):
 
 def test_ignored_fields_are_accepted(client):
     assert text(complete(client, user="someone")) == text(complete(client))
+
+
+# ---- tool calls --------------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 20},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "parameters": {"type": "object", "additionalProperties": False, "required": ["zone"],
+                                       "properties": {"zone": {"enum": ["UTC", "CET", "PST"]}}}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def streamed_reply(chunks) -> tuple[str | None, list[dict], str]:
+    """What a client puts together from a streamed reply: content, tool calls, finish reason."""
+    content, calls, finish = "", [], None
+    for chunk in chunks:
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for call in delta.tool_calls or ():
+            if call.id:
+                calls.append({"id": call.id, "name": call.function.name, "arguments": call.function.arguments})
+            else:
+                calls[call.index]["arguments"] += call.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+    return content or None, calls, finish
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_call_round_trip(client, stream):
+    """A named tool choice: the reply is a call whose arguments follow the function's schema; the tool's result
+    goes back, and the model answers in words."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    fields = dict(tools=[WEATHER, TIME], tool_choice=named, max_tokens=40)
+    if stream:
+        content, calls, finish = streamed_reply(chat(client, ASK_WEATHER, stream=True, **fields))
+        whole = chat(client, ASK_WEATHER, **fields).choices[0].message.tool_calls[0]
+        assert calls[0]["arguments"] == whole.function.arguments
+    else:
+        message = chat(client, ASK_WEATHER, **fields).choices[0].message
+        content, finish = message.content, "tool_calls"
+        calls = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in message.tool_calls]
+    assert content is None and finish == "tool_calls" and len(calls) == 1 and calls[0]["name"] == "get_weather"
+    arguments = json.loads(calls[0]["arguments"])
+    jsonschema.validate(arguments, WEATHER["function"]["parameters"])
+    history = [*ASK_WEATHER,
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": calls[0]["id"], "type": "function",
+                    "function": {"name": "get_weather", "arguments": calls[0]["arguments"]}}]},
+               {"role": "tool", "tool_call_id": calls[0]["id"], "content": "Sunny, 21 degrees celsius"}]
+    answer = chat(client, history, tools=[WEATHER, TIME], tool_choice="none", max_tokens=30)
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_tool_choice(client, parallel):
+    response = chat(client, ASK_WEATHER, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=parallel,
+                    max_tokens=200, **SAMPLES)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    for choice in response.choices:
+        calls = choice.message.tool_calls
+        assert choice.finish_reason == "tool_calls" and calls and (parallel or len(calls) == 1)
+        for call in calls:
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+
+
+def test_auto_tool_choice_needs_a_parser(client):
+    """SmolLM2's chat template renders no tools, so no tool-call format is known: "auto" is refused, naming the
+    option that sets one."""
+    with pytest.raises(openai.BadRequestError) as error:
+        chat(client, ASK_WEATHER, tools=[WEATHER])
+    assert error.value.body["param"] == "tool_choice" and "--tool-call-parser" in error.value.body["message"]

@@ -29,12 +29,6 @@ def refused(call, *args, **kwargs) -> APIError:
     return error.value
 
 
-@pytest.fixture
-def all_wired(monkeypatch):
-    """As once the lead has wired every field: NOT_WIRED_YET empty."""
-    monkeypatch.setattr(protocol, "NOT_WIRED_YET", set())
-
-
 # ---- sampling fields: ranges are SamplingParams.validate()'s ----------------------------------------
 @pytest.mark.parametrize("field, value", [("repetition_penalty", 0.01), ("repetition_penalty", 5),
                                           ("presence_penalty", -2), ("presence_penalty", 1.5),
@@ -211,27 +205,7 @@ def test_refused_naming_the_field(chat_, fields, param):
     assert refused(parse_request, {**base, **fields}, chat=chat_).param == param
 
 
-# A value that asks for each field not wired yet: refused naming it, until it is wired.
-ASKS = {"n": 2, "best_of": 2, "echo": True, "prompt_logprobs": 0, "response_format": {"type": "json_object"},
-        "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["a", "b"],
-        "guided_grammar": "root ::= 'a'", "tools": [{"type": "function", "function": {"name": "f"}}],
-        "tool_choice": "required", "parallel_tool_calls": False}
-
-
-@pytest.mark.parametrize("field", sorted(protocol.NOT_WIRED_YET))
-def test_not_wired_yet_is_refused(field):
-    body = {"model": "tiny", **({"prompt": "hi"} if field == "echo" else {"messages": MESSAGES}), field: ASKS[field]}
-    if field == "parallel_tool_calls":     # it asks something only of tools
-        body["tools"] = ASKS["tools"]
-    error = refused(parse_request, body, chat=field != "echo")
-    assert error.param == field and "not supported yet" in error.message
-
-
-def test_every_not_wired_field_says_what_asks_nothing():
-    assert protocol.NOT_WIRED_YET <= set(protocol._ASKS_NOTHING) == set(ASKS)
-
-
-# Values that ask nothing of the fields not wired yet (what SDKs and frameworks send): accepted today.
+# Values that ask for nothing (what SDKs and frameworks send by default): accepted.
 ASKS_NOTHING = [(False, {"n": 1}), (False, {"n": None}), (False, {"best_of": 1}), (False, {"n": 1, "best_of": 1}),
                 (False, {"echo": False}), (False, {"prompt_logprobs": None}), (False, {"suffix": ""}),
                 (False, {"suffix": None}), (False, {"response_format": {"type": "text"}}),
@@ -250,8 +224,8 @@ def test_accepted(chat_, fields):
     parse_request({**base, **fields}, chat=chat_)
 
 
-def test_not_wired_fields_parse_typed(all_wired):
-    """What the lead wires: ParsedRequest's fields, typed."""
+def test_fields_parse_typed():
+    """ParsedRequest's fields, typed."""
     req = parse_request({"model": "tiny", "prompt": "hi", "echo": True, "guided_json": '{"type": "object"}'},
                         chat=False)
     assert (req.echo, req.guided_json) == (True, {"type": "object"})
@@ -259,10 +233,11 @@ def test_not_wired_fields_parse_typed(all_wired):
         "name": "a", "schema": {"type": "object"}, "strict": True}}}, chat=False)
     assert (req.response_format.type, req.response_format.json_schema.name, req.response_format.json_schema.schema_,
             req.response_format.json_schema.strict) == ("json_schema", "a", {"type": "object"}, True)
-    req = chat(guided_regex="a+", tools=ASKS["tools"], tool_choice={"type": "function", "function": {"name": "f"}},
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    req = chat(guided_regex="a+", tools=tools, tool_choice={"type": "function", "function": {"name": "f"}},
                parallel_tool_calls=False)
     assert (req.guided_regex, req.tools, req.tool_choice, req.parallel_tool_calls) == (
-        "a+", ASKS["tools"], {"type": "function", "function": {"name": "f"}}, False)
+        "a+", tools, {"type": "function", "function": {"name": "f"}}, False)
     assert chat(guided_choice=["x", "y"]).guided_choice == ["x", "y"]
     assert chat(guided_grammar="g").guided_grammar == "g"
     assert (chat().n, chat().best_of, chat().echo, chat().prompt_logprobs, chat().tools) == (1, None, False, None,
@@ -272,14 +247,13 @@ def test_not_wired_fields_parse_typed(all_wired):
 @pytest.mark.parametrize("fields, param", [({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
                                            ({"response_format": {"type": "json_object"}, "guided_json": {}},
                                             "guided_json")])
-def test_one_kind_of_structured_output(all_wired, fields, param):
+def test_one_kind_of_structured_output(fields, param):
     assert refused(chat, **fields).param == param
 
 
-@pytest.mark.skipif("n" not in SamplingParams.__dataclass_fields__, reason="SamplingParams has no n yet")
 @pytest.mark.parametrize("fields, param", [({"n": 0}, "n"), ({"n": 2, "best_of": 1}, "best_of"),
                                            ({"prompt_logprobs": 21}, "prompt_logprobs")])
-def test_wired_sampling_fields_ranges_are_the_engines(all_wired, fields, param):
+def test_sampling_fields_ranges_are_the_engines(fields, param):
     assert refused(parse, **fields).param == param
     assert parse(n=2, best_of=3, prompt_logprobs=1).best_of == 3
 
@@ -405,3 +379,22 @@ def test_chat_responses_have_the_models_shape(with_logprobs):
 def test_error_bodies_have_the_models_shape():
     exact(protocol.ErrorResponse, refused(parse, temperature="hot").body())
     exact(protocol.ErrorResponse, APIError(503, "loading", type="service_unavailable", code="model_not_ready").body())
+
+
+def test_tool_call_responses_have_the_models_shape():
+    req = chat(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required")
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    full = protocol.envelope(req, "tiny", [protocol.tool_choice(0, {"content": None, "tool_calls": [call]},
+                                                                "tool_calls", None, delta=False)],
+                             chunk=False, usage=protocol.usage(3, 2))
+    deltas = [{"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                               "function": {"name": "f", "arguments": ""}}]},
+              {"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]}, {}]
+    chunks = [protocol.envelope(req, "tiny", [protocol.tool_choice(0, delta, "tool_calls" if i == 2 else None, None,
+                                                                   delta=True, first=i == 0)], chunk=True)
+              for i, delta in enumerate(deltas)]
+    exact(protocol.ChatCompletion, full)
+    openai.types.chat.ChatCompletion.model_validate(full)
+    for chunk in chunks:
+        exact(protocol.ChatCompletionChunk, chunk)
+        openai.types.chat.ChatCompletionChunk.model_validate(chunk)

@@ -16,7 +16,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from rayprism.engine import SamplingParams
-from rayprism.server.protocol import NOT_WIRED_YET
 from tests.serving.helpers import (FAULTY_SEED, FAULTY_WORKERS_ENV, STALL_FILE, RayNodes, ServeProcess,
                                   reference_outputs)
 
@@ -295,22 +294,6 @@ BAD_REQUESTS = [
      "tool_choice"),
     ("chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, 400,
      "logprobs"),
-    *[(endpoint, {"model": MODEL, **base, field: value}, 400, field)   # refused until served
-      for endpoint, base, field, value in [
-          ("completions", {"prompt": "hi"}, "n", 2), ("completions", {"prompt": "hi"}, "best_of", 2),
-          ("completions", {"prompt": "hi"}, "echo", True), ("completions", {"prompt": "hi"}, "prompt_logprobs", 0),
-          ("completions", {"prompt": "hi"}, "response_format", {"type": "json_object"}),
-          ("completions", {"prompt": "hi"}, "guided_json", {"type": "object"}),
-          ("completions", {"prompt": "hi"}, "guided_regex", "a+"),
-          ("completions", {"prompt": "hi"}, "guided_choice", ["a", "b"]),
-          ("completions", {"prompt": "hi"}, "guided_grammar", "root ::= 'a'"),
-          ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "tools",
-           [{"type": "function", "function": {"name": "f"}}]),
-          ("chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "tool_choice", "required"),
-          ("chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                                "tools": [{"type": "function", "function": {"name": "f"}}]}, "parallel_tool_calls",
-           False)]
-      if field in NOT_WIRED_YET],
     ("/tokenize", [1], 400, None),
     ("/tokenize", {"prompt": "hi", "frobnicate": 1}, 400, "frobnicate"),
     ("/detokenize", {"tokens": [1], "frobnicate": 1}, 400, "frobnicate"),

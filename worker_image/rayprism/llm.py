@@ -125,6 +125,11 @@ class LLM:
         return self._executor.info["max_model_len"]
 
     @property
+    def model_type(self) -> str:
+        """The model's architecture family, as its config.json names it ("llama", "qwen2", ...)."""
+        return self._executor.info["model_type"]
+
+    @property
     def tensor_parallel_size(self) -> int:
         return self._executor.world_size
 

@@ -91,7 +91,8 @@ class RayGPUWorker:
     def info(self) -> dict:
         engine = self._engine
         return {"world_size": self.world_size, "max_model_len": engine.max_model_len, "device": self._device.type,
-                "model": engine.config.model, "revision": engine.config.revision}
+                "model": engine.config.model, "revision": engine.config.revision,
+                "model_type": engine.hf_config.model_type}
 
     def tokenizer(self):
         return self._engine.tokenizer

@@ -41,7 +41,8 @@ from rayprism.engine import InvalidRequestError
 from rayprism.executor import EngineDeadError
 from rayprism.executor.ray_executor import node_alive
 from rayprism.llm import RequestResult
-from rayprism.server import protocol
+from rayprism.engine.sampling import StructuredOutput
+from rayprism.server import protocol, tools
 from rayprism.server.metrics import Metrics
 from rayprism.server.protocol import APIError, ParsedRequest, bad_request
 
@@ -80,9 +81,12 @@ class Server:
     has gone, so nothing in flight fails."""
 
     def __init__(self, *, served_model_name: str, model_uri: str, revision: str | None, max_in_flight: int,
-                 admin_token_file: str | None, drain_s: float = 30.0, unready_delay_s: float = 5.0):
+                 admin_token_file: str | None, drain_s: float = 30.0, unready_delay_s: float = 5.0,
+                 tool_call_parser: str = "auto"):
         self.served_model_name = served_model_name
         self.llm = None
+        self.tool_call_parser = tool_call_parser   # tools.select_parser's choice for tool_choice "auto"
+        self._auto_tool_parsers: dict[int, tools.ToolParser | None] = {}   # by id(llm): its model's
         self.max_in_flight = max_in_flight
         self.in_flight = 0
         self.drain_s, self.unready_delay_s = drain_s, unready_delay_s
@@ -164,6 +168,7 @@ class Server:
             llm = self._ready_llm()
             self._check_model(body)
             req = protocol.parse_request(body, chat=chat)
+            tool_parser = self._prepare_tools(llm, req) if chat else None
             protocol.check_prompt_size(req, llm.max_model_len)
             tokenize = functools.partial(self._tokenize, llm, req, add_special_tokens=not req.chat)
             prompt_ids = await asyncio.get_running_loop().run_in_executor(None, tokenize)
@@ -176,7 +181,7 @@ class Server:
             self.metrics.prompt_tokens.inc(len(prompt_ids))
             try:
                 respond = self._stream if req.stream else self._complete
-                return await respond(request, llm, req, prompt_ids)
+                return await respond(request, llm, req, prompt_ids, tool_parser)
             finally:
                 self.in_flight -= 1
         except _ClientGone as gone:
@@ -190,6 +195,31 @@ class Server:
             raise
         finally:
             self.metrics.requests.labels(endpoint, str(status)).inc()
+
+    def _prepare_tools(self, llm, req: ParsedRequest) -> tools.ToolParser | None:
+        """A chat request's tools: validated; rendered by the chat template (not with tool_choice "none"); for
+        tool_choice "required" or a named function, the grammar the reply must follow. Returns the parser of the
+        reply's calls (None without tools)."""
+        tool_request = tools.parse_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        req.messages = tools.template_messages(req.messages)
+        if tool_request is None:
+            return None
+        auto = self._auto_tool_parser(llm) if tool_request.choice == "auto" else None
+        parser = tools.reply_parser(tool_request, auto)
+        if tool_request.choice != "none":
+            req.template_options["tools"] = tool_request.tools
+        if (schema := tools.guided_schema(tool_request)) is not None:
+            if req.params.structured is not None:
+                raise bad_request(f"'tool_choice' {tool_request.choice!r} makes the reply a call; it cannot also "
+                                  f"follow '{req.params.structured.param}'", "tool_choice")
+            req.params.structured = StructuredOutput("json_schema", schema, "tool_choice")
+        return parser
+
+    def _auto_tool_parser(self, llm) -> tools.ToolParser | None:
+        if id(llm) not in self._auto_tool_parsers:   # the tokenizer and config come from rank 0 once
+            self._auto_tool_parsers = {id(llm): tools.select_parser(self.tool_call_parser, llm.tokenizer.chat_template,
+                                                                    llm.model_type)}
+        return self._auto_tool_parsers[id(llm)]
 
     def _ready_llm(self):
         if self.llm is None:
@@ -308,7 +338,8 @@ class Server:
         """The output's logprob entries with their offsets moved past the echoed prompt."""
         return entries and [{**entry, "text_offset": entry["text_offset"] + len(echo_text)} for entry in entries]
 
-    async def _complete(self, request, llm, req: ParsedRequest, prompt_ids: list[int]) -> web.Response:
+    async def _complete(self, request, llm, req: ParsedRequest, prompt_ids: list[int],
+                        tool_parser: tools.ToolParser | None) -> web.Response:
         result = RequestResult(req.id)
         async for output in self._outputs(request, llm, req, prompt_ids):
             result.add(output)
@@ -321,8 +352,16 @@ class Server:
         choices = []
         for sequence in sequences:
             entries = echo_entries + self._after_echo(echo_text, sequence.logprobs or [])
+            logprobs = self._logprobs(llm, req, entries)
+            if tool_parser is not None:
+                content, calls = tool_parser.parse(sequence.text)
+                message = {"content": content, **({"tool_calls": calls} if calls else {})}
+                choices.append(protocol.tool_choice(sequence.index, message,
+                                                    tools.finish_reason(sequence.finish_reason, bool(calls)),
+                                                    logprobs, delta=False))
+                continue
             choice = protocol.choice(req, sequence.index, echo_text + sequence.text, sequence.finish_reason,
-                                     self._logprobs(llm, req, entries), delta=False)
+                                     logprobs, delta=False)
             if prompt_logprobs is not None and not req.chat:
                 choice["prompt_logprobs"] = prompt_logprobs
             choices.append(choice)
@@ -332,7 +371,8 @@ class Server:
             body["prompt_logprobs"] = prompt_logprobs
         return web.json_response(body)
 
-    async def _stream(self, request, llm, req: ParsedRequest, prompt_ids: list[int]) -> web.StreamResponse:
+    async def _stream(self, request, llm, req: ParsedRequest, prompt_ids: list[int],
+                      tool_parser: tools.ToolParser | None) -> web.StreamResponse:
         outputs = self._outputs(request, llm, req, prompt_ids)
         async with contextlib.aclosing(outputs):
             first = await anext(outputs)    # errors before the first token still get their HTTP status
@@ -345,6 +385,7 @@ class Server:
 
             output = first
             output_tokens: dict[int, int] = {}   # by sequence index: its first chunk is the one not counted yet
+            tool_streams: dict[int, tools.ToolCallStream] = {}
             echo_text, echo_entries = "", []
             if req.echo:   # with logprobs, the first output (sequence 0's) brings the prompt's
                 echo_text, echo_entries = self._echo(llm, req, prompt_ids, first.prompt_logprobs)
@@ -355,9 +396,15 @@ class Server:
                     text, entries = output.new_text, self._after_echo(echo_text, output.logprobs)
                     if is_first and req.echo:
                         text, entries = echo_text + text, echo_entries + (entries or [])
-                    choice = protocol.choice(req, output.index, text, output.finish_reason,
-                                             self._logprobs(llm, req, entries), delta=True, first=is_first)
-                    await send(protocol.envelope(req, self.served_model_name, [choice], chunk=True))
+                    logprobs = self._logprobs(llm, req, entries)
+                    if tool_parser is not None:
+                        stream = tool_streams.setdefault(output.index, tool_parser.stream())
+                        choices = self._tool_deltas(stream, output, logprobs, is_first)
+                    else:
+                        choices = [protocol.choice(req, output.index, text, output.finish_reason, logprobs,
+                                                   delta=True, first=is_first)]
+                    for choice in choices:
+                        await send(protocol.envelope(req, self.served_model_name, [choice], chunk=True))
                     if output.finished:
                         break
                     output = await anext(outputs)
@@ -370,6 +417,21 @@ class Server:
             except ConnectionResetError:   # leaving aclosing() aborts the request
                 raise _ClientGone(response) from None
             return response
+
+    @staticmethod
+    def _tool_deltas(stream: tools.ToolCallStream, output, logprobs: dict | None, first: bool) -> list[dict]:
+        """The chunks' choices of one output of a reply with tools: its content and tool-call deltas (the parser
+        holds back text that may open a call), the first with the role and logprobs, the last with the finish
+        reason; one empty delta when only those are left to say."""
+        deltas = stream.feed(output.new_text)
+        if output.finish_reason is not None:
+            deltas += stream.finish()
+        finish = tools.finish_reason(output.finish_reason, stream.called)
+        if not deltas and (first or logprobs or finish):
+            deltas = [{}]
+        return [protocol.tool_choice(output.index, delta, finish if i == len(deltas) - 1 else None,
+                                     logprobs if i == 0 else None, delta=True, first=first and i == 0)
+                for i, delta in enumerate(deltas)]
 
     # ---- health and metrics ------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:

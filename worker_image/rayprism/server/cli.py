@@ -109,7 +109,8 @@ def _on_stop_signal(stop: asyncio.Event) -> None:
 async def _serve(args: argparse.Namespace, on_ready) -> int:
     server = Server(served_model_name=args.served_model_name, model_uri=args.model, revision=args.model_revision,
                     max_in_flight=args.max_num_seqs + args.max_queue_size, admin_token_file=args.admin_token_file,
-                    drain_s=args.drain_seconds, unready_delay_s=args.unready_delay_seconds)
+                    drain_s=args.drain_seconds, unready_delay_s=args.unready_delay_seconds,
+                    tool_call_parser=args.tool_call_parser)
     # Cancel handlers whose client went away, so a disconnected request is aborted in the engine.
     runners = [web.AppRunner(server.app(), handler_cancellation=True, access_log=None)]
     if args.admin_port:

@@ -6,7 +6,7 @@ declared with a strict type (a bool is not an int, "1" is not a number; JSON int
 so that a bad value is a 400 naming it (`param`) and never an error deep in the engine. Value ranges are
 SamplingParams.validate()'s (the Python API needs them too), checked once the request is parsed. Every field
 either works or is refused: an unknown field is a 400 naming it; the few fields accepted without effect are
-IGNORED_FIELDS (each logged once per process), and fields parsed but not served yet are NOT_WIRED_YET.
+IGNORED_FIELDS (each logged once per process).
 
 Responses are built as dicts on the serving path (completion(), choice(), envelope()): the pydantic response
 models below describe the same shapes, and the tests validate every response against them; building a
@@ -39,11 +39,6 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({
     "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
     "return_assistant_tokens_mask", "tokenizer_kwargs"})
 
-# Parsed and typed, in ParsedRequest, but not served yet: a request that asks for one of them (a value other
-# than the one that asks for nothing, _ASKS_NOTHING) is refused with a 400 naming it. Each is removed from here
-# once the server serves it; n, best_of and prompt_logprobs then go into SamplingParams, whose validate()
-# checks their ranges.
-NOT_WIRED_YET = {"tools", "tool_choice", "parallel_tool_calls"}
 # Accepted and without effect here, each logged once per process (at WARNING, as vLLM does): field -> why.
 IGNORED_FIELDS = {
     "user": "an end user's id, for OpenAI's abuse monitoring; nothing here reads it",
@@ -182,7 +177,6 @@ class SamplingRequest(_Request):
     logit_bias: dict[str, float] | None = None    # {"token id": bias}: JSON keys are strings
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    # NOT_WIRED_YET
     n: int | None = None
     best_of: int | None = None
     prompt_logprobs: int | None = None
@@ -232,7 +226,7 @@ class CompletionRequest(SamplingRequest):
     prompt: Annotated[str | list[int], BeforeValidator(lambda prompt: _one_prompt(prompt))]
     logprobs: int | None = None
     suffix: str | None = None
-    echo: bool | None = None    # NOT_WIRED_YET
+    echo: bool | None = None
 
     @field_validator("suffix")
     @classmethod
@@ -287,7 +281,7 @@ class ChatCompletionRequest(ChatTemplateFields, SamplingRequest):
     max_completion_tokens: int | None = None     # OpenAI's successor of max_tokens; wins when both are given
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    # NOT_WIRED_YET; their validation is server/tools.py's
+    # Their validation is server/tools.py's.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -405,7 +399,6 @@ class ParsedRequest:
     logprobs: int | None
     id: str
     created: int
-    # NOT_WIRED_YET: parsed and typed, refused unless they ask for nothing (_ASKS_NOTHING); the defaults do.
     n: int = 1
     best_of: int | None = None
     echo: bool = False                  # completions only
@@ -420,24 +413,14 @@ class ParsedRequest:
     parallel_tool_calls: bool | None = None
 
 
-# For each NOT_WIRED_YET field, whether the request asks nothing of it (what today's generation does anyway).
-_ASKS_NOTHING = {
-    "n": lambda r: r.n == 1,
-    "best_of": lambda r: r.best_of in (None, r.n),
-    "echo": lambda r: not r.echo,
-    "prompt_logprobs": lambda r: r.prompt_logprobs is None,
-    "response_format": lambda r: r.response_format is None or r.response_format.type == "text",
-    "guided_json": lambda r: r.guided_json is None,
-    "guided_regex": lambda r: r.guided_regex is None,
-    "guided_choice": lambda r: r.guided_choice is None,
-    "guided_grammar": lambda r: r.guided_grammar is None,
-    "tools": lambda r: not r.tools,
-    "tool_choice": lambda r: r.tool_choice in (None, "none"),
-    "parallel_tool_calls": lambda r: r.parallel_tool_calls is None or not r.tools,
+# Whether a request asks for each kind of structured output (one at most per request).
+_ASKS_STRUCTURED = {
+    "response_format": lambda r: r.response_format is not None and r.response_format.type != "text",
+    "guided_json": lambda r: r.guided_json is not None,
+    "guided_regex": lambda r: r.guided_regex is not None,
+    "guided_choice": lambda r: r.guided_choice is not None,
+    "guided_grammar": lambda r: r.guided_grammar is not None,
 }
-# SamplingParams' fields among NOT_WIRED_YET: they go into it once out of that set (validate() checks them).
-_SAMPLING_NOT_WIRED = ("n", "best_of", "prompt_logprobs")
-_STRUCTURED_OUTPUT = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 def parse_request(body, *, chat: bool) -> ParsedRequest:
@@ -473,7 +456,7 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
         repetition_penalty=request.repetition_penalty, presence_penalty=request.presence_penalty,
         frequency_penalty=request.frequency_penalty, min_tokens=min_tokens,
         logit_bias=None if request.logit_bias is None else {int(t): b for t, b in request.logit_bias.items()},
-        **{name: getattr(request, name) for name in _SAMPLING_NOT_WIRED if name not in NOT_WIRED_YET})
+        n=request.n, best_of=request.best_of, prompt_logprobs=request.prompt_logprobs)
     parsed = ParsedRequest(
         chat=chat, prompt=prompt, messages=messages, template_options=template_options, params=SamplingParams(),
         max_tokens_given=max_tokens is not None, stream=stream,
@@ -493,11 +476,7 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
                           "without 'stream'", "prompt_logprobs")
     if parsed.echo and logprobs is not None:   # the echoed prompt's tokens come with their logprobs
         values["prompt_logprobs"] = max(logprobs, parsed.prompt_logprobs or 0)
-    for name in sorted(NOT_WIRED_YET):
-        if not _ASKS_NOTHING[name](parsed):
-            raise bad_request(f"'{name}' is not supported yet (issue #18): this server parses it but does not "
-                              "serve it", name)
-    structured = [name for name in _STRUCTURED_OUTPUT if not _ASKS_NOTHING[name](parsed)]
+    structured = [name for name, asks in _ASKS_STRUCTURED.items() if asks(parsed)]
     if len(structured) > 1:
         raise bad_request(f"one kind of structured output per request: {', '.join(structured)} were given",
                           structured[1])
@@ -649,9 +628,21 @@ class ChatLogprobs(_Response):
     content: list[ChatTokenLogprob] | None
 
 
+class FunctionCall(_Response):
+    name: str
+    arguments: str   # JSON text
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Response):
     role: Literal["assistant"]
     content: str | None
+    tool_calls: list[ToolCall] | None = None   # with tools, when the reply calls them
 
 
 class ChatChoice(_Response):
@@ -671,9 +662,23 @@ class ChatCompletion(_Response):
     prompt_logprobs: PromptLogprobs | None = None   # when asked
 
 
+class FunctionCallDelta(_Response):
+    name: str | None = None
+    arguments: str
+
+
+class ToolCallDelta(_Response):
+    """A call's first delta has its id, type and name (arguments ""); the next ones add to its arguments."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class DeltaMessage(_Response):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(_Response):
@@ -734,6 +739,16 @@ def chat_logprobs(entries: list[dict], decode) -> dict:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
     return {"content": [{**token(e["token_id"], e["logprob"]),
                          "top_logprobs": [token(t, lp) for t, lp in e["top"].items()]} for e in entries]}
+
+
+def tool_choice(index: int, message: dict, finish_reason: str | None, logprobs: dict | None, *, delta: bool,
+                first: bool = False) -> dict:
+    """A chat choice whose message (or delta) the tool-call parser made: content and/or tool_calls."""
+    if delta:
+        return {"index": index, "delta": {"role": "assistant", **message} if first else message,
+                "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "message": {"role": "assistant", "content": None, **message}, "logprobs": logprobs,
+            "finish_reason": finish_reason}
 
 
 def choice(req: ParsedRequest, index: int, text: str, finish_reason: str | None, logprobs: dict | None, *,
