@@ -11,7 +11,7 @@ import torch
 from rayprism.engine import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams, StructuredOutput
 from rayprism.engine.sampler import Sampler
 from rayprism.engine.sequence import Sequence, SequenceStatus
-from rayprism.engine.structured import apply_token_bitmask
+from rayprism.engine.structured import apply_token_bitmask, pack_bits
 
 from .helpers import generate
 
@@ -183,6 +183,18 @@ def test_a_token_the_grammar_refuses_fails_that_request_only(engine):
     assert finished == {"broken": "error", "fine": "stop"}
 
 
+def test_json_masks_never_allow_raw_control_characters(engine):
+    # xgrammar 0.2.9 lets them into strings with a maxLength (mlc-ai/xgrammar#800): "name" has one.
+    matcher = engine.grammars.matcher(structured("json_schema", PERSON))
+    assert all(matcher.accept(t) for t in engine.tokenizer.encode('{"name": "Ab', add_special_tokens=False))
+    bitmask = torch.zeros(1, (matcher.vocab_size + 31) // 32, dtype=torch.int32)
+    matcher.fill(bitmask, 0)
+    allowed = set(((bitmask[0, :, None] >> torch.arange(32)) & 1).flatten().nonzero().flatten().tolist())
+    byte_level = engine.tokenizer.convert_tokens_to_ids  # byte-level BPE spells 0x01 "ā" and a tab "ĉ"
+    assert byte_level("ā") not in allowed and byte_level("ĉ") not in allowed
+    assert {byte_level("c"), byte_level('"')} <= allowed
+
+
 def test_structured_output_pickles_and_needs_logits():
     params = SamplingParams(temperature=0, structured=structured("choice", ["a", "b"], "guided_choice"))
     assert pickle.loads(pickle.dumps(params)) == params
@@ -198,10 +210,9 @@ class FakeMatcher:
         self.allowed, self.vocab_size = allowed, vocab_size
 
     def fill(self, bitmask, row):
-        bits = torch.zeros(bitmask.shape[1] * 32, dtype=torch.int64)
-        bits[self.allowed] = 1
-        words = (bits.view(-1, 32) << torch.arange(32)).sum(dim=1)
-        bitmask[row] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        bits = torch.zeros(bitmask.shape[1] * 32, dtype=torch.bool)
+        bits[self.allowed] = True
+        bitmask[row] = pack_bits(bits)
 
 
 def seq_with(params, matcher=None, token_ids=(5, 6)):

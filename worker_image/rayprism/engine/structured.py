@@ -5,6 +5,10 @@ takes each sampled token.
 The grammar ends only with an EOS token of the engine, allowed only where the output is complete; once the
 matcher has taken it (it has terminated), the sequence finishes with "stop". xgrammar was picked for its
 per-step mask cost (bench/grammar_bench.py; bench/results/grammar-*.json).
+
+JSON comes out compact (no whitespace but the separators' spaces), so no token with a raw control character
+(U+0000-U+001F) can belong to it: such tokens are masked for the JSON kinds whatever the grammar says, since
+xgrammar 0.2.9 lets them into strings with a minLength or maxLength (mlc-ai/xgrammar#800: invalid JSON).
 """
 from __future__ import annotations
 
@@ -24,13 +28,14 @@ _ERROR_PREFIX = re.compile(r"^\[[^\]]*\] \S+:\d+: ")
 class Matcher:
     """One sequence's place in its grammar."""
 
-    def __init__(self, matcher, vocab_size: int):
+    def __init__(self, matcher, vocab_size: int, allowed: torch.Tensor | None = None):
         self._matcher = matcher  # an xgrammar.GrammarMatcher
         self.vocab_size = vocab_size  # the tokenizer's: the bitmask's columns
+        self._allowed = allowed  # int32 words ANDed into every mask (JSON: no raw control characters)
 
     def fork(self) -> Matcher:
         """An independent copy, in the same state (a request's n sequences each have their own)."""
-        return Matcher(self._matcher.fork(), self.vocab_size)
+        return Matcher(self._matcher.fork(), self.vocab_size, self._allowed)
 
     def accept(self, token_id: int) -> bool:
         return self._matcher.accept_token(token_id)
@@ -42,6 +47,8 @@ class Matcher:
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self._matcher.fill_next_token_bitmask(bitmask, row)
+        if self._allowed is not None:
+            bitmask[row] &= self._allowed
 
 
 class Grammars:
@@ -53,12 +60,15 @@ class Grammars:
         self.stop_token_ids = sorted(stop_token_ids)
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, object] = OrderedDict()
-        self._compiler = None  # built on the first structured request (about 0.1 s for a 50k vocabulary)
+        self._compiler = None  # built on the first structured request (about 0.2 s for a 50k vocabulary)
+        self._json_tokens: torch.Tensor | None = None  # bitmask words: the tokens compact JSON may hold
 
     def matcher(self, structured: StructuredOutput) -> Matcher:
         import xgrammar
 
-        return Matcher(xgrammar.GrammarMatcher(self.compile(structured)), self.vocab_size)
+        compiled = self.compile(structured)
+        allowed = self._json_tokens if structured.kind in ("json_schema", "json_object") else None
+        return Matcher(xgrammar.GrammarMatcher(compiled), self.vocab_size, allowed)
 
     def compile(self, structured: StructuredOutput):
         """The xgrammar CompiledGrammar; InvalidRequestError(structured.param) if it does not compile."""
@@ -87,6 +97,10 @@ class Grammars:
             info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                            stop_token_ids=self.stop_token_ids)
             self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)  # our LRU bounds the memory
+            control = re.compile(rb"[\x00-\x1f]")
+            allowed = torch.tensor([not control.search(text) for text in info.decoded_vocab], dtype=torch.bool)
+            allowed[self.stop_token_ids] = True
+            self._json_tokens = pack_bits(allowed)
         compiler = self._compiler
         if kind == "json_schema":
             # One line: models small and large otherwise tend to run on in whitespace.
@@ -100,6 +114,13 @@ class Grammars:
         if kind == "grammar":
             return compiler.compile_grammar(value)
         raise ValueError(f"unknown kind {kind!r}")
+
+
+def pack_bits(allowed: torch.Tensor) -> torch.Tensor:
+    """[tokens] bool -> [words] int32 bitmask (token t: bit t % 32 of word t // 32), xgrammar's layout."""
+    bits = torch.nn.functional.pad(allowed, (0, -len(allowed) % 32)).view(-1, 32).long()
+    words = (bits << torch.arange(32)).sum(dim=1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def fill_bitmask(matchers: list[Matcher], device: torch.device) -> torch.Tensor:
