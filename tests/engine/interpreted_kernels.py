@@ -114,16 +114,18 @@ def moe_routing_and_experts() -> None:
         for gemv_path in (True, False) if tokens < 8 else (False,):  # (the interpreter runs many GEMV programs slowly)
             got = fused_moe.fused_experts(x, gate_up, down, weights, ids, gemv=gemv_path)
             close(got, expected, f"experts, {tokens} tokens, gemv {gemv_path}", rtol=1e-5)
-    # the sort: every pair once, each expert's run in pair order, padded to BLOCK_M
-    ids = torch.randint(0, 5, (300,), generator=generator, dtype=torch.int32)
-    ids[:40] = 2  # one expert's run across chunks
-    sorted_pairs, ends, counts = fused_moe.align(ids, 5, 16)
-    assert counts.tolist() == torch.bincount(ids.long(), minlength=5).tolist()
-    assert ends.tolist() == (-(-counts // 16) * 16).cumsum(0).tolist()
-    for expert in range(5):
-        start = ends[expert].item() - -(-counts[expert].item() // 16) * 16
-        run = sorted_pairs[start: start + counts[expert].item()].tolist()
-        assert run == (ids == expert).nonzero().flatten().tolist(), expert
+    # the sort: every pair once, each expert's run in pair order, padded to BLOCK_M; 24 chunks: over 16 (a step)
+    for num_experts, num_pairs in ((5, 300), (64, 3000)):
+        ids = torch.randint(0, num_experts, (num_pairs,), generator=generator, dtype=torch.int32)
+        ids[:200] = 2  # one expert's run across chunks
+        ids[ids == 3] = 4  # an expert that no pair chose
+        sorted_pairs, ends, counts = fused_moe.align(ids, num_experts, 16)
+        assert counts.tolist() == torch.bincount(ids.long(), minlength=num_experts).tolist()
+        assert ends.tolist() == (-(-counts // 16) * 16).cumsum(0).tolist()
+        for expert in range(num_experts):
+            start = ends[expert].item() - -(-counts[expert].item() // 16) * 16
+            run = sorted_pairs[start: start + counts[expert].item()].tolist()
+            assert run == (ids == expert).nonzero().flatten().tolist(), expert
 
 
 def paged_decode_splits() -> None:
