@@ -1,6 +1,8 @@
 """Several sequences per request (n, best_of) forked from one prefill, and prompt logprobs, on the random tiny
 Llama. References: each forked sequence against the same sampling run alone (its own prefill, its own blocks);
 prompt logprobs against transformers' logits of the whole prompt, log-softmaxed with plain torch."""
+import re
+
 import pytest
 import torch
 
@@ -142,3 +144,23 @@ def test_more_sequences_than_can_run_at_once_are_refused(tiny_llama_dir):
     assert error.value.param == "best_of"
     with pytest.raises(InvalidRequestError, match="do not fit the KV cache"):
         engine.add_request("big", PROMPT, SamplingParams(n=4))   # 3 blocks + 3 copies of the partial one > 4
+
+
+@pytest.mark.gpu
+def test_forks_and_grammars_on_cuda(tiny_llama_dir):
+    """On the device: the partial prompt block copied by the model runner, the forks decoded through the CUDA
+    graphs, each as it is alone; a grammar's mask applied on the device, next to unconstrained rows."""
+    from rayprism.engine.sampling import StructuredOutput
+
+    engine = LLMEngine(EngineConfig(model=tiny_llama_dir, device="cuda", dtype="float32", num_kv_blocks=64,
+                                    max_model_len=128))
+    forked = sequences(generate(engine, [PROMPT], sampled(n=4)), 4)
+    alone = [generate(engine, [PROMPT], SamplingParams(**{**vars(sampled()), "seed": child_seed(i)}))["0"]["token_ids"]
+             for i in range(4)]
+    assert forked == alone
+    regex = SamplingParams(max_tokens=8, temperature=1.0, seed=2, n=3,
+                           structured=StructuredOutput("regex", r"[0-9]{3}-[a-z]{2}", "guided_regex"))
+    results = generate(engine, [PROMPT, PROMPT], [regex, sampled()])
+    for key in ("0", "0.1", "0.2"):
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", results[key]["text"]) and results[key]["finish_reason"] == "stop"
+    assert results["1"]["token_ids"] == alone[0]
