@@ -57,7 +57,7 @@ class Grammars:
     def __init__(self, tokenizer, stop_token_ids: set[int], cache_size: int = CACHE_SIZE):
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
-        self.stop_token_ids = sorted(stop_token_ids)
+        self.stop_token_ids = sorted(t for t in stop_token_ids if t < self.vocab_size)
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, object] = OrderedDict()
         self._compiler = None  # built on the first structured request (about 0.2 s for a 50k vocabulary)
