@@ -125,6 +125,14 @@ CROSS_FIELD_RULES: dict[str, list[CrossFieldRule]] = {
             check=lambda p: all(re.fullmatch(LABEL_KEY, k) for k in p.labels),
         ),
     ],
+    "endpointPickerRef": [
+        CrossFieldRule(
+            cel="(has(self.kind) && self.kind != 'Service') || has(self.port)",
+            message="router.inferencePool.endpointPickerRef.port is required when kind is Service (the default): "
+            "the InferencePool API requires the picker Service's port",
+            check=lambda r: r.kind != "Service" or r.port is not None,
+        ),
+    ],
     "model": [
         CrossFieldRule(
             cel="self.uri.matches('" + URI_PATTERN + "')",
@@ -409,6 +417,51 @@ class PodOptions(_Model):
         return _check_rules("pods", self)
 
 
+# The Gateway API Inference Extension's InferencePool (inference.networking.k8s.io/v1, from the Go module
+# sigs.k8s.io/gateway-api-inference-extension, api/v1/inferencepool_types.go): its EndpointPickerRef as written
+# there, so that a reference copied from its documentation works here unchanged.
+class PortNumber(_Model):
+    number: int = Field(ge=1, le=65535, description="Port number.")
+
+
+class EndpointPickerRef(_Model):
+    model_config = ConfigDict(json_schema_extra=rules_schema("endpointPickerRef"))
+
+    group: str = Field(
+        default="", max_length=253, pattern=r"^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+        description="API group of the endpoint picker object; empty (the default) is the core group.")
+    kind: str = Field(
+        default="Service", min_length=1, max_length=63, pattern=r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$",
+        description="Kind of the endpoint picker object; Service by default.")
+    name: str = Field(min_length=1, max_length=253,
+                      description="Name of the endpoint picker (EPP) object, in the InferenceDeployment's namespace.")
+    port: PortNumber | None = Field(
+        default=None, description="Port of the endpoint picker: the Service port (not its target port); "
+        "required when kind is Service.")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        default="FailClose", description="What the gateway does while the picker does not answer: FailClose "
+        "(the default) drops the request, FailOpen sends it to an endpoint of its own choosing.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> "EndpointPickerRef":
+        return _check_rules("endpointPickerRef", self)
+
+
+class InferencePoolOptions(_Model):
+    endpoint_picker_ref: EndpointPickerRef = Field(
+        description="The endpoint picker (EPP) the gateway asks which replica serves each request (by queue, "
+        "KV-cache use and prefix).")
+
+
+class Router(_Model):
+    inference_pool: InferencePoolOptions | None = Field(
+        default=None,
+        description="When set, the operator creates an InferencePool (inference.networking.k8s.io/v1, the "
+        "Gateway API Inference Extension) named like the InferenceDeployment, selecting the serving (head) pod "
+        "of every replica on the OpenAI port, for an HTTPRoute to send traffic through the endpoint picker. "
+        "The InferencePool CRD must be installed; while it is not, Degraded says so.")
+
+
 class InferenceDeploymentSpec(_Model):
     model_config = ConfigDict(json_schema_extra=rules_schema("spec"))
 
@@ -424,6 +477,8 @@ class InferenceDeploymentSpec(_Model):
     service: ServiceSpec = Field(default_factory=ServiceSpec, description="The Service in front of all replicas.")
     pods: PodOptions = Field(
         default_factory=PodOptions, description="Scheduling and metadata of every model pod (head and workers).")
+    router: Router = Field(
+        default_factory=Router, description="What routes requests to the replicas besides the Service.")
 
     @model_validator(mode="after")
     def _rules(self) -> "InferenceDeploymentSpec":

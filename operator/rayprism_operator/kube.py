@@ -26,6 +26,8 @@ SERVICES = ("/api/v1", "services")
 SECRETS = ("/api/v1", "secrets")
 PODS = ("/api/v1", "pods")
 NETWORK_POLICIES = ("/apis/networking.k8s.io/v1", "networkpolicies")
+# The Gateway API Inference Extension's, whose CRD a cluster may lack (then every request to it is a 404).
+INFERENCE_POOLS = ("/apis/inference.networking.k8s.io/v1", "inferencepools")
 
 # Retried here for idempotent requests; everything else fails the reconcile, which the work queue
 # retries with backoff.

@@ -20,8 +20,8 @@ import kopf
 from . import api, metrics, planner, render
 from .observe import (ANNOTATION_ENGINE_RESTARTS, ANNOTATION_WEIGHTS_FAILED, ANNOTATION_WEIGHTS_SINCE,
                       ANNOTATION_WEIGHTS_TARGET, is_ready, observe, provisioned)
-from .kube import (INFERENCE_DEPLOYMENTS, NETWORK_POLICIES, PODS, RAYCLUSTERS, SECRETS, SERVICES, ApiError, Conflict,
-                   KubeClient, NotFound)
+from .kube import (INFERENCE_DEPLOYMENTS, INFERENCE_POOLS, NETWORK_POLICIES, PODS, RAYCLUSTERS, SECRETS, SERVICES,
+                   ApiError, Conflict, KubeClient, NotFound)
 from .weights import WeightsClient, admin_url, head_pod_ip
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,9 @@ def _check_owned(child: dict, infd: api.InferenceDeployment) -> None:
                        f"owned by InferenceDeployment {infd.metadata.name}: rename or delete it")
 
 
+INFERENCE_POOL_CRD_MISSING = "InferencePoolCRDMissing"
+
+
 class Reconciler:
     def __init__(self, kube: KubeClient, weights: WeightsClient, settings: Settings):
         self.kube, self.weights, self.settings = kube, weights, settings
@@ -116,6 +119,9 @@ class Reconciler:
             token = await self._ensure_admin_secret(infd)
             await self._ensure_service(infd)
             await self._ensure_network_policies(infd, [c["metadata"]["name"] for c in children])
+            # The InferencePool is an extra way in: without its CRD the replicas are still managed and serve
+            # through the Service, and Degraded says what is missing (below).
+            missing = await self._ensure_inference_pool(infd)
         except NotOwned as e:  # the user's object: never adopted or changed; say so, look again later
             await self._report_degraded(body, "ChildNotOwned", str(e), now)
             return self.settings.resync_seconds
@@ -126,6 +132,8 @@ class Reconciler:
             replicas=replicas, conditions=(body.get("status") or {}).get("conditions") or [],
             endpoint=render.endpoint_url(infd), selector=render.head_pod_selector(name), now=now,
             weights_poll_seconds=self.settings.weights_poll_seconds))
+        if missing:
+            self._degrade(plan, body, now, infd.metadata.generation, INFERENCE_POOL_CRD_MISSING, missing)
         try:
             await self._apply(plan, infd, revision, children, token, body, now)
         except ApiError as e:  # e.g. refused by RBAC or admission: say so, then retry with backoff
@@ -282,6 +290,59 @@ class Reconciler:
         ours = (wanted["type"], wanted["selector"], ports(wanted))
         if (spec.get("type"), spec.get("selector"), ports(spec)) != ours:
             await self.kube.patch(SERVICES, namespace, name, {"spec": wanted})
+
+    @staticmethod
+    def _degrade(plan: planner.Plan, body: dict, now: datetime, generation: int | None, reason: str,
+                 message: str) -> None:
+        """Degraded=True in the plan's status unless the planner already reports something worse (a replica's
+        failure), with a Warning event when it was not reported so already."""
+        conditions = plan.status.get("conditions") or []
+        degraded = next((c for c in conditions if c.get("type") == "Degraded"), {})
+        if degraded.get("status") == "True":
+            return
+        previous = (body.get("status") or {}).get("conditions") or []
+        before = next((c for c in previous if c.get("type") == "Degraded"), {})
+        plan.status["conditions"] = [c for c in conditions if c.get("type") != "Degraded"] + planner.set_conditions(
+            previous, now, generation, {"Degraded": ("True", reason, message)})
+        if (before.get("status"), before.get("reason"), before.get("message")) != ("True", reason, message):
+            plan.events.append(planner.Event("Warning", reason, message))
+
+    async def _ensure_inference_pool(self, infd: api.InferenceDeployment) -> str | None:
+        """The InferencePool when spec.router.inferencePool asks for one: created, its spec patched back when it
+        drifts; when the field goes, the pool it owns goes too. A pool of that name it does not own is left alone
+        (NotOwned). Returns what is missing when asked for a pool on a cluster without the InferencePool CRD."""
+        desired = render.render_inference_pool(infd)
+        namespace, name = infd.metadata.namespace, render.inference_pool_name(infd.metadata.name)
+        try:
+            existing = await self.kube.get(INFERENCE_POOLS, namespace, name)
+        except NotFound:  # no such pool, or no such kind at all
+            existing = None
+        if desired is None:
+            if existing and any(o.get("uid") == infd.metadata.uid and o.get("controller")
+                                for o in existing["metadata"].get("ownerReferences") or []):
+                await self.kube.delete(INFERENCE_POOLS, namespace, name)
+            return None
+        if existing is None:
+            try:
+                await self.kube.create(INFERENCE_POOLS, namespace, desired)
+            except Conflict:
+                pass  # created meanwhile; the next reconcile compares it
+            except NotFound:  # a create answered 404: the API server does not serve the kind
+                return (
+                    f"spec.router.inferencePool asks for an InferencePool, but the cluster does not serve "
+                    f"{render.INFERENCE_POOL_API_VERSION} inferencepools: install the InferencePool CRD of the "
+                    f"Gateway API Inference Extension (sigs.k8s.io/gateway-api-inference-extension, "
+                    f"config/crd/bases/inference.networking.k8s.io_inferencepools.yaml); until then the replicas "
+                    f"serve through the Service only")
+            return None
+        _check_owned(existing, infd)
+        spec = existing.get("spec") or {}
+        # The API server writes the CRD's defaults in (appProtocol): compare the fields we set.
+        if any(spec.get(k) != v for k, v in desired["spec"].items()):
+            # A merge patch keeps keys it does not name: a port left from a Service picker is removed by name.
+            wanted = {**desired["spec"], "endpointPickerRef": {"port": None, **desired["spec"]["endpointPickerRef"]}}
+            await self.kube.patch(INFERENCE_POOLS, namespace, name, {"spec": wanted})
+        return None
 
     async def _report_degraded(self, body: dict, reason: str, message: str, now: datetime) -> None:
         """Degraded=True with a Warning event, once per reason, message and generation."""

@@ -105,14 +105,14 @@ def image(spec: InferenceDeploymentSpec, options: RenderOptions) -> str:
 def revision_hash(spec: InferenceDeploymentSpec, options: RenderOptions) -> str:
     """Stable hash of everything that needs new pods.
 
-    Left out: replicas, rollout settings, the Service, and model.revision: each replica records the weights
+    Left out: replicas, rollout settings, the Service, the router, and model.revision: each replica records the weights
     it serves (ANNOTATION_WEIGHTS_REVISION), and the planner loads or replaces by that, so that switching
     rollout.weightUpdate rolls nothing. Fields equal to their defaults are left out too, so a new optional
     field does not roll every replica.
     """
     fields = spec.model_dump(mode="json", by_alias=True, exclude_defaults=True,
                              exclude={"replicas": True, "rollout": True, "service": True, "image": True,
-                                      "model": {"revision"}})
+                                      "router": True, "model": {"revision"}})
     fields["image"] = image(spec, options)
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return digest[:10]
@@ -130,9 +130,15 @@ def labels(deployment: str, revision: str) -> dict[str, str]:
     return {**selector_labels(deployment), LABEL_REVISION: revision}
 
 
+def serving_pod_labels(deployment: str) -> dict[str, str]:
+    """The serving pods: every replica's head (KubeRay labels it ray.io/node-type=head; workers carry worker),
+    of every revision. The Service, the serving NetworkPolicy and the InferencePool all select by these."""
+    return {**selector_labels(deployment), KUBERAY_NODE_TYPE: "head"}
+
+
 def head_pod_selector(deployment: str) -> str:
     """status.selector: the head pods of every replica (one per replica, for the HPA)."""
-    return ",".join(f"{k}={v}" for k, v in {**selector_labels(deployment), KUBERAY_NODE_TYPE: "head"}.items())
+    return ",".join(f"{k}={v}" for k, v in serving_pod_labels(deployment).items())
 
 
 def owner_reference(infd: InferenceDeployment) -> dict:
@@ -483,8 +489,40 @@ def render_service(infd: InferenceDeployment) -> dict:
         },
         "spec": {
             "type": infd.spec.service.type,
-            "selector": {**selector_labels(name), KUBERAY_NODE_TYPE: "head"},
+            "selector": serving_pod_labels(name),
             "ports": [{"name": "http", "port": infd.spec.service.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+INFERENCE_POOL_API_VERSION = "inference.networking.k8s.io/v1"
+
+
+def inference_pool_name(deployment: str) -> str:
+    return deployment
+
+
+def render_inference_pool(infd: InferenceDeployment) -> dict | None:
+    """The Gateway API Inference Extension's InferencePool over the serving pods (None unless
+    spec.router.inferencePool asks for one): a gateway's endpoint picker chooses among them by queue,
+    KV-cache use and prefix. The pool lists pods, not the Service: its port is the pods' OpenAI port."""
+    pool = infd.spec.router.inference_pool
+    if pool is None:
+        return None
+    name = infd.metadata.name
+    return {
+        "apiVersion": INFERENCE_POOL_API_VERSION,
+        "kind": "InferencePool",
+        "metadata": {
+            "name": inference_pool_name(name),
+            "namespace": infd.metadata.namespace,
+            "labels": selector_labels(name),
+            "ownerReferences": [owner_reference(infd)],
+        },
+        "spec": {
+            "selector": {"matchLabels": serving_pod_labels(name)},
+            "targetPorts": [{"number": SERVER_PORT}],
+            "endpointPickerRef": pool.endpoint_picker_ref.model_dump(by_alias=True, exclude_none=True),
         },
     }
 
@@ -525,7 +563,7 @@ def render_serving_network_policy(infd: InferenceDeployment, operator_namespace:
     if operator_namespace:
         admin["from"] = [{"namespaceSelector": {"matchLabels": {
             "kubernetes.io/metadata.name": operator_namespace}}}]
-    heads = {**selector_labels(infd.metadata.name), KUBERAY_NODE_TYPE: "head"}
+    heads = serving_pod_labels(infd.metadata.name)
     return _network_policy(infd, serving_network_policy_name(infd.metadata.name), heads, [openai, admin])
 
 
@@ -564,4 +602,5 @@ def render_all(infd: InferenceDeployment, options: RenderOptions = RenderOptions
         render_serving_network_policy(infd, options.operator_namespace),
         *(render_replica_network_policy(infd, r["metadata"]["name"]) for r in replicas),
         *replicas,
+        *filter(None, [render_inference_pool(infd)]),
     ]

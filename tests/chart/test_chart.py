@@ -50,6 +50,8 @@ OPERATOR_GRANTS = {
     ("", "services"): {"get", "create", "patch"},
     ("", "secrets"): {"create"},  # never read: the admin tokens are derived from the operator's key
     ("networking.k8s.io", "networkpolicies"): {"list", "create", "patch", "delete"},
+    # Only for InferenceDeployments with spec.router.inferencePool; deleted when that field goes.
+    ("inference.networking.k8s.io", "inferencepools"): {"get", "create", "patch", "delete"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
 }

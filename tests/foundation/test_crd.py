@@ -206,3 +206,28 @@ def test_revision_changes_only_where_it_selects_the_weights(old_uri, old_revisio
 
     assert _cel(rule["rule"], model_of(uri, revision), old=model_of(old_uri, old_revision)) == allowed
     assert "{revision}" in rule["message"] and "hf://" in rule["message"]
+
+
+PICKERS = [
+    {"name": "epp", "port": {"number": 9002}},
+    {"name": "epp"},                                       # a Service needs its port
+    {"name": "epp", "kind": "Service"},
+    {"name": "epp", "kind": "Gateway", "group": "gateway.example.com"},
+    {"name": "epp", "kind": "Gateway", "group": "gateway.example.com", "port": {"number": 1}},
+]
+
+
+@pytest.mark.parametrize("picker", PICKERS, ids=[str(p) for p in PICKERS])
+def test_endpoint_picker_rule_agrees_with_python(llama, picker):
+    """The InferencePool API's own rule (a Service picker needs its port), refused by our API server and CLI alike
+    before the operator renders a pool the InferencePool CRD would refuse."""
+    node = _version()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["router"]["properties"][
+        "inferencePool"]["properties"]["endpointPickerRef"]
+    defaulted = {"kind": "Service", "group": "", "failureMode": "FailClose", **picker}
+    cel_ok = all(_cel(r["rule"], defaulted) for r in _rules_at(node))
+    try:
+        api.parse_inference_deployment(with_changes(llama, **{"spec.router.inferencePool.endpointPickerRef": picker}))
+        python_ok = True
+    except api.SpecError:
+        python_ok = False
+    assert cel_ok == python_ok == ("port" in picker or picker.get("kind", "Service") != "Service")

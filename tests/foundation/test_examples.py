@@ -9,7 +9,7 @@ from rayprism_operator import render
 from rayprism_operator.api import parse_inference_deployment
 
 from .conftest import EXAMPLES
-from .test_render import KUBERAY_CRD, _kuberay_schema, _unknown_fields
+from .test_render import KUBERAY_CRD, _inference_pool_schema, _kuberay_schema, _unknown_fields
 
 # example -> (hub model, bytes of its bf16 safetensors)
 GPU_EXAMPLES = {
@@ -59,3 +59,11 @@ def test_weights_fit_the_gpus_and_the_cache(name):
     assert weight_bytes / ranks <= GPU_BYTES * 2 / 3, f"{weight_bytes / ranks / 1e9:.1f} GB per GPU"
     # each pod downloads the whole checkpoint into its cache volume, next to the compiled kernels
     assert render.quantity_bytes(spec.resources.cache_storage) >= 1.15 * weight_bytes
+
+
+def test_the_inference_pool_example_renders_a_pool_the_crd_accepts():
+    infd = load("smollm2-inference-pool.yaml")
+    [pool] = [o for o in render.render_all(infd, render.RenderOptions()) if o["kind"] == "InferencePool"]
+    assert pool["spec"]["endpointPickerRef"]["name"] == "smollm2-epp"
+    jsonschema.validate(pool, _inference_pool_schema())
+    assert list(_unknown_fields(pool, _inference_pool_schema())) == []

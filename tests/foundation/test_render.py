@@ -3,6 +3,7 @@
 import functools
 import subprocess
 
+import celpy
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -384,3 +385,85 @@ def test_rayclusters_validate_against_kuberay_crd(request, example, changes):
     for cluster in (o for o in render.render_all(infd, OPTIONS) if o["kind"] == "RayCluster"):
         jsonschema.validate(cluster, schema)
         assert list(_unknown_fields(cluster, schema)) == []
+
+
+# The InferencePool CRD, vendored from its Go module (the file's header says which version and file).
+INFERENCE_POOL_CRD = REPO / "tests" / "schemas" / "inference.networking.k8s.io_inferencepools.yaml"
+PICKER = {"name": "llama-epp", "port": {"number": 9002}}
+POOL_CASES = [
+    # (changes, endpointPickerRef as rendered: the CRD's defaults written out)
+    ({"spec.router.inferencePool.endpointPickerRef": PICKER},
+     {"group": "", "kind": "Service", "name": "llama-epp", "port": {"number": 9002}, "failureMode": "FailClose"}),
+    ({"spec.router.inferencePool.endpointPickerRef": {**PICKER, "failureMode": "FailOpen"},
+      "spec.service.port": 9000, "spec.replicas": 3},
+     {"group": "", "kind": "Service", "name": "llama-epp", "port": {"number": 9002}, "failureMode": "FailOpen"}),
+    ({"spec.router.inferencePool.endpointPickerRef": {"name": "picker", "kind": "Gateway",
+                                                       "group": "gateway.example.com"},
+      "spec.pods.labels": {"team": "search"}},
+     {"group": "gateway.example.com", "kind": "Gateway", "name": "picker", "failureMode": "FailClose"}),
+]
+
+
+@functools.cache
+def _inference_pool_schema() -> dict:
+    crd = yaml.safe_load(INFERENCE_POOL_CRD.read_text())
+    assert (crd["spec"]["group"], crd["spec"]["names"]["kind"]) == ("inference.networking.k8s.io", "InferencePool")
+    [version] = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def _cel_rules(obj, schema, path="self"):
+    """(path, rule, message, value) of every x-kubernetes-validations rule of the schema that obj reaches."""
+    for rule in schema.get("x-kubernetes-validations", []):
+        yield path, rule["rule"], rule["message"], obj
+    if isinstance(obj, dict) and "properties" in schema:
+        for key, value in obj.items():
+            if key in schema["properties"]:
+                yield from _cel_rules(value, schema["properties"][key], f"{path}.{key}")
+    elif isinstance(obj, list) and "items" in schema:
+        for i, value in enumerate(obj):
+            yield from _cel_rules(value, schema["items"], f"{path}[{i}]")
+
+
+@pytest.mark.parametrize("changes,picker", POOL_CASES, ids=[str(c) for c, _ in POOL_CASES])
+def test_inference_pool_selects_the_services_pods_on_the_openai_port(llama, changes, picker):
+    """The pool holds exactly the Service's pods (every replica's head, of any revision: never a worker, whose
+    ray.io/node-type is worker), on the pods' OpenAI port (not the Service's port), with the spec's picker, owned
+    like every other child; and the real v1 CRD's schema (structure, and its CEL rules) accepts it."""
+    infd = _infd(with_changes(llama, **changes))
+    objects = render.render_all(infd, OPTIONS)
+    [pool] = [o for o in objects if o["kind"] == "InferencePool"]
+    [service] = [o for o in objects if o["kind"] == "Service"]
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    assert pool["metadata"]["name"] == "llama-3-1-8b" and pool["metadata"]["namespace"] == infd.metadata.namespace
+    assert pool["metadata"]["ownerReferences"] == service["metadata"]["ownerReferences"] == [
+        render.owner_reference(infd)]
+    assert pool["metadata"]["labels"] == render.selector_labels("llama-3-1-8b")
+    assert pool["spec"]["selector"] == {"matchLabels": service["spec"]["selector"]}
+    assert pool["spec"]["targetPorts"] == [{"number": 8000}]
+    assert pool["spec"]["endpointPickerRef"] == picker
+    # Which pods the selector matches: the heads' template labels plus KubeRay's node type.
+    selector = pool["spec"]["selector"]["matchLabels"]
+    for cluster in (o for o in objects if o["kind"] == "RayCluster"):
+        head = cluster["spec"]["headGroupSpec"]["template"]
+        assert selector.items() <= {**head["metadata"]["labels"], "ray.io/node-type": "head"}.items()
+        assert {"name": "http", "containerPort": 8000} in head["spec"]["containers"][0]["ports"]
+        for group in cluster["spec"]["workerGroupSpecs"]:
+            labels = {**group["template"]["metadata"]["labels"], "ray.io/node-type": "worker"}
+            assert not selector.items() <= labels.items()
+    schema = _inference_pool_schema()
+    jsonschema.validate(pool, schema)
+    assert list(_unknown_fields(pool, schema)) == []
+    for path, rule, message, value in _cel_rules(pool, schema):
+        env = celpy.Environment()
+        assert env.program(env.compile(rule)).evaluate({"self": celpy.json_to_cel(value)}), (path, message)
+
+
+def test_no_inference_pool_unless_asked(llama):
+    infd = _infd(llama)
+    assert render.render_inference_pool(infd) is None
+    assert "InferencePool" not in [o["kind"] for o in render.render_all(infd, OPTIONS)]
+
+
+def test_the_inference_pool_rolls_no_replica(llama):
+    assert _hash(with_changes(llama, **{"spec.router.inferencePool.endpointPickerRef": PICKER})) == _hash(llama)

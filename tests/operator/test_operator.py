@@ -444,3 +444,52 @@ async def test_prometheus_metrics_on_the_configured_port(k8s, kuberay, monkeypat
     assert 'rayprism_operator_replicas{deployment="demo",namespace="default",state="ready"} 2.0' in text
     assert 'rayprism_operator_reconciles_total{result="success"}' in text
     assert "rayprism_operator_reconcile_seconds_bucket" in text
+
+
+INFERENCE_POOLS = kmock.resource("inference.networking.k8s.io/v1/inferencepools")
+
+
+async def test_an_inference_pool_waits_for_its_crd_without_holding_the_replicas(k8s, operator):
+    """Without the InferencePool CRD the replicas are still made and Degraded says what is missing; once it is
+    installed the pool appears (owned, over the heads), Degraded clears, and removing the field deletes it."""
+    installed = False
+
+    def no_such_kind(request):  # kmock serves any resource: answer as an API server without the CRD does
+        if request.resource == INFERENCE_POOLS and not installed:
+            return KubernetesError(status=404, reason="NotFound", message="the server could not find the requested "
+                                                                         "resource")
+
+    k8s.admission = no_such_kind
+    router = {"inferencePool": {"endpointPickerRef": {"name": "demo-epp", "port": {"number": 9002}}}}
+    await k8s.post(IDEP_PATH, json=deployment(replicas=1, router=router))
+    await wait_for(lambda: condition(k8s, "Degraded").get("reason") == "InferencePoolCRDMissing", what="CRD missing")
+    assert "inference.networking.k8s.io_inferencepools.yaml" in condition(k8s, "Degraded")["message"]
+    await wait_for(lambda: status(k8s).get("readyReplicas") == 1, what="the replica, pool or not")
+    await asyncio.sleep(3)  # resyncs (every 2 s here) keep the condition and post no second event
+    assert condition(k8s, "Degraded").get("reason") == "InferencePoolCRDMissing"
+    assert len(k8s.events("InferencePoolCRDMissing")) == 1
+
+    installed = True
+
+    def pool() -> dict | None:
+        return next((o.raw for (r, ns, n), o in k8s.objects.items()
+                     if (r, ns, n) == (INFERENCE_POOLS, NS, "demo") and not o.deleted), None)
+
+    await wait_for(lambda: pool() is not None, what="the InferencePool")
+    assert pool()["spec"]["selector"]["matchLabels"] == k8s.objects[SERVICES, NS, "demo"].raw["spec"]["selector"]
+    assert pool()["spec"]["targetPorts"] == [{"number": 8000}]
+    assert pool()["metadata"]["ownerReferences"][0]["uid"] == k8s.deployment("demo")["metadata"]["uid"]
+    await wait_for(lambda: condition(k8s, "Degraded").get("status") == "False", what="Degraded cleared")
+
+    # Drift is patched back, a picker of another kind without its port included.
+    await k8s.patch(f"/apis/inference.networking.k8s.io/v1/namespaces/{NS}/inferencepools/demo",
+                    json={"spec": {"targetPorts": [{"number": 9999}]}})
+    await wait_for(lambda: pool()["spec"]["targetPorts"] == [{"number": 8000}], what="the drift patched back")
+    await edit(k8s, {"spec": {"router": {"inferencePool": {"endpointPickerRef": {
+        "name": "picker", "kind": "Gateway", "group": "gateway.example.com", "port": None}}}}})
+    await wait_for(lambda: pool()["spec"]["endpointPickerRef"] == {
+        "group": "gateway.example.com", "kind": "Gateway", "name": "picker", "failureMode": "FailClose"},
+        what="the new picker")
+
+    await edit(k8s, {"spec": {"router": {"inferencePool": None}}})
+    await wait_for(lambda: pool() is None, what="the InferencePool deleted")

@@ -108,6 +108,12 @@ cluster-wide install, each namespace's Role's rules otherwise.
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [list, create, patch, delete]
+# The InferencePool (Gateway API Inference Extension) of an InferenceDeployment that asks for one: read,
+# created, patched back when it drifts, deleted when spec.router.inferencePool goes. Harmless where its CRD
+# is not installed.
+- apiGroups: [inference.networking.k8s.io]
+  resources: [inferencepools]
+  verbs: [get, create, patch, delete]
 # Events about scaling and rollouts (kopf posts core/v1 events and never updates one).
 - apiGroups: [""]
   resources: [events]
