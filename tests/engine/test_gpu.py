@@ -36,8 +36,10 @@ def test_bf16_smollm2_close_to_transformers(smollm2_dir):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tp2_over_nccl_matches_tp1(tiny_llama_dir, tiny_qwen2_dir, tmp_path):
-    folders = {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir}
+def test_tp2_over_nccl_matches_tp1(tiny_llama_dir, tiny_qwen2_dir, tiny_qwen3_dir, tiny_mixtral_dir,
+                                   tiny_qwen3_moe_dir, tmp_path):
+    folders = {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir, "qwen3": tiny_qwen3_dir, "mixtral": tiny_mixtral_dir,
+               "qwen3_moe": tiny_qwen3_moe_dir}
     mp.spawn(tp_worker, args=(free_port(), folders, str(tmp_path), "cuda"), nprocs=2, join=True)
     for name, folder in folders.items():
         tp2 = torch.load(os.path.join(tmp_path, f"{name}.pt"))
