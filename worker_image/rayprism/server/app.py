@@ -398,8 +398,9 @@ class Server:
                         text, entries = echo_text + text, echo_entries + (entries or [])
                     logprobs = self._logprobs(llm, req, entries)
                     if tool_parser is not None:
-                        stream = tool_streams.setdefault(output.index, tool_parser.stream())
-                        choices = self._tool_deltas(stream, output, logprobs, is_first)
+                        if is_first:
+                            tool_streams[output.index] = tool_parser.stream()
+                        choices = self._tool_deltas(tool_streams[output.index], output, logprobs, is_first)
                     else:
                         choices = [protocol.choice(req, output.index, text, output.finish_reason, logprobs,
                                                    delta=True, first=is_first)]
