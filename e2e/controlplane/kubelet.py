@@ -700,6 +700,11 @@ class Pod:
             elif code != 404:
                 log.warning("pod %s/%s: status not written: %s %s", self.namespace, self.name, code, body.get("message"))
 
+    @property
+    def reported_phase(self) -> str | None:
+        """The phase this kubelet last wrote to the API server."""
+        return (self._written or {}).get("phase")
+
     def _changed_by_others(self, status: dict) -> bool:
         """Whether the API server holds other conditions than this kubelet wrote: the node lifecycle controller
         marks a Node's pods not ready when its Lease expired (an API server outage longer than its grace period
@@ -913,7 +918,9 @@ class Kubelet:
             if pod.netns:
                 pod.write_hosts()
             await pod.report()
-            if pod.phase in ("Succeeded", "Failed") and pod.uid not in self.finished:
+            # Stopped (and no longer reported) only once the API server holds the final phase: a container that
+            # ends while report() awaits it, or a write that failed, is reported again by the next sync.
+            if pod.reported_phase in ("Succeeded", "Failed") and pod.uid not in self.finished:
                 self.finished.add(pod.uid)
                 self.stop(pod, 0, None, keep=True)
 
