@@ -3,7 +3,9 @@
     python -m e2e.controlplane.audit --user system:serviceaccount:NS:NAME [--log PATH] [--json]
 
 One row for every distinct (verb, API group, resource[/subresource], scope) with the number of requests
-and the HTTP status codes answered; 403s (what RBAC refused) are flagged. Scope is `namespaced` (the
+and the HTTP status codes answered; what RBAC refused is flagged (the authorizer's decision, which the API
+server annotates each event with: a 403 can also come from admission, e.g. a create in a namespace being
+deleted, which RBAC had allowed). Scope is `namespaced` (the
 request named a namespace: a Role can grant it), `cluster` (cluster-scoped resources, and namespaced ones
 across all namespaces: only a ClusterRole grants it) or `nonresource` (a URL such as /apis, whose path
 is the resource). The namespaces seen are listed, for Roles per namespace. A request made with
@@ -42,14 +44,15 @@ class Usage:
     count: int = 0
     codes: Counter = field(default_factory=Counter)  # HTTP status code -> requests
     namespaces: set[str] = field(default_factory=set)
+    denied: int = 0  # requests the authorizer (RBAC) refused
 
     @property
     def forbidden(self) -> bool:
-        return 403 in self.codes
+        return self.denied > 0
 
     def to_json(self) -> dict:
         return {**asdict(self.call), "count": self.count, "codes": {str(c): n for c, n in sorted(self.codes.items())},
-                "namespaces": sorted(self.namespaces), "forbidden": self.forbidden}
+                "namespaces": sorted(self.namespaces), "denied": self.denied, "forbidden": self.forbidden}
 
 
 def log_files(log: Path) -> list[Path]:
@@ -98,6 +101,8 @@ def summarize(user: str, log: Path = AUDIT_LOG) -> list[Usage]:
         row.codes[(event.get("responseStatus") or {}).get("code", 0)] += 1
         if namespace:
             row.namespaces.add(namespace)
+        if (event.get("annotations") or {}).get("authorization.k8s.io/decision") == "forbid":
+            row.denied += 1
     return [usage[c] for c in sorted(usage)]
 
 
@@ -124,9 +129,9 @@ def main() -> None:
         print(json.dumps({"user": args.user, "calls": [r.to_json() for r in rows]}, indent=1))
     else:
         print(table(rows) if rows else f"no request of {args.user} in the audit log")
-        forbidden = sum(r.codes[403] for r in rows)
-        if forbidden:
-            print(f"\n{forbidden} request(s) refused (403)")
+        denied = sum(r.denied for r in rows)
+        if denied:
+            print(f"\n{denied} request(s) refused by RBAC")
 
 
 if __name__ == "__main__":

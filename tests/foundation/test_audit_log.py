@@ -13,11 +13,14 @@ OPERATOR = "system:serviceaccount:rayprism-system:rayprism"
 
 
 def event(audit_id: str, verb: str, code: int, *, user: str = OPERATOR, stage: str = "ResponseComplete",
+          decision: str | None = None,
           resource: str | None = None, group: str = "", namespace: str | None = None,
           subresource: str | None = None, uri: str = "/", impersonated: str | None = None) -> dict:
     out = {"kind": "Event", "apiVersion": "audit.k8s.io/v1", "level": "Metadata", "auditID": audit_id,
            "stage": stage, "requestURI": uri, "verb": verb, "user": {"username": user, "groups": []},
            "responseStatus": {"metadata": {}, "code": code}}
+    # The authorizer's decision, as the API server annotates it; a 403 without "forbid" came from admission.
+    out["annotations"] = {"authorization.k8s.io/decision": decision or ("forbid" if code == 403 else "allow")}
     if resource:
         out["objectRef"] = {"resource": resource, "apiVersion": "v1", **({"apiGroup": group} if group else {}),
                             **({"namespace": namespace} if namespace else {}),
@@ -47,6 +50,9 @@ def log(tmp_path):
         event("7", "create", 403, user="admin", impersonated=OPERATOR, resource="secrets", namespace="team-a",
               uri="/api/v1/namespaces/team-a/secrets"),
         event("8", "list", 200, user="admin", resource="pods", uri="/api/v1/pods"),
+        # Allowed by RBAC, refused by admission: the namespace is being deleted.
+        event("10", "create", 403, decision="allow", resource="networkpolicies", group="networking.k8s.io",
+              namespace="team-c", uri="/apis/networking.k8s.io/v1/namespaces/team-c/networkpolicies"),
     ]
     (tmp_path / "audit-2026-01-01T00-00-00.000.log").write_text("".join(json.dumps(e) + "\n" for e in rotated))
     path = tmp_path / "audit.log"
@@ -63,6 +69,7 @@ def test_one_row_per_verb_group_resource_and_scope(log):
     rows = audit.summarize(OPERATOR, log)
     assert [(r.call.verb, r.call.api_group, r.call.resource, r.call.scope, r.count) for r in rows] == [
         ("create", "", "secrets", "namespaced", 1),
+        ("create", "networking.k8s.io", "networkpolicies", "namespaced", 1),
         ("get", "", "/apis", "nonresource", 1),
         ("list", "", "nodes", "cluster", 1),
         ("list", "", "pods", "namespaced", 2),  # one of them from the rotated file
@@ -72,10 +79,13 @@ def test_one_row_per_verb_group_resource_and_scope(log):
     assert row(rows, "list", "pods", "namespaced").namespaces == {"team-a", "team-b"}
 
 
-def test_403s_are_flagged(log):
+def test_what_rbac_refused_is_flagged(log):
     rows = audit.summarize(OPERATOR, log)
     assert {(r.call.verb, r.call.resource) for r in rows if r.forbidden} == {("create", "secrets"), ("list", "nodes")}
     assert row(rows, "list", "nodes", "cluster").codes == {403: 1}
+    # A 403 from admission (NamespaceTerminating) is not RBAC's: the ClusterRole is not to blame.
+    refused_by_admission = row(rows, "create", "networkpolicies", "namespaced")
+    assert refused_by_admission.codes == {403: 1} and not refused_by_admission.forbidden
 
 
 def test_other_users_are_left_out(log):
@@ -90,11 +100,11 @@ def test_json_and_table(log, monkeypatch, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["user"] == OPERATOR
     assert {"verb": "list", "api_group": "", "resource": "nodes", "scope": "cluster", "count": 1,
-            "codes": {"403": 1}, "namespaces": [], "forbidden": True} in out["calls"]
+            "codes": {"403": 1}, "namespaces": [], "denied": 1, "forbidden": True} in out["calls"]
 
     monkeypatch.setattr(sys, "argv", ["audit", "--user", OPERATOR, "--log", str(log)])
     audit.main()
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["VERB", "APIGROUP", "RESOURCE", "SCOPE", "COUNT", "CODES", "NAMESPACES"]
-    assert lines[3].split() == ["list", '""', "nodes", "cluster", "1", "403x1", "-", "FORBIDDEN"]
-    assert lines[-1] == "2 request(s) refused (403)"
+    assert lines[4].split() == ["list", '""', "nodes", "cluster", "1", "403x1", "-", "FORBIDDEN"]
+    assert lines[-1] == "2 request(s) refused by RBAC"
