@@ -297,6 +297,17 @@ class Engine(_Model):
         default=0.9, gt=0, le=0.99, description="Fraction of free GPU memory given to the paged KV cache."
     )
     enforce_eager: bool = Field(default=False, description="Disable CUDA graphs (slower decode, faster start).")
+    enable_prefix_caching: bool = Field(
+        default=True, description="Reuse the KV cache of prompt prefixes that earlier requests computed (full "
+        "blocks, content-addressed, LRU-evicted); a weights update invalidates it.",
+    )
+    quantization: Literal["none", "fp8"] = Field(
+        default="none", description="fp8: FP8 (e4m3) weights, quantized at load from a bf16 checkpoint, or an FP8 "
+        "checkpoint in the compressed-tensors layout as it is. About half the weight bytes: faster decode.",
+    )
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        default="auto", description="auto: the KV cache in the model's dtype; fp8: in e4m3 (twice the tokens).",
+    )
     max_queue_size: int = Field(
         default=1024, ge=1, description="Requests waiting beyond this get 429 instead of queueing without bound."
     )

@@ -206,6 +206,12 @@ def serve_args(spec: InferenceDeploymentSpec) -> list[str]:
         args += ["--max-model-len", str(engine.max_model_len)]
     if engine.enforce_eager:
         args.append("--enforce-eager")
+    if not engine.enable_prefix_caching:
+        args.append("--no-enable-prefix-caching")
+    if engine.quantization != "none":
+        args += ["--quantization", engine.quantization]
+    if engine.kv_cache_dtype != "auto":
+        args += ["--kv-cache-dtype", engine.kv_cache_dtype]
     if engine.tool_call_parser != "auto":    # the server's default: unchanged commands for specs without it
         args += ["--tool-call-parser", engine.tool_call_parser]
     return args

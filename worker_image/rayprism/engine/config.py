@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+QUANTIZATIONS = (None,)  # fp8: issue #17, under way
+KV_CACHE_DTYPES = ("auto",)  # fp8: issue #17, under way
 
 
 @dataclass
@@ -28,6 +30,11 @@ class EngineConfig:
     # auto: the checkpoint's weights; dummy: random ones (benchmarks at real shapes without a checkpoint on disk:
     # only config.json and the tokenizer are read)
     load_format: str = "auto"
+    # Full KV blocks content-addressed and reused by later requests with the same prefix.
+    enable_prefix_caching: bool = True
+    # None: the checkpoint's dtype (bf16); fp8: e4m3 weights (quantized at load, or a pre-quantized checkpoint)
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype; fp8: e4m3 KV cache
 
     def __post_init__(self):
         if self.pipeline_parallel_size != 1:
@@ -38,6 +45,10 @@ class EngineConfig:
             raise ValueError(f"dtype={self.dtype!r}: expected auto or one of {sorted(DTYPES)}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format={self.load_format!r}: expected auto or dummy")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization={self.quantization!r}: expected one of {QUANTIZATIONS}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r}: expected one of {KV_CACHE_DTYPES}")
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device={self.device!r}: expected auto, cuda or cpu")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):

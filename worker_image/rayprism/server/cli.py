@@ -34,6 +34,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-num-batched-tokens", type=_positive_int, default=8192)
     add("--kv-cache-memory-fraction", type=float, default=0.9)
     add("--enforce-eager", action="store_true", help="no CUDA graphs")
+    add("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+        help="do not reuse the KV blocks of prompt prefixes other requests computed (on by default)")
+    add("--quantization", default=None, choices=["fp8"],
+        help="fp8: e4m3 weights, quantized at load from a bf16 checkpoint, or an FP8 checkpoint as it is")
+    add("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="auto: the model's dtype")
     add("--max-queue-size", type=_non_negative_int, default=1024,
         help="requests admitted beyond --max-num-seqs before answering 429")
     add("--tool-call-parser", default="auto", choices=PARSER_CHOICES,
@@ -193,7 +198,9 @@ def _load_llm(args: argparse.Namespace, model: str, revision: str | None):
               device=args.device, tensor_parallel_size=args.tensor_parallel_size,
               pipeline_parallel_size=args.pipeline_parallel_size, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              kv_cache_memory_fraction=args.kv_cache_memory_fraction, enforce_eager=args.enforce_eager)
+              kv_cache_memory_fraction=args.kv_cache_memory_fraction, enforce_eager=args.enforce_eager,
+              enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype)
     llm.tokenizer  # noqa: B018 - fetch it now, not on the first request
     log.info("model loaded in %.1fs", time.monotonic() - started)
     return llm
