@@ -68,6 +68,7 @@ class LaunchedStep:
     token_ids: torch.Tensor  # host memory (pinned on CUDA), filled once `sampled` has passed
     sampled: torch.cuda.Event | None  # None on the CPU, where the tokens are there at once
     logits: torch.Tensor | None  # kept only when a sequence asked for logprobs
+    sampling_logprobs: torch.Tensor | None = None  # of the sampled tokens (Sampler.sample), where asked; host
 
 
 class LLMEngine:
@@ -211,12 +212,14 @@ class LLMEngine:
             seqs, logits = self._fork(seqs, forking, logits)
         if self.in_flight is not None and any(seq.matcher is not None and seq.num_pending for seq in seqs):
             self._drain()  # structured output: the grammars take the pending tokens before they mask (docstring)
-        token_ids = result if greedy else self._sample(logits, seqs, previous)
+        token_ids, sampling_logprobs = (result, None) if greedy else self._sample(logits, seqs, previous)
         self.runner.previous_tokens = token_ids  # the next batch's pending inputs name rows of it
         sampled = None
         if token_ids.is_cuda:  # a copy and an event: reading them back will not wait for later steps
             host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
             token_ids = host.copy_(token_ids, non_blocking=True)
+            if sampling_logprobs is not None:
+                sampling_logprobs = sampling_logprobs.to("cpu", non_blocking=True)
             sampled = torch.cuda.Event()
             sampled.record()
         for row, seq in enumerate(seqs):
@@ -226,7 +229,7 @@ class LLMEngine:
             seq.num_pending += 1
             seq.pending_row = row
         wants_logprobs = any(seq.params.logprobs is not None or seq.params.ranks_sequences for seq in seqs)
-        return LaunchedStep(seqs, token_ids, sampled, logits if wants_logprobs else None)
+        return LaunchedStep(seqs, token_ids, sampled, logits if wants_logprobs else None, sampling_logprobs)
 
     def _take_prompt_logprobs(self, logits: torch.Tensor, batch: Batch, prefilled: list[Sequence]) -> torch.Tensor:
         """Computes the prompt logprobs of the sequences that asked, from the logits of their every prompt token;
@@ -264,23 +267,30 @@ class LLMEngine:
             self.runner.call("copy_blocks", copies)
         return seqs + children, logits[rows]
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], previous: torch.Tensor | None) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], previous: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sampler.sample's tokens and sampling logprobs."""
         try:
-            return self.sampler(logits, seqs, previous)
+            return self.sampler.sample(logits, seqs, previous)
         except Exception:  # noqa: BLE001 - find the request at fault: sample row by row, fail the rows that raise
-            rows = []
+            rows, row_logprobs = [], []
             for row, seq in enumerate(seqs):
                 try:
-                    rows.append(self.sampler(logits[row: row + 1], [seq], previous))
+                    tokens, logprob = self.sampler.sample(logits[row: row + 1], [seq], previous)
                 except Exception:  # noqa: BLE001
                     self._fail(seq)
-                    rows.append(logits[row: row + 1].argmax(dim=-1))  # keeps the other rows in place
-            return torch.cat(rows)
+                    tokens, logprob = logits[row: row + 1].argmax(dim=-1), None  # keeps the other rows in place
+                rows.append(tokens)
+                row_logprobs.append(logprob if logprob is not None else torch.full((1,), float("nan"),
+                                                                                   device=logits.device))
+            return torch.cat(rows), torch.cat(row_logprobs)
 
     def _finish(self, step: LaunchedStep) -> list[RequestOutput]:
         """Read back a launched step's tokens (waits for that step only) and turn them into outputs."""
         token_ids = self._read_tokens(step)
-        logprobs = self.sampler.logprobs(step.logits, token_ids, step.seqs) if step.logits is not None else None
+        sampling_logprobs = step.sampling_logprobs.tolist() if step.sampling_logprobs is not None else None
+        logprobs = (self.sampler.logprobs(step.logits, token_ids, step.seqs, sampling_logprobs)
+                    if step.logits is not None else None)
         outputs = []
         for row, (seq, token_id) in enumerate(zip(step.seqs, token_ids)):
             if seq.status is SequenceStatus.FINISHED:

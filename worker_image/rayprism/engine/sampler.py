@@ -26,19 +26,27 @@ class Sampler:
             seq.generator = torch.Generator(device=self.device).manual_seed(seed)
         return seq.generator
 
-    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence], previous_tokens: torch.Tensor | None = None
                  ) -> torch.Tensor:
+        return self.sample(logits, seqs, previous_tokens)[0]
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], previous_tokens: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits: [batch, vocab] for the last token of each sequence. previous_tokens: the previous step's sampled
         tokens, where a sequence's newest token may still be pending. Returns the token ids, on the device and
-        without waiting for it (a greedy batch issues no host-device copy at all)."""
+        without waiting for it (a greedy batch issues no host-device copy at all), and where a sequence asked for
+        logprobs, each row's logprob of its token under the distribution it was drawn from (after the logits
+        processors, temperature, min-p, top-k and top-p: what an RL trainer's importance ratio needs; a greedy
+        row's is under its processed logits)."""
         logits = self._process(logits.float(), seqs, previous_tokens)
         params = [s.params for s in seqs]
-        greedy = logits.argmax(dim=-1)
-        sampled = greedy
+        sampled = logits.argmax(dim=-1)
+        distribution = logits
         if any(p.temperature > 0 for p in params):
             temps = torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in params], device=logits.device)
-            probs = self._filter(logits / temps[:, None], params).softmax(dim=-1)
+            filtered = self._filter(logits / temps[:, None], params)
+            probs = filtered.softmax(dim=-1)
             # Exponential race (argmax of p / Exp(1)) draws from probs; each row uses its own generator
             # so a seeded request gets the same tokens whatever else is in the batch. Generators are all set
             # up before any draws: one that fails leaves the others' streams untouched.
@@ -47,8 +55,11 @@ class Sampler:
             for row, generator in enumerate(generators):
                 noise[row].exponential_(generator=generator)
             is_greedy = torch.tensor([p.temperature == 0 for p in params], device=logits.device)
-            sampled = torch.where(is_greedy, greedy, (probs / noise).argmax(dim=-1))
-        return sampled
+            sampled = torch.where(is_greedy, sampled, (probs / noise).argmax(dim=-1))
+            distribution = torch.where(is_greedy[:, None], logits, filtered) if is_greedy.any() else filtered
+        if all(p.logprobs is None for p in params):
+            return sampled, None
+        return sampled, distribution.log_softmax(dim=-1).gather(-1, sampled[:, None]).squeeze(-1)
 
     def _process(self, logits: torch.Tensor, seqs: list[Sequence], previous_tokens: torch.Tensor | None
                  ) -> torch.Tensor:
@@ -177,13 +188,18 @@ class Sampler:
 
     @staticmethod
     @torch.inference_mode()
-    def logprobs(logits: torch.Tensor, token_ids: list[int], seqs: list[Sequence]) -> list[dict | None] | None:
-        """Per row: the chosen token's logprob and the top ones, for the sequences that asked or whose request
-        ranks its sequences by their cumulative logprob (else None)."""
+    def logprobs(logits: torch.Tensor, token_ids: list[int], seqs: list[Sequence],
+                 sampling_logprobs: list[float] | None = None) -> list[dict | None] | None:
+        """Per row: the chosen token's logprob under the model's distribution and the top ones, for the sequences
+        that asked or whose request ranks its sequences by their cumulative logprob (else None); with
+        sampling_logprobs (of Sampler.sample), also its logprob under the sampling distribution."""
         wanted = [s.params.logprobs is not None or s.params.ranks_sequences for s in seqs]
         if not any(wanted):
             return None
         entries = Sampler.token_logprobs(logits, token_ids, [s.params.logprobs or 0 for s in seqs])
+        if sampling_logprobs is not None:
+            for entry, sampling_logprob in zip(entries, sampling_logprobs):
+                entry["sampling_logprob"] = sampling_logprob
         return [entry if want else None for entry, want in zip(entries, wanted)]
 
     @staticmethod
