@@ -411,15 +411,18 @@ class LLMEngine:
         self._drain()
         self.scheduler.preempt_all()
 
-    def sleep(self) -> None:
-        """Free the KV cache and offload weights; running requests resume (recomputed) after wake_up."""
+    def sleep(self, level: int = 1) -> None:
+        """Free the KV cache and offload the weights (level 1) or drop them (level 2; ModelRunner.sleep); running
+        requests resume (recomputed) once wake_up has restored both."""
         self.recompute_running()
-        self.runner.call("sleep")
+        self.runner.call("sleep", level)
         self.sleeping = True
 
-    def wake_up(self) -> None:
-        self.runner.call("wake_up")
-        self.sleeping = False
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """tags: "weights", "kv_cache" or both (None), restored separately so that new weights can be loaded
+        before the KV cache takes its memory back."""
+        self.runner.call("wake_up", tags)
+        self.sleeping = bool(self.runner.asleep)
 
     def shutdown(self) -> None:
         self.runner.call("shutdown")

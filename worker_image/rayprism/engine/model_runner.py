@@ -155,6 +155,8 @@ class ModelRunner:
         self.max_model_len = self._max_model_len(max_positions)
         self.kv_cache: torch.Tensor | None = None
         self._allocate_kv_cache()
+        self.asleep: set[str] = set()   # of "weights", "kv_cache": what sleep() freed and wake_up() has not restored
+        self._parked_weights: list[tuple[torch.nn.Parameter, torch.Tensor]] = []   # (parameter, its data asleep)
         # The previous step's tokens: a greedy step's on every rank; else rank 0's, set by the engine's sampler.
         self.previous_tokens: torch.Tensor | None = None
         self.previous_tokens_on_every_rank = False
@@ -211,6 +213,7 @@ class ModelRunner:
     # --- weights ------------------------------------------------------------------------------------
     def load_weights(self, model: str, revision: str | None = None) -> None:
         """Load this rank's slices; a checkpoint that lacks or adds tensors is refused before any is copied."""
+        self._check_weights_awake()
         path = resolve_model_path(model, revision)
         reader = CheckpointReader(path)
         params = dict(self.model.named_parameters())
@@ -235,7 +238,12 @@ class ModelRunner:
 
     def load_named_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Full (unsharded) HF-named tensors; each rank copies its slice. Runs on every rank."""
+        self._check_weights_awake()
         self.model.load_weights(named_tensors)
+
+    def _check_weights_awake(self) -> None:
+        if "weights" in getattr(self, "asleep", ()):   # absent during __init__'s first load
+            raise RuntimeError("the weights are asleep: wake_up(['weights']) before loading new ones")
 
     # --- KV cache -----------------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -297,19 +305,47 @@ class ModelRunner:
             layer.k_cache = layer.v_cache = torch.empty(0)
         self.kv_cache = self.decode_graphs = None
 
-    def sleep(self) -> None:
-        """Drop the KV cache and move the weights to host memory."""
+    def sleep(self, level: int = 1) -> None:
+        """Level 1: drop the KV cache and move the weights to host memory; level 2: drop both (the weights'
+        shapes are kept on the meta device: load new ones after wake_up(["weights"]), the old values are gone)."""
+        if level not in (1, 2):
+            raise ValueError(f"level must be 1 or 2, got {level!r}")
         self._free_kv_cache()
+        if "weights" not in self.asleep:
+            self._parked_weights = [(param, self._park(param.data, level)) for param in self.model.parameters()]
+            for param, _ in self._parked_weights:
+                param.data = torch.empty(0, dtype=param.dtype, device=self.device)
+        self.asleep = {"weights", "kv_cache"}
         if self.device.type == "cuda":
-            for param in self.model.parameters():
-                param.data = param.data.to("cpu")
             torch.cuda.empty_cache()
 
-    def wake_up(self) -> None:
-        if self.device.type == "cuda":
-            for param in self.model.parameters():
-                param.data = param.data.to(self.device)
-        self._allocate_kv_cache()
+    @staticmethod
+    def _park(data: torch.Tensor, level: int) -> torch.Tensor:
+        """Where a weight waits while asleep: its shape only (level 2), itself (level 1 on the CPU), or a pinned
+        host copy (level 1 on CUDA: copied back at full speed)."""
+        if level == 2:
+            return data.to("meta")
+        if not data.is_cuda:
+            return data
+        return torch.empty_like(data, device="cpu", pin_memory=True).copy_(data)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Restores the weights ("weights": to their place, or allocated empty after sleep level 2) and the KV cache
+        ("kv_cache", once the weights are back: the decode graphs it captures run the model); None: both."""
+        tags = ["weights", "kv_cache"] if tags is None else list(tags)
+        if not tags or not set(tags) <= {"weights", "kv_cache"}:
+            raise ValueError(f"tags must be a non-empty subset of ['weights', 'kv_cache'], got {tags!r}")
+        if "weights" in tags and "weights" in self.asleep:
+            for param, parked in self._parked_weights:
+                param.data = (torch.empty_like(parked, device=self.device) if parked.is_meta
+                              else parked.to(self.device))
+            self._parked_weights = []
+            self.asleep.discard("weights")
+        if "kv_cache" in tags and "kv_cache" in self.asleep:
+            if "weights" in self.asleep:
+                raise ValueError("wake_up(['kv_cache']) needs the weights awake first (wake_up(['weights']))")
+            self._allocate_kv_cache()
+            self.asleep.discard("kv_cache")
 
     def shutdown(self) -> None:
         self._free_kv_cache()
