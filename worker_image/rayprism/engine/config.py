@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-QUANTIZATIONS = (None,)  # fp8: issue #17, under way
+QUANTIZATIONS = (None, "fp8")  # fp8: quant.py
 KV_CACHE_DTYPES = ("auto",)  # fp8: issue #17, under way
 
 

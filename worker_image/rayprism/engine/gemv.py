@@ -7,6 +7,10 @@ some of them over K with a second reduce launch. Here each program owns BLOCK_N 
 in BLOCK_K steps, so the grid covers every SM even for a 3072-feature weight and the weight is read once, in one
 launch. From 2 rows on cuBLAS was as fast or faster (bench/gemv_bench.py), so only single rows come here.
 
+An FP8 weight (quant.py) streams here too, half the bytes: each tile is converted to float32 in registers and the
+per-output-channel scale multiplies the finished dot product (sum(w_fp8 * x) * scale = sum(w * x)); the activation
+stays in the model dtype.
+
 The weights are no kernel's output, so under programmatic dependent launch (fused_ops.pdl) each program loads its
 first weight tile before it waits for the previous kernel: the layer's weights start streaming while the
 previous kernel (an all-reduce waiting on the peer GPU, a norm) still runs. Accumulation is float32, as
@@ -22,9 +26,9 @@ from .fused_ops import _send_lines, pdl
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, n, k, buffer_ptrs, calls_ptr, slot_words, HAS_BIAS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SEND: tl.constexpr, RANK: tl.constexpr,
-                 WORLD: tl.constexpr, USE_PDL: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, n, k, buffer_ptrs, calls_ptr, slot_words,
+                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SEND: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
     features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -41,6 +45,8 @@ def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, n, k, buffer_ptrs, calls_ptr, 
         following = start + BLOCK_K + ks  # the next tile (past the end: masked, nothing read)
         w = tl.load(w_ptr + features[:, None] * k + following[None, :],
                     mask=(features[:, None] < n) & (following[None, :] < k), other=0.0, eviction_policy="evict_first")
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + features, mask=features < n, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + features, mask=features < n, other=0.0).to(tl.float32)
     tl.store(out_ptr + features, acc.to(out_ptr.dtype.element_ty), mask=features < n)
@@ -65,8 +71,10 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, lines: tuple | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for one row x (see supports), into `out` (contiguous) if given.
+         out: torch.Tensor | None = None, lines: tuple | None = None,
+         weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for one row x (see supports), into `out` (contiguous) if given. weight_scale: float32
+    [N] for an FP8 weight, which is then dequantized as weight * weight_scale[:, None].
 
     lines: (buffer_ptrs, calls, slot_words, rank, world_size) of comm's fused all-reduce + norm: each program
     also sends its outputs to the peers as that all-reduce's lines for its next call (row 0: counter calls[0]),
@@ -77,16 +85,18 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     n, k = weight.shape
     if out is None:
         out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    launch(x, weight, bias, out, launch_config(n, k), lines)
+    launch(x, weight, bias, out, launch_config(n, k), lines, weight_scale)
     return out
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-           config: tuple[int, int, int, int], lines: tuple | None = None) -> None:
+           config: tuple[int, int, int, int], lines: tuple | None = None,
+           weight_scale: torch.Tensor | None = None) -> None:
     """One kernel launch with the given launch_config (bench/gemv_bench.py sweeps them)."""
     (n, k), (block_n, block_k, num_warps, num_stages) = weight.shape, config
     buffer_ptrs, calls, slot_words, rank, world_size = lines or (0, out, 0, 0, 1)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, bias if bias is not None else weight, out, n, k,
-                                             buffer_ptrs, calls, slot_words, HAS_BIAS=bias is not None,
-                                             BLOCK_N=block_n, BLOCK_K=block_k, SEND=lines is not None, RANK=rank,
+    _gemv_kernel[(triton.cdiv(n, block_n),)](x, weight, weight_scale if weight_scale is not None else weight,
+                                             bias if bias is not None else weight, out, n, k, buffer_ptrs, calls,
+                                             slot_words, HAS_SCALE=weight_scale is not None,
+                                             HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, SEND=lines is not None, RANK=rank,
                                              WORLD=world_size, num_warps=num_warps, num_stages=num_stages, **pdl(x))

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import comm
+from . import comm, quant
 from .attention import AttentionMetadata, paged_attention, store_kv
 
 
@@ -40,9 +40,12 @@ def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear (into `out` if given: [rows, out_features]); on CUDA a single row (batch-1 decode) takes the
-    weight-streaming GEMV kernel (gemv.py)."""
+    weight-streaming GEMV kernel (gemv.py). weight_scale: an FP8 weight's per-channel scales (quant.fp8_linear)."""
+    if weight_scale is not None:
+        assert out is None, "an FP8 linear layer writes a new tensor"
+        return quant.fp8_linear(x, weight, weight_scale, bias)
     if x.is_cuda:
         from . import gemv
 
@@ -114,44 +117,60 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 
 class ColumnParallelLinear(nn.Module):
-    """Output features split across ranks; no communication."""
+    """Output features split across ranks; no communication. quantization "fp8": an FP8 weight with per-channel
+    scales (quant.py), split with the rows."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, quantization: str | None = None):
         super().__init__()
         assert output_size % tp_size() == 0, f"output size {output_size} not divisible by tp {tp_size()}"
         self.output_size_per_rank = output_size // tp_size()
-        self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(self.output_size_per_rank, input_size,
+                                               dtype=quant.weight_dtype(quantization)), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.weight_scale = quant.weight_scale_param(self.output_size_per_rank, quantization, self.weight_loader)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(self.output_size_per_rank), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
 
+    def shard_rows(self, shard_id) -> tuple[int, int, int, int]:
+        """(offset, size, start, full): checkpoint tensor `shard_id`, of `full` rows, gives its rows
+        start:start+size to this rank's rows offset:offset+size."""
+        size = self.output_size_per_rank
+        return 0, size, tp_rank() * size, size * tp_size()
+
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
-        size = param.shape[0]
-        param.data.copy_(read_part(loaded, 0, tp_rank() * size, size))
+        offset, size, start, full = self.shard_rows(shard_id)
+        rows = slice(offset, offset + size)
+        if param is self.weight_scale:
+            quant.load_scale_rows(param, rows, loaded, start, size, full)
+        elif param is self.weight and self.weight_scale is not None:
+            quant.load_weight_rows(param, self.weight_scale, rows, read_part(loaded, 0, start, size))
+        else:
+            param.data[rows].copy_(read_part(loaded, 0, start, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, weight_scale=self.weight_scale)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs (e.g. gate and up) in one matmul; shard_id indexes them."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False,
+                 quantization: str | None = None):
         self.output_sizes = output_sizes
-        super().__init__(input_size, sum(output_sizes), bias)
+        super().__init__(input_size, sum(output_sizes), bias, quantization)
 
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id: int) -> None:
+    def shard_rows(self, shard_id: int) -> tuple[int, int, int, int]:
         size = self.output_sizes[shard_id] // tp_size()
-        offset = sum(self.output_sizes[:shard_id]) // tp_size()
-        param.data[offset: offset + size].copy_(read_part(loaded, 0, tp_rank() * size, size))
+        return sum(self.output_sizes[:shard_id]) // tp_size(), size, tp_rank() * size, self.output_sizes[shard_id]
 
 
 class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection. Heads split across ranks; KV heads replicated when tp > num_kv_heads."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False,
+                 quantization: str | None = None):
         tp = tp_size()
         assert num_heads % tp == 0, f"num_attention_heads {num_heads} not divisible by tp {tp}"
         assert num_kv_heads % tp == 0 or tp % num_kv_heads == 0, (
@@ -162,16 +181,15 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_kv_heads = max(1, num_kv_heads // tp)
         # With replication, rank r holds KV head r * num_kv_heads // tp.
         self.kv_head_start = tp_rank() * num_kv_heads // tp if tp > num_kv_heads else tp_rank() * self.num_kv_heads
-        super().__init__(hidden_size, (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp, bias)
+        self.total_kv_heads = num_kv_heads
+        super().__init__(hidden_size, (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp, bias, quantization)
 
-    def weight_loader(self, param: nn.Parameter, loaded, shard_id: str) -> None:
+    def shard_rows(self, shard_id: str) -> tuple[int, int, int, int]:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if shard_id == "q":
-            offset, size, start = 0, q_size, tp_rank() * q_size
-        else:
-            offset = q_size if shard_id == "k" else q_size + kv_size
-            size, start = kv_size, self.kv_head_start * self.head_dim
-        param.data[offset: offset + size].copy_(read_part(loaded, 0, start, size))
+            return 0, q_size, tp_rank() * q_size, q_size * tp_size()
+        offset = q_size if shard_id == "k" else q_size + kv_size
+        return offset, kv_size, self.kv_head_start * self.head_dim, self.total_kv_heads * self.head_dim
 
 
 class ReplicatedLinear(nn.Module):
@@ -190,13 +208,17 @@ class RowParallelLinear(nn.Module):
     """Input features split across ranks; one all-reduce sums the partial outputs. With reduce_results=False
     each rank returns its partial sum and the caller reduces (the decoder's RMSNorm does, fused with its add)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True,
+                 quantization: str | None = None):
         super().__init__()
         self.reduce_results = reduce_results
         assert input_size % tp_size() == 0, f"input size {input_size} not divisible by tp {tp_size()}"
         self.input_size_per_rank = input_size // tp_size()
-        self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_rank,
+                                               dtype=quant.weight_dtype(quantization)), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        # FP8: one scale per output channel, whole on every rank (quantizing at load takes it over whole rows)
+        self.weight_scale = quant.weight_scale_param(output_size, quantization, self.weight_loader)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
@@ -204,12 +226,19 @@ class RowParallelLinear(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         size = self.input_size_per_rank
-        param.data.copy_(read_part(loaded, 1, tp_rank() * size, size))
+        columns = slice(tp_rank() * size, (tp_rank() + 1) * size)
+        if param is self.weight_scale:
+            quant.load_scale_rows(param, slice(None), loaded, 0, param.shape[0], param.shape[0])
+        elif param is self.weight and self.weight_scale is not None:
+            quant.load_weight_rows(param, self.weight_scale, slice(None), loaded[:], columns)
+        else:
+            param.data.copy_(read_part(loaded, 1, columns.start, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if tp_rank() == 0 else None
-        if tp_size() == 1:
-            return linear(x, self.weight, bias)
+        if tp_size() == 1 or self.weight_scale is not None:  # (comm.row_parallel_linear's GEMV is bf16-only)
+            out = linear(x, self.weight, bias, weight_scale=self.weight_scale)
+            return comm.all_reduce(out) if self.reduce_results else out  # else the next norm all-reduces it
         if self.reduce_results:
             return comm.all_reduce(linear(x, self.weight, bias))
         return comm.row_parallel_linear(x, self.weight, bias)  # the next norm all-reduces it

@@ -117,12 +117,13 @@ class CheckpointReader:
         if not self.files:
             raise FileNotFoundError(f"no *.safetensors files in {folder!r}")
 
-    def names(self) -> list[str]:
-        names = []
+    def dtypes(self) -> dict[str, str]:
+        """Every tensor's safetensors dtype ("BF16", "F8_E4M3", ...), read from the file headers only."""
+        dtypes = {}
         for path in self.files:
             with safe_open(path, framework="pt") as f:
-                names += f.keys()
-        return names
+                dtypes.update((name, f.get_slice(name).get_dtype()) for name in f.keys())
+        return dtypes
 
     def slices(self, desc: str = "Loading weights") -> Iterator[tuple[str, Any]]:
         """Yield (name, safetensors slice); a slice is read from disk only when indexed."""

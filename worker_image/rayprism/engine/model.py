@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import quant
 from .attention import AttentionMetadata
 from .layers import (
     Attention,
@@ -56,18 +57,20 @@ def is_moe_layer(cfg, index: int) -> bool:
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg, rotary: RotaryEmbedding):
+    def __init__(self, cfg, rotary: RotaryEmbedding, quantization: str | None = None):
         super().__init__()
         head_dim = head_dim_of(cfg)
         qwen2 = cfg.model_type == "qwen2"  # Qwen2: bias on q/k/v only; Llama: attention_bias on all four
         attention_bias = bool(getattr(cfg, "attention_bias", False))
         self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size, head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, bias=qwen2 or attention_bias
+            cfg.hidden_size, head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, bias=qwen2 or attention_bias,
+            quantization=quantization,
         )
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
         self.o_proj = RowParallelLinear(  # its all-reduce runs in the next norm (DecoderLayer)
-            cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=attention_bias and not qwen2, reduce_results=False
+            cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=attention_bias and not qwen2, reduce_results=False,
+            quantization=quantization,
         )
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, rotary)
         self.q_norm = self.k_norm = None
@@ -81,13 +84,15 @@ class DecoderAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, quantization: str | None = None):
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only silu)")
         bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias, reduce_results=False)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias,
+                                                       quantization=quantization)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, bias=bias, reduce_results=False,
+                                           quantization=quantization)
 
     def forward(self, x):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -112,10 +117,10 @@ class SparseMoeBlock(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, rotary: RotaryEmbedding, index: int):
+    def __init__(self, cfg, rotary: RotaryEmbedding, index: int, quantization: str | None = None):
         super().__init__()
-        self.self_attn = DecoderAttention(cfg, rotary)
-        self.mlp = SparseMoeBlock(cfg) if is_moe_layer(cfg, index) else MLP(cfg)
+        self.self_attn = DecoderAttention(cfg, rotary, quantization)
+        self.mlp = SparseMoeBlock(cfg) if is_moe_layer(cfg, index) else MLP(cfg, quantization)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -133,11 +138,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg, max_positions: int):
+    def __init__(self, cfg, max_positions: int, quantization: str | None = None):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         rotary = RotaryEmbedding(cfg, head_dim_of(cfg), max_positions)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, i, quantization) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta):
@@ -148,13 +153,15 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    def __init__(self, cfg, max_positions: int):
+    def __init__(self, cfg, max_positions: int, quantization: str | None = None):
+        """quantization: None or "fp8" (quant.py); a pre-quantized FP8 checkpoint's config selects fp8 itself."""
         super().__init__()
         architecture = (getattr(cfg, "architectures", None) or ["LlamaForCausalLM"])[0]
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"architecture {architecture!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.model = DecoderModel(cfg, max_positions)
+        self.quantization = quant.resolve(cfg, quantization)
+        self.model = DecoderModel(cfg, max_positions, self.quantization)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -165,6 +172,8 @@ class CausalLM(nn.Module):
     def checkpoint_target(self, name: str) -> tuple[str, object] | None:
         """(our parameter, shard id) that HF checkpoint tensor `name` loads into; None for tensors we skip."""
         if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+            return None
+        if name.endswith(".input_scale"):  # FP8 checkpoints' static activation scales: we quantize per token
             return None
         name = name.replace(".block_sparse_moe.", ".mlp.")  # Mixtral's checkpoints name its MoE block so
         expert = EXPERT_TENSOR.fullmatch(name)

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
+from . import quant
 from .attention import AttentionMetadata
 from .comm import setup_tensor_parallel_comm
 from .config import EngineConfig
@@ -143,7 +144,8 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = CausalLM(self.hf_config, config.max_model_len or max_positions).eval()
+                self.model = CausalLM(self.hf_config, config.max_model_len or max_positions,
+                                      config.quantization).eval()
         finally:
             torch.set_default_dtype(default_dtype)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
@@ -217,8 +219,10 @@ class ModelRunner:
         path = resolve_model_path(model, revision)
         reader = CheckpointReader(path)
         params = dict(self.model.named_parameters())
-        targets = [t[0] for t in map(self.model.checkpoint_target, reader.names()) if t is not None]
-        unknown, missing = set(targets) - set(params), set(params) - set(targets)
+        dtypes = reader.dtypes()
+        targets = [t[0] for t in map(self.model.checkpoint_target, dtypes) if t is not None]
+        unknown = set(targets) - set(params)
+        missing = set(params) - set(targets) - quant.scales_quantized_at_load(self.model, dtypes)
         if unknown or missing:
             raise ValueError(
                 f"model {model!r}: checkpoint does not fit the model (missing {sorted(missing)[:3]}, "
@@ -230,8 +234,16 @@ class ModelRunner:
     def _random_weights(self) -> None:
         """load_format "dummy": every weight random (normal, std 0.02), norms 1, biases 0, seeded per rank."""
         generator = torch.Generator(self.device).manual_seed(self.config.seed + self.rank)
+        modules = dict(self.model.named_modules())
         for name, param in self.model.named_parameters():
-            if param.dim() == 1:
+            if name.endswith(".weight_scale"):
+                continue  # set with its FP8 weight, which is quantized from random model-dtype values
+            if param.dtype == quant.FP8:
+                owner = modules[name.rpartition(".")[0]]
+                values = torch.empty(param.shape, dtype=self.dtype, device=self.device).normal_(0.0, 0.02,
+                                                                                                generator=generator)
+                param.data, owner.weight_scale.data = quant.quantize_rows(values)
+            elif param.dim() == 1:
                 param.data.fill_(1.0 if name.endswith("norm.weight") else 0.0)
             else:
                 param.data.normal_(0.0, 0.02, generator=generator)
