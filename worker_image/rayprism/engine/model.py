@@ -69,8 +69,8 @@ class DecoderAttention(nn.Module):
         self.q_size = self.qkv_proj.num_heads * head_dim
         self.kv_size = self.qkv_proj.num_kv_heads * head_dim
         self.o_proj = RowParallelLinear(  # its all-reduce runs in the next norm (DecoderLayer)
-            cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=attention_bias and not qwen2, reduce_results=False,
-            quantization=quantization,
+            cfg.num_attention_heads * head_dim, cfg.hidden_size, bias=attention_bias and not qwen2,
+            reduce_results=False, quantization=quantization,
         )
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, head_dim, rotary)
         self.q_norm = self.k_norm = None
