@@ -99,4 +99,5 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out
                                              bias if bias is not None else weight, out, n, k, buffer_ptrs, calls,
                                              slot_words, HAS_SCALE=weight_scale is not None,
                                              HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-                                             SEND=lines is not None, RANK=rank, WORLD=world_size, num_warps=num_warps, num_stages=num_stages, **pdl(x))
+                                             SEND=lines is not None, RANK=rank, WORLD=world_size,
+                                             num_warps=num_warps, num_stages=num_stages, **pdl(x))
