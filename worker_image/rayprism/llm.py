@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import queue
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import ray
+import torch
 
 from rayprism.engine import EngineConfig, RequestOutput, SamplingParams
-from rayprism.executor import EngineDeadError, Placement, RayExecutor
+from rayprism.executor import EngineDeadError, Placement, RayExecutor, weight_sync
 
 __all__ = ["LLM", "SamplingParams", "CompletionOutput", "EngineDeadError", "RequestFailedError"]
 
 Prompt = str | list[int]
+DEFAULT_BUCKET_BYTES = 512 << 20   # per update_weights bucket: few Ray calls, bounded extra memory
 
 
 class RequestFailedError(RuntimeError):
@@ -42,6 +44,18 @@ class CompletionOutput:
     logprobs: list[dict] | None = None
     cumulative_logprob: float | None = None   # when best_of > n
     prompt_logprobs: list[dict | None] | None = None   # the request's, when asked (the first prompt token: None)
+
+    @property
+    def sampling_logprobs(self) -> list[float] | None:
+        """Per generated token (with SamplingParams.logprobs set): its logprob under the distribution it was
+        sampled from (after temperature, top-k/top-p/min-p and the logits processors): an RL trainer's old
+        policy logprobs."""
+        return None if self.logprobs is None else [entry["sampling_logprob"] for entry in self.logprobs]
+
+    @property
+    def model_logprobs(self) -> list[float] | None:
+        """Per generated token (with SamplingParams.logprobs set): its logprob under the model's own distribution."""
+        return None if self.logprobs is None else [entry["logprob"] for entry in self.logprobs]
 
     def add(self, output: RequestOutput) -> None:
         self.text += output.new_text
@@ -229,15 +243,38 @@ class LLM:
                 self._executor.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        self._executor.abort(request_id)
+        """Ends one request: its caller gets what was generated so far, finish_reason "abort"."""
+        self._executor.abort(request_id, notify=True)
+
+    def abort_all(self) -> None:
+        """Ends every request of this driver, as abort() does each (an RL rollout cut short)."""
+        self._executor.abort_all()
+
+    def pause(self) -> None:
+        """Generation stops between two steps (requests are kept, new ones queue) until resume()."""
+        self._executor.pause()
+
+    def resume(self) -> None:
+        self._executor.resume()
 
     # ---- weights -----------------------------------------------------------------------------------
-    def update_weights(self, path_or_uri: str | None = None, revision: str | None = None) -> None:
-        """Reloads weights from disk on every rank (default: this LLM's model URI, with `{revision}` filled).
-        Requests in flight are paused while the weights change and continue afterwards."""
-        model = path_or_uri or self.model
-        self._executor.load_weights(model, revision)
-        self.model, self.revision = model, revision
+    def update_weights(self, weights: str | Iterable[tuple[str, torch.Tensor]] | None = None,
+                       revision: str | None = None, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                       cuda_ipc: bool = True) -> None:
+        """New weights on every rank; requests in flight are paused while they change and then recomputed on them.
+
+        weights: a path or model URI to reload from disk (default: this LLM's, with `{revision}` filled), or
+        (name, tensor) pairs as a trainer holds them (HF checkpoint names, full tensors: each rank keeps its
+        tensor-parallel slice), sent in buckets of bucket_bytes; CUDA tensors go as CUDA IPC handles where
+        cuda_ipc (the trainer must then share the workers' GPU), else through host memory."""
+        if weights is None or isinstance(weights, str):
+            model = weights or self.model
+            self._executor.load_weights(model, revision)
+            self.model, self.revision = model, revision
+            return
+        if revision is not None:
+            raise ValueError("revision: names a checkpoint on disk; it does not apply to tensors")
+        self._executor.update_weights_from_buckets(weight_sync.weight_buckets(weights, bucket_bytes, cuda_ipc))
 
     def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                  backend: str | None = None, group_name: str = "rayprism-weights") -> None:
@@ -254,12 +291,16 @@ class LLM:
         self._executor.update_weights_from_distributed(list(names), list(dtypes), [list(s) for s in shapes])
 
     # ---- memory and lifetime -----------------------------------------------------------------------
-    def sleep(self) -> None:
-        """Drops the KV cache and moves weights to host memory; requests wait until wake_up()."""
-        self._executor.sleep()
+    def sleep(self, level: int = 1) -> None:
+        """Frees device memory for a colocated trainer; requests wait until wake_up() restored it all.
+        Level 1: the KV cache is dropped, the weights move to host memory; level 2: both are dropped (load new
+        weights after wake_up(["weights"]))."""
+        self._executor.sleep(level)
 
-    def wake_up(self) -> None:
-        self._executor.wake_up()
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Restores "weights", "kv_cache" or both (None). verl's order: wake_up(["weights"]), update_weights(...),
+        wake_up(["kv_cache"])."""
+        self._executor.wake_up(list(tags) if tags is not None else None)
 
     def shutdown(self) -> None:
         """Stops every worker actor and removes the placement group this LLM created."""

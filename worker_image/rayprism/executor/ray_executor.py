@@ -10,11 +10,12 @@ with warnings, up to _SILENT_LIMIT_S before the replica counts as dead.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import ray
@@ -264,11 +265,21 @@ class RayExecutor:
             self._pending_adds.append((request_id, prompt, params))
             self._lock.notify_all()
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, notify: bool = False) -> None:
+        """notify: the request's sink still gets the engine's last output of it (finish_reason "abort", what was
+        generated so far); else the sink is dropped now (its caller has gone)."""
         with self._lock:
-            if self._sinks.pop(request_id, None) is not None and self._error is None and not self._closed:
+            sink = self._sinks.get(request_id) if notify else self._sinks.pop(request_id, None)
+            if sink is not None and self._error is None and not self._closed:
                 self._pending_aborts.append(request_id)
                 self._lock.notify_all()
+
+    def abort_all(self) -> None:
+        """Every request of this driver, notifying their sinks."""
+        with self._lock:
+            request_ids = list(self._sinks)
+        for request_id in request_ids:
+            self.abort(request_id, notify=True)
 
     def num_in_flight(self) -> int:
         return len(self._sinks)
@@ -302,20 +313,42 @@ class RayExecutor:
                                                    backend, group_name) for w in self.workers])
 
     def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list) -> None:
+        with self._weights_changing():
+            ray.get([w.receive_weights.remote(names, dtypes, shapes) for w in self.workers])
+
+    def update_weights_from_buckets(self, buckets: Iterable[list]) -> None:
+        """Each bucket (weight_sync.weight_buckets) is put in the object store once and loaded by every rank."""
+        with self._weights_changing():
+            for bucket in buckets:
+                ref = ray.put(bucket)
+                ray.get([w.load_weight_bucket.remote(ref) for w in self.workers])
+
+    @contextlib.contextmanager
+    def _weights_changing(self):
+        """No forward pass runs while the weights change; requests running on the old ones are then recomputed."""
+        self._raise_if_unusable()
+        self.pause()
+        try:
+            yield
+            ray.get(self.workers[0].weights_loaded.remote())
+        finally:
+            self.resume()
+
+    def pause(self) -> None:
         self._raise_if_unusable()
         ray.get(self.workers[0].pause.remote())
-        try:
-            ray.get([w.receive_weights.remote(names, dtypes, shapes) for w in self.workers])
-        finally:
-            ray.get(self.workers[0].resume.remote())
 
-    def sleep(self) -> None:
+    def resume(self) -> None:
         self._raise_if_unusable()
-        ray.get(self.workers[0].sleep.remote())
+        ray.get(self.workers[0].resume.remote())
 
-    def wake_up(self) -> None:
+    def sleep(self, level: int) -> None:
         self._raise_if_unusable()
-        ray.get(self.workers[0].wake_up.remote())
+        ray.get(self.workers[0].sleep.remote(level))
+
+    def wake_up(self, tags: list[str] | None) -> None:
+        self._raise_if_unusable()
+        ray.get(self.workers[0].wake_up.remote(tags))
 
     def memory(self) -> list[dict]:
         return ray.get([w.memory.remote() for w in self.workers])

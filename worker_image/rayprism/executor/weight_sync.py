@@ -1,15 +1,23 @@
-"""A process group between a trainer and the inference workers, outside the workers' default (TP) group.
+"""Moving a trainer's weights into the inference workers.
 
-The trainer is rank 0 and hosts the TCP store; inference worker i of a replica joins as `rank_offset + i`.
-Both sides call `weight_update_group` with the same address, port, world size and backend, then the trainer
-broadcasts each tensor from rank 0 (`group.broadcast(tensor, 0).wait()`).
+A weight update group: a process group between a trainer and the workers, outside the workers' default (TP)
+group. The trainer is rank 0 and hosts the TCP store; inference worker i of a replica joins as
+`rank_offset + i`. Both sides call `weight_update_group` with the same address, port, world size and backend,
+then the trainer broadcasts each tensor from rank 0 (`group.broadcast(tensor, 0).wait()`).
+
+Buckets (LLM.update_weights with tensors): (name, tensor) pairs grouped up to a size, each sent to every rank
+in one Ray object; a CUDA tensor travels as a CUDA IPC handle (the worker maps the trainer's memory: no copy
+through the host), which needs the worker on the same GPU as the trainer (colocated).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.multiprocessing.reductions import reduce_tensor
 
 _TIMEOUT = timedelta(minutes=10)
 
@@ -49,3 +57,53 @@ def to_dtype(dtype) -> torch.dtype:
     if not isinstance(resolved, torch.dtype):
         raise ValueError(f"unknown dtype {dtype!r}")
     return resolved
+
+
+@dataclass(frozen=True)
+class CudaIpcTensor:
+    """A CUDA tensor of another process on the same GPU: torch's rebuild function and arguments, and the GPU's
+    UUID (device indices differ between processes that see different CUDA_VISIBLE_DEVICES)."""
+    rebuild: object
+    args: tuple
+    gpu_uuid: str
+
+    @classmethod
+    def share(cls, tensor: torch.Tensor) -> "CudaIpcTensor":
+        rebuild, args = reduce_tensor(tensor)
+        return cls(rebuild, args, str(torch.cuda.get_device_properties(tensor.device).uuid))
+
+    def open(self, device: torch.device) -> torch.Tensor:
+        if device.type != "cuda" or str(torch.cuda.get_device_properties(device).uuid) != self.gpu_uuid:
+            raise ValueError(f"a CUDA IPC weight is on GPU {self.gpu_uuid}, which this worker ({device}) does not "
+                             "use: pass cuda_ipc=False to send weights through host memory")
+        args = list(self.args)
+        args[6] = device.index   # rebuild_cuda_tensor's storage_device: this process's index of that GPU
+        return self.rebuild(*args)
+
+
+def weight_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, cuda_ipc: bool
+                   ) -> Iterator[list[tuple[str, torch.Tensor | CudaIpcTensor]]]:
+    """Groups (name, tensor) into lists of at most bucket_bytes (a larger tensor alone); CUDA tensors become IPC
+    handles where cuda_ipc, else host copies. A bucket's tensors must stay alive until the workers loaded it."""
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes!r}")
+    bucket, size = [], 0
+    for name, tensor in named_tensors:
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"weights must be (name, torch.Tensor) pairs, got ({type(name).__name__}, "
+                            f"{type(tensor).__name__})")
+        tensor = tensor.detach()
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, CudaIpcTensor.share(tensor) if cuda_ipc and tensor.is_cuda else tensor.cpu()))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def open_bucket(bucket: list[tuple[str, torch.Tensor | CudaIpcTensor]], device: torch.device
+                ) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in bucket:
+        yield name, tensor.open(device) if isinstance(tensor, CudaIpcTensor) else tensor

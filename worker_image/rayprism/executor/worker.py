@@ -45,7 +45,7 @@ class RayGPUWorker:
         self._thread: threading.Thread | None = None
         self._tasks: list[Callable[[], None]] = []  # run by the step loop between steps
         self._tasks_lock = threading.Lock()
-        self._paused = False                      # set during weight sync and sleep; the loop stops stepping
+        self._pauses = 0          # pause() calls not yet resumed (a driver's, a weight update's): the loop stops stepping
         self._has_work = threading.Event()
         self._outputs_ready = threading.Condition()
         self._outputs: list = []
@@ -106,7 +106,7 @@ class RayGPUWorker:
                     tasks, self._tasks = self._tasks, []
                 for task in tasks:
                     task()
-                busy = not self._paused and self._engine.has_unfinished_requests()
+                busy = not self._pauses and not self._engine.sleeping and self._engine.has_unfinished_requests()
                 outputs = self._engine.step() if busy else None
                 if outputs:
                     with self._outputs_ready:
@@ -184,23 +184,25 @@ class RayGPUWorker:
         self._in_loop(lambda: self._engine.load_weights(model, revision))  # requests stay in the engine
 
     def pause(self) -> None:
-        """Returns between two steps; the loop then stays idle (still taking submissions) until resume."""
-        self._in_loop(lambda: setattr(self, "_paused", True))
+        """Returns between two steps; the loop then stays idle (still taking submissions and aborts) until every
+        pause has been resumed (a driver's pause and a weight update's nest)."""
+        def pause() -> None:
+            self._pauses += 1
+
+        self._in_loop(pause)
 
     def resume(self) -> None:
-        self._paused = False
-        self._has_work.set()
+        def resume() -> None:
+            self._pauses = max(0, self._pauses - 1)
 
-    def sleep(self) -> None:
-        def sleep() -> None:
-            self._paused = True
-            self._engine.sleep()
+        self._in_loop(resume)
 
-        self._in_loop(sleep)
+    def sleep(self, level: int) -> None:
+        """Requests wait (the loop does not step a sleeping engine) until wake_up has restored everything."""
+        self._in_loop(lambda: self._engine.sleep(level))
 
-    def wake_up(self) -> None:
-        self._in_loop(self._engine.wake_up)
-        self.resume()
+    def wake_up(self, tags: list[str] | None) -> None:
+        self._in_loop(lambda: self._engine.wake_up(tags))
 
     # ---- weight sync from a trainer (every rank) ---------------------------------------------------
     def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int,
@@ -214,8 +216,15 @@ class RayGPUWorker:
             raise RuntimeError("init_weight_update_group must be called before update_weights_from_distributed")
         self._runner.load_named_tensors(
             weight_sync.receive_broadcast(self._weight_group, names, dtypes, shapes, self._device))
-        if self._engine is not None:
-            self._in_loop(self._engine.recompute_running)
+
+    def load_weight_bucket(self, bucket: list[tuple[str, object]]) -> None:
+        """One bucket of full HF-named tensors (weight_sync.weight_buckets: host tensors or CUDA IPC handles);
+        this rank keeps its slices. Paused by the driver first, as receive_weights."""
+        self._runner.load_named_tensors(weight_sync.open_bucket(bucket, self._device))
+
+    def weights_loaded(self) -> None:
+        """Rank 0, after every rank has loaded new weights: requests running on the old ones are recomputed."""
+        self._in_loop(self._engine.recompute_running)
 
     # ---- teardown ----------------------------------------------------------------------------------
     def stop(self) -> None:
