@@ -125,6 +125,25 @@ CROSS_FIELD_RULES: dict[str, list[CrossFieldRule]] = {
             check=lambda p: all(re.fullmatch(LABEL_KEY, k) for k in p.labels),
         ),
     ],
+    "scheduling": [
+        CrossFieldRule(
+            cel="!has(self.queue) || has(self.batchScheduler)",
+            message="scheduling.queue needs scheduling.batchScheduler: the queue is the batch scheduler's "
+            "(a Kueue LocalQueue goes in scheduling.kueueQueueName)",
+            check=lambda s: s.queue is None or s.batch_scheduler is not None,
+        ),
+        CrossFieldRule(
+            cel="!has(self.batchScheduler) || self.batchScheduler != 'kai-scheduler' || has(self.queue)",
+            message="scheduling.queue is required with batchScheduler kai-scheduler: KAI schedules no pod "
+            "without a queue",
+            check=lambda s: s.batch_scheduler != "kai-scheduler" or s.queue is not None,
+        ),
+        CrossFieldRule(
+            cel="!has(self.queue) || !has(self.batchScheduler) || self.batchScheduler != 'scheduler-plugins'",
+            message="scheduling.queue is not supported with batchScheduler scheduler-plugins, which has no queues",
+            check=lambda s: s.queue is None or s.batch_scheduler != "scheduler-plugins",
+        ),
+    ],
     "endpointPickerRef": [
         CrossFieldRule(
             cel="(has(self.kind) && self.kind != 'Service') || has(self.port)",
@@ -473,6 +492,36 @@ class Router(_Model):
         "The InferencePool CRD must be installed; while it is not, Degraded says so.")
 
 
+# KubeRay's batch-scheduler plugins (ray-operator/controllers/ray/batchscheduler, the values of its
+# --batch-scheduler flag): the scheduler is chosen for the whole KubeRay operator, not per RayCluster.
+BATCH_SCHEDULERS = ("volcano", "yunikorn", "kai-scheduler", "scheduler-plugins")
+
+
+class Scheduling(_Model):
+    model_config = ConfigDict(json_schema_extra=rules_schema("scheduling"))
+
+    batch_scheduler: Literal[BATCH_SCHEDULERS] | None = Field(
+        default=None,
+        description="The batch scheduler that gang-schedules each replica (head and workers together, or none of "
+        "them): volcano, yunikorn, kai-scheduler or scheduler-plugins. It must be the one KubeRay's operator runs "
+        "with (its --batch-scheduler flag, batchScheduler.name in KubeRay's chart), which sets every pod's "
+        "schedulerName; this field makes the operator label each RayCluster for it (ray.io/scheduler-name, the "
+        "queue, gang scheduling). The pods' priority is pods.priorityClassName, passed to Volcano's PodGroup too.")
+    queue: str | None = Field(
+        default=None, min_length=1, max_length=63, pattern=LABEL_VALUE,
+        description="The batch scheduler's queue for the replicas (volcano.sh/queue-name, yunikorn.apache.org/queue "
+        "or kai.scheduler/queue on each RayCluster); required by kai-scheduler. Needs batchScheduler.")
+    kueue_queue_name: str | None = Field(
+        default=None, min_length=1, max_length=63, pattern=LABEL_VALUE,
+        description="A Kueue LocalQueue in this namespace (the kueue.x-k8s.io/queue-name label on each RayCluster): "
+        "Kueue admits each replica whole, when its quota has room for all of its pods, and keeps it suspended "
+        "until then.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> "Scheduling":
+        return _check_rules("scheduling", self)
+
+
 class InferenceDeploymentSpec(_Model):
     model_config = ConfigDict(json_schema_extra=rules_schema("spec"))
 
@@ -490,6 +539,9 @@ class InferenceDeploymentSpec(_Model):
         default_factory=PodOptions, description="Scheduling and metadata of every model pod (head and workers).")
     router: Router = Field(
         default_factory=Router, description="What routes requests to the replicas besides the Service.")
+    scheduling: Scheduling = Field(
+        default_factory=Scheduling, description="Gang scheduling and queueing of the replicas by a batch scheduler "
+        "or Kueue. A change replaces the replicas (a PodGroup's queue is set when it is created).")
 
     @model_validator(mode="after")
     def _rules(self) -> "InferenceDeploymentSpec":

@@ -451,18 +451,51 @@ def _worker_group(infd: InferenceDeployment, revision: str, options: RenderOptio
     }
 
 
+# Labels on a RayCluster that KubeRay's batch-scheduler plugins read (ray-operator/controllers/ray/batchscheduler;
+# utils/constant.go), and Kueue's RayCluster integration.
+KUBERAY_SCHEDULER_NAME = "ray.io/scheduler-name"
+KUBERAY_GANG_SCHEDULING = "ray.io/gang-scheduling-enabled"
+KUBERAY_PRIORITY_CLASS = "ray.io/priority-class-name"
+YUNIKORN_APP_ID = "yunikorn.apache.org/app-id"
+QUEUE_LABELS = {"volcano": "volcano.sh/queue-name", "yunikorn": "yunikorn.apache.org/queue",
+                "kai-scheduler": "kai.scheduler/queue"}
+KUEUE_QUEUE_NAME = "kueue.x-k8s.io/queue-name"
+
+
+def scheduling_labels(infd: InferenceDeployment, replica: str) -> dict[str, str]:
+    """A replica's labels for the batch scheduler and Kueue (spec.scheduling). KubeRay's operator picks the batch
+    scheduler by its --batch-scheduler flag; ray.io/scheduler-name is what KubeRay's documentation asks RayClusters
+    to carry all the same. Volcano's plugin gangs every RayCluster (a PodGroup of head plus workers); YuniKorn's and
+    scheduler-plugins' only those labelled ray.io/gang-scheduling-enabled."""
+    scheduling, out = infd.spec.scheduling, {}
+    if scheduler := scheduling.batch_scheduler:
+        out[KUBERAY_SCHEDULER_NAME] = scheduler
+        if scheduling.queue:
+            out[QUEUE_LABELS[scheduler]] = scheduling.queue
+        if scheduler in ("yunikorn", "scheduler-plugins"):
+            out[KUBERAY_GANG_SCHEDULING] = "true"
+        if scheduler == "yunikorn":
+            out[YUNIKORN_APP_ID] = replica  # YuniKorn's application: one per replica, as its gang
+        if scheduler == "volcano" and infd.spec.pods.priority_class_name:
+            out[KUBERAY_PRIORITY_CLASS] = infd.spec.pods.priority_class_name  # the PodGroup's priority
+    if scheduling.kueue_queue_name:
+        out[KUEUE_QUEUE_NAME] = scheduling.kueue_queue_name
+    return out
+
+
 def render_raycluster(
     infd: InferenceDeployment, revision: str, suffix: str, options: RenderOptions = RenderOptions()
 ) -> dict:
     """One replica: a KubeRay RayCluster with a GPU-less head (Ray head + server) and a worker group."""
     name = infd.metadata.name
+    replica = replica_name(name, revision, suffix)
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayCluster",
         "metadata": {
-            "name": replica_name(name, revision, suffix),
+            "name": replica,
             "namespace": infd.metadata.namespace,
-            "labels": labels(name, revision),
+            "labels": {**scheduling_labels(infd, replica), **labels(name, revision)},
             "annotations": {
                 KUBERAY_OVERWRITE_CMD: "true",
                 ANNOTATION_WEIGHTS_REVISION: infd.spec.model.revision or "",
