@@ -5,6 +5,7 @@ which runs the pods that the real scheduler binds to its Node.
     python -m e2e.controlplane.cluster up      # idempotent; prints `export KUBECONFIG=...`
     python -m e2e.controlplane.cluster down    # stops every process it started, removes the state
     python -m e2e.controlplane.cluster env     # the environment for tests (KUBECONFIG, ...)
+    python -m e2e.controlplane.cluster restart-kuberay --batch-scheduler volcano   # KubeRay with that flag
 
 The binaries come from build.sh (built from Go modules once per machine, cached outside the checkout).
 State lives in `.cluster/` (ignored by git): the PKI, etcd's data, pid files, `kubeconfig`, and `logs/`
@@ -250,7 +251,25 @@ def tail(component: str, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-def up(nodes: list[str]) -> None:
+def start_kuberay(bin_dir: Path, batch_scheduler: str | None) -> None:
+    """KubeRay's operator, with --batch-scheduler when given (as KubeRay's chart passes batchScheduler.name): it
+    then hands every RayCluster's pods to that scheduler, and needs the scheduler's CRDs (Volcano's PodGroup)
+    installed first."""
+    start("ray-operator", [str(bin_dir / "ray-operator"), "--enable-leader-election=false",
+                           "--metrics-addr=127.0.0.1:18080", "--health-probe-bind-address=127.0.0.1:18081",
+                           *([f"--batch-scheduler={batch_scheduler}"] if batch_scheduler else [])],
+          env={"KUBECONFIG": str(KUBECONFIG)})
+    wait_healthy("ray-operator", "http://127.0.0.1:18081/healthz")
+    log(f"KubeRay {versions()['KUBERAY_VERSION']} operator is healthy (batch scheduler: {batch_scheduler or 'none'})")
+
+
+def restart_kuberay(batch_scheduler: str | None) -> None:
+    """KubeRay's operator again, with another --batch-scheduler (none: the default scheduler)."""
+    stop("ray-operator", timeout=5)
+    start_kuberay(binaries(), batch_scheduler)
+
+
+def up(nodes: list[str], batch_scheduler: str | None = None) -> None:
     if not running("etcd"):
         shutil.rmtree(LOGS, ignore_errors=True)  # the last cluster's logs, kept by `down` until now
     for directory in (STATE, RUN, LOGS):
@@ -320,11 +339,7 @@ def up(nodes: list[str]) -> None:
     subprocess.run([kubectl, "wait", "--for=condition=Established", "--timeout=60s",
                     *(f"crd/{c.stem.split('_', 1)[1]}.ray.io" for c in crds)],
                    env={**os.environ, **kubeconfig}, check=True, capture_output=True)
-    start("ray-operator", [str(bin_dir / "ray-operator"), "--enable-leader-election=false",
-                           "--metrics-addr=127.0.0.1:18080", "--health-probe-bind-address=127.0.0.1:18081"],
-          env=kubeconfig)
-    wait_healthy("ray-operator", "http://127.0.0.1:18081/healthz")
-    log(f"KubeRay {v['KUBERAY_VERSION']} operator is healthy")
+    start_kuberay(bin_dir, batch_scheduler)
 
     start("kubelet", [sys.executable, "-m", "e2e.controlplane.kubelet", "--kubeconfig", str(KUBELET_KUBECONFIG),
                       "--state", str(STATE / "kubelet"), "--network", str(STATE / "network.json"),
@@ -397,15 +412,20 @@ def env() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("up", "down", "env"))
+    parser.add_argument("command", choices=("up", "down", "env", "restart-kuberay"))
     parser.add_argument("--node", action="append", default=[],
                         help="NAME[:RESOURCE=QUANTITY,...] a Node the kubelet registers, e.g. "
                              "node-1:cpu=8,memory=20Gi,nvidia.com/gpu=2 (default: one node with this machine's "
                              "CPUs and memory)")
+    parser.add_argument("--batch-scheduler", default=None,
+                        help="up, restart-kuberay: KubeRay's --batch-scheduler (volcano, yunikorn, kai-scheduler, "
+                             "scheduler-plugins); none by default")
     args = parser.parse_args()
     try:
         if args.command == "up":
-            up(args.node or ["rayprism-e2e-node"])
+            up(args.node or ["rayprism-e2e-node"], args.batch_scheduler)
+        elif args.command == "restart-kuberay":
+            restart_kuberay(args.batch_scheduler)
         elif args.command == "down":
             down()
         else:
