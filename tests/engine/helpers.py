@@ -52,6 +52,7 @@ def prefill_logits(engine, token_ids: list[int]) -> torch.Tensor:
     from rayprism.engine.sequence import Sequence
 
     seq = Sequence("logits-probe", token_ids, SamplingParams(), arrival=0)
+    seq.num_scheduled_tokens = len(token_ids)
     engine.scheduler.block_manager.allocate(seq)
     try:
         batch = Batch.from_sequences([seq], 1, engine.config.block_size)

@@ -219,7 +219,7 @@ def test_varlen_prefill_matches_per_sequence_sdpa():
     qkv_k = torch.randn(713, 3, 8, 128, dtype=torch.bfloat16, device="cuda")  # k/v as strided views
     k, v = qkv_k[:, 0], qkv_k[:, 1]
     offsets = torch.tensor(cu_seqlens, dtype=torch.int32, device="cuda")
-    out = varlen_prefill_attention(q, k, v, offsets, 513, 128 ** -0.5)
+    out = varlen_prefill_attention(q, k, v, offsets, offsets, 513, 513, 128 ** -0.5)
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
         qs, ks, vs = (t[start:end].double().transpose(0, 1) for t in (q, k, v))
         ks, vs = ks.repeat_interleave(4, dim=0), vs.repeat_interleave(4, dim=0)

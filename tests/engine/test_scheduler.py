@@ -17,11 +17,14 @@ def make_seq(name: str, num_tokens: int, arrival: int) -> Sequence:
 
 
 def run_step(scheduler: Scheduler) -> tuple[list[str], list[str]]:
-    """One schedule; each scheduled sequence then gets one new token, as the engine does. Returns the
-    names (prefilled, decoded)."""
+    """One schedule, then what the engine does: each scheduled sequence's tokens are computed, and those that
+    sample (a decode, a prefill's last chunk) get one new token. Returns the names (prefilled, decoded)."""
     seqs, num_prefill = scheduler.schedule()
     for seq in seqs:
-        seq.token_ids.append(0)
+        samples = seq.samples
+        seq.num_computed_tokens += seq.num_scheduled_tokens
+        if samples:
+            seq.token_ids.append(0)
     return [s.request_id for s in seqs[:num_prefill]], [s.request_id for s in seqs[num_prefill:]]
 
 
@@ -30,8 +33,9 @@ def run_step(scheduler: Scheduler) -> tuple[list[str], list[str]]:
     [
         # A request that arrives while others decode joins their step instead of stopping them.
         (64, 8, 64, [3, 5], [6], (["new0"], ["run0", "run1"])),
-        # Several arrivals fill the token budget left after one token per decoding sequence, in order.
-        (64, 8, 12, [3, 5], [4, 4, 4], (["new0", "new1"], ["run0", "run1"])),
+        # Several arrivals fill the token budget left after one token per decoding sequence, in order (the third
+        # one's first chunk takes the last 2 tokens).
+        (64, 8, 12, [3, 5], [4, 4, 4], (["new0", "new1", "new2"], ["run0", "run1"])),
         # max_num_seqs counts the running ones.
         (64, 3, 64, [3, 5], [2, 2], (["new0"], ["run0", "run1"])),
         # No room in the KV pool for the prompt: the running ones decode alone.
@@ -87,10 +91,11 @@ def test_packed_batch_round_trips_with_every_field_aligned(prompt_lens):
     seqs = [make_seq(f"s{i}", n, i) for i, n in enumerate(prompt_lens)]
     for seq in seqs:
         manager.allocate(seq)
+    seqs[0].num_scheduled_tokens = prompt_lens[0]
     num_prefill = 1  # the first is prefilled, the others decode their last token
     batch = Batch.from_sequences(seqs, num_prefill, BLOCK_SIZE)
     packed = batch.pack()
-    num_tokens, n_prefill, num_decode, width, _, _, _, _ = packed[:PACK_HEADER].tolist()
+    num_tokens, n_prefill, num_decode, width = packed[:4].tolist()
     sizes = [num_tokens] * 3 + [n_prefill + 1, n_prefill + num_decode, num_decode, num_decode * width]
     data = packed[PACK_HEADER:].clone()  # a fresh (aligned) buffer, as on the device
     fields = unpack(data, sizes)

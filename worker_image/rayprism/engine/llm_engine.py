@@ -82,10 +82,8 @@ class LLMEngine:
         )
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         self.eos_token_ids = self._eos_token_ids()
-        self.scheduler = Scheduler(
-            config.max_num_seqs, config.max_num_batched_tokens, BlockManager(self.runner.num_kv_blocks, config.block_size),
-            self.max_model_len,
-        )
+        blocks = BlockManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, blocks, self.max_model_len)
         self.sampler = Sampler(self.runner.device, config.seed, self.eos_token_ids)
         self.grammars = Grammars(self.tokenizer, self.eos_token_ids)  # structured output's compiled grammars
         self.requests: dict[str, Sequence] = {}
@@ -171,6 +169,9 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "num_steps": self.num_steps,
             "num_prefill_steps": self.num_prefill_steps,
+            # Prompt tokens of admitted sequences looked up in the prefix cache, and those found there (not computed).
+            "prefix_cache_queries": self.scheduler.block_manager.num_queried_tokens,
+            "prefix_cache_hits": self.scheduler.block_manager.num_hit_tokens,
         }
 
     # --- stepping -----------------------------------------------------------------------------------
@@ -196,10 +197,12 @@ class LLMEngine:
         self.num_prefill_steps += num_prefill > 0
         previous_rows = len(self.in_flight.seqs) if self.in_flight else 0
         prefilled = seqs[:num_prefill]
+        # The sequences that get a token this step: decodes, and prefills whose last chunk this is.
+        sampling = [seq for seq in prefilled if seq.samples] + seqs[num_prefill:]
         prompt_logits = any(seq.wants_prompt_logprobs for seq in prefilled)
-        forking = [seq for seq in prefilled if seq.unforked]
+        forking = [seq for seq in sampling if seq.unforked]
         # Greedy steps take their tokens from the model runner (argmax on every rank, no logits gathered).
-        greedy = not (any(seq.params.needs_logits for seq in seqs) or prompt_logits or forking)
+        greedy = not (any(seq.params.needs_logits for seq in sampling) or prompt_logits or forking)
         batch = Batch.from_sequences(seqs, num_prefill, self.config.block_size, previous_rows, greedy)
         # Where the penalties find a pending token. A request with a logits processor is in no greedy step, so
         # its pending token is a sampled step's, never in the decode graphs' buffer that this step overwrites.
@@ -207,12 +210,18 @@ class LLMEngine:
         result = self.runner.call("execute_model", batch.pack())
         logits = None if greedy else result
         if prompt_logits:
-            logits = self._take_prompt_logprobs(logits, batch, prefilled)
+            logits = self._take_prompt_logprobs(logits, prefilled)
+        for seq in seqs:
+            seq.num_computed_tokens += seq.num_scheduled_tokens
         if forking:
-            seqs, logits = self._fork(seqs, forking, logits)
-        if self.in_flight is not None and any(seq.matcher is not None and seq.num_pending for seq in seqs):
+            sampling, logits = self._fork(sampling, forking, logits)
+        if self.in_flight is not None and any(seq.matcher is not None and seq.num_pending for seq in sampling):
             self._drain()  # structured output: the grammars take the pending tokens before they mask (docstring)
-        token_ids, sampling_logprobs = (result, None) if greedy else self._sample(logits, seqs, previous)
+        if greedy or not sampling:  # nothing to sample: only chunks before their prompt's last
+            token_ids = result if greedy else torch.empty(0, dtype=torch.long, device=self.runner.device)
+            sampling_logprobs = None
+        else:
+            token_ids, sampling_logprobs = self._sample(logits, sampling, previous)
         self.runner.previous_tokens = token_ids  # the next batch's pending inputs name rows of it
         sampled = None
         if token_ids.is_cuda:  # a copy and an event: reading them back will not wait for later steps
@@ -222,36 +231,45 @@ class LLMEngine:
                 sampling_logprobs = sampling_logprobs.to("cpu", non_blocking=True)
             sampled = torch.cuda.Event()
             sampled.record()
-        for row, seq in enumerate(seqs):
+        for row, seq in enumerate(sampling):
             if seq.status is SequenceStatus.FINISHED:
                 continue  # ended by the step that _drain finished above: this row's token is dropped
             seq.token_ids.append(PENDING)
             seq.num_pending += 1
             seq.pending_row = row
-        wants_logprobs = any(seq.params.logprobs is not None or seq.params.ranks_sequences for seq in seqs)
-        return LaunchedStep(seqs, token_ids, sampled, logits if wants_logprobs else None, sampling_logprobs)
+        wants_logprobs = any(seq.params.logprobs is not None or seq.params.ranks_sequences for seq in sampling)
+        return LaunchedStep(sampling, token_ids, sampled, logits if wants_logprobs else None, sampling_logprobs)
 
-    def _take_prompt_logprobs(self, logits: torch.Tensor, batch: Batch, prefilled: list[Sequence]) -> torch.Tensor:
-        """Computes the prompt logprobs of the sequences that asked, from the logits of their every prompt token;
-        returns the logits with one row per sequence left, as sampling takes them."""
+    def _take_prompt_logprobs(self, logits: torch.Tensor, prefilled: list[Sequence]) -> torch.Tensor:
+        """Adds to the prompt logprobs of the sequences that asked those of this step's tokens (before their
+        num_computed_tokens moves on), from the logits of their every new token; returns the logits with one row per
+        sampling sequence left, as sampling takes them. A prompt prefilled in chunks gets its logprobs chunk by chunk;
+        they go out with its first output."""
         rows, start = [], 0
-        for seq, begin, end in zip(prefilled, batch.cu_seqlens[:-1], batch.cu_seqlens[1:]):
-            if seq.wants_prompt_logprobs:   # row i predicts token i + 1; the first token has none
-                num_tokens = end - begin
-                seq.prompt_logprobs = [None] + self.sampler.token_logprobs(
-                    logits[start: start + num_tokens - 1], seq.token_ids[1:num_tokens], seq.params.prompt_logprobs)
-                seq.wants_prompt_logprobs = False
+        for seq in prefilled:
+            if seq.wants_prompt_logprobs:
+                begin, num_tokens = seq.num_computed_tokens, seq.num_scheduled_tokens
+                # Row p predicts token p + 1; the first token has none, the last row samples the first output.
+                predicted = seq.token_ids[begin + 1: min(begin + num_tokens + 1, seq.num_prompt_tokens)]
+                if begin == 0:
+                    seq.prompt_logprobs = [None]
+                if predicted:
+                    seq.prompt_logprobs += self.sampler.token_logprobs(
+                        logits[start: start + len(predicted)], predicted, seq.params.prompt_logprobs)
+                if seq.samples:
+                    seq.wants_prompt_logprobs = False
+                    rows.append(start + num_tokens - 1)
                 start += num_tokens
-            else:
+            elif seq.samples:
+                rows.append(start)
                 start += 1
-            rows.append(start - 1)
         return logits[rows + list(range(start, len(logits)))]
 
     def _fork(self, seqs: list[Sequence], forking: list[Sequence], logits: torch.Tensor
               ) -> tuple[list[Sequence], torch.Tensor]:
-        """The siblings of requests of n or best_of > 1, forked from their just-prefilled first sequence: they
-        share its prompt's KV blocks and sample their first tokens from its logits row. The scheduler reserved
-        their seats and blocks."""
+        """The siblings of requests of n or best_of > 1, forked from their first sequence as its prefill's last
+        chunk is launched: they share its prompt's KV blocks and sample their first tokens from its logits row. The
+        scheduler reserved their seats and blocks."""
         children, rows, copies = [], list(range(len(seqs))), []
         for parent in forking:
             row = seqs.index(parent)
@@ -377,7 +395,9 @@ class LLMEngine:
 
     @staticmethod
     def _output(seq: Sequence, token_ids: list[int], text: str, logprobs) -> RequestOutput:
-        prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
+        prompt_logprobs = None
+        if not seq.wants_prompt_logprobs:  # all of them, once (a prompt prefilled in chunks gets them chunk by chunk)
+            prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, None
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=token_ids,
@@ -396,25 +416,30 @@ class LLMEngine:
     def load_weights(self, model: str, revision: str | None = None) -> None:
         """All ranks reload from disk; running requests are recomputed with the new weights."""
         self.runner.call("load_weights", model, revision)
-        self.recompute_running()
+        self.reset_prefix_cache()
 
     def update_weights_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Full HF-named tensors; every rank keeps its slice (the same loaders as disk loading)."""
         if self.runner.world_size > 1:  # tensors travel to the other ranks pickled over gloo
             named_tensors = [(name, t.detach().cpu()) for name, t in named_tensors]
         self.runner.call("load_named_tensors", named_tensors)
-        self.recompute_running()
+        self.reset_prefix_cache()
 
-    def recompute_running(self) -> None:
-        """Send running requests back to be recomputed (prompt + tokens so far): after new weights, or to free
-        the KV cache."""
+    def reset_prefix_cache(self) -> None:
+        """Forget every KV block computed so far: no cached prefix is reused, and running requests go back to be
+        recomputed (prompt + tokens so far). Every weight load ends here (load_weights, update_weights_from_tensors,
+        the worker's update from a trainer: a new way of loading weights must call it too), and so does sleep, which
+        frees the KV cache: KV computed with other weights, or freed, must never be read again."""
         self._drain()
         self.scheduler.preempt_all()
+        self.scheduler.block_manager.reset_prefix_cache()
+
+    recompute_running = reset_prefix_cache  # the worker's name for it, after new weights from a trainer
 
     def sleep(self, level: int = 1) -> None:
         """Free the KV cache and offload the weights (level 1) or drop them (level 2; ModelRunner.sleep); running
         requests resume (recomputed) once wake_up has restored both."""
-        self.recompute_running()
+        self.reset_prefix_cache()
         self.runner.call("sleep", level)
         self.sleeping = True
 

@@ -10,7 +10,7 @@ import itertools
 import logging
 import pickle
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -35,8 +35,9 @@ CPU_KV_CACHE_BUDGET_BYTES = 2 << 30
 
 @dataclass
 class Batch:
-    """One forward pass: the prefilled sequences first (each one's whole context), then one new token per
-    decoding sequence. Either part may be empty; a step with both (a mixed step) reads the weights once."""
+    """One forward pass: the prefilled sequences first (each one's new tokens: a whole prompt, or a chunk of it,
+    or what follows its cached prefix), then one new token per decoding sequence. Either part may be empty; a step
+    with both (a mixed step) reads the weights once."""
 
     input_ids: list[int]
     positions: list[int]
@@ -46,21 +47,27 @@ class Batch:
     context_lens: list[int]  # decode part
     previous_rows: int = 0  # > 0: negative input ids name rows of the previous step's sampled tokens
     greedy: bool = False  # the step returns greedy tokens (on every rank), not logits
-    # Prefill part: the sequences whose logits are returned for every prompt token (prompt_logprobs), not only
-    # the last one's.
+    # Prefill part: the sequences whose logits are returned for every new token (prompt_logprobs), and those whose
+    # new tokens reach their end (the last row's logits sample the next token; a chunk before the last has none).
     prompt_logits: list[bool] | None = None
+    samples: list[bool] | None = None
+    # Prefill part, where a sequence's new tokens do not start at position 0: each one's context (its tokens in the
+    # cache, the new ones included) and block table, padded with -1; empty where every prefill starts at 0.
+    prefill_context_lens: list[int] = field(default_factory=list)
+    prefill_block_tables: list[list[int]] = field(default_factory=list)
 
     @classmethod
     def from_sequences(cls, seqs: list[Sequence], num_prefill: int, block_size: int, previous_rows: int = 0,
                        greedy: bool = False) -> Batch:
-        """seqs[:num_prefill] are prefilled, the rest decode. A decode input still pending on the device (the
-        previous step, of previous_rows rows, sampled it) is written as -1 - its row there. A prefilled sequence
-        that wants_prompt_logprobs gets the logits of every prompt token."""
+        """seqs[:num_prefill] are prefilled (num_scheduled_tokens of each, from its num_computed_tokens on), the rest
+        decode. A decode input still pending on the device (the previous step, of previous_rows rows, sampled it) is
+        written as -1 - its row there. A prefilled sequence that wants_prompt_logprobs gets the logits of every new
+        token."""
         input_ids, positions, slots, cu_seqlens = [], [], [], [0]
         pending = False
         for i, seq in enumerate(seqs):
-            new_positions = range(len(seq)) if i < num_prefill else [len(seq) - 1]
-            for pos in new_positions:
+            start = seq.num_computed_tokens if i < num_prefill else len(seq) - 1
+            for pos in range(start, start + seq.num_scheduled_tokens if i < num_prefill else len(seq)):
                 token = seq.token_ids[pos]
                 if token == PENDING:
                     token, pending = -1 - seq.pending_row, True
@@ -69,38 +76,51 @@ class Batch:
                 slots.append(seq.block_table[pos // block_size] * block_size + pos % block_size)
             if i < num_prefill:
                 cu_seqlens.append(len(input_ids))
-        decode = seqs[num_prefill:]
-        width = max((len(seq.block_table) for seq in decode), default=0)
-        block_tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq in decode]
-        return cls(input_ids, positions, slots, cu_seqlens, block_tables, [len(seq) for seq in decode],
-                   previous_rows if pending else 0, greedy, [seq.wants_prompt_logprobs for seq in seqs[:num_prefill]])
+        prefilled, decode = seqs[:num_prefill], seqs[num_prefill:]
+        batch = cls(input_ids, positions, slots, cu_seqlens, _padded([seq.block_table for seq in decode]),
+                    [len(seq) for seq in decode], previous_rows if pending else 0, greedy,
+                    [seq.wants_prompt_logprobs for seq in prefilled], [seq.samples for seq in prefilled])
+        if any(seq.num_computed_tokens for seq in prefilled):
+            batch.prefill_context_lens = [seq.num_computed_tokens + seq.num_scheduled_tokens for seq in prefilled]
+            batch.prefill_block_tables = _padded([seq.block_table for seq in prefilled])
+        return batch
 
     def logits_rows(self) -> list[int]:
-        """The tokens whose logits the step returns, in order: each prefilled sequence's last token (all of its
-        tokens where prompt_logits says so), then every decode token."""
-        prompt_logits = self.prompt_logits or [False] * (len(self.cu_seqlens) - 1)
+        """The tokens whose logits the step returns, in order: of each prefilled sequence its last token where it
+        samples (all of its new tokens where prompt_logits says so), then every decode token."""
+        num_prefill = len(self.cu_seqlens) - 1
+        prompt_logits = self.prompt_logits or [False] * num_prefill
+        samples = self.samples or [True] * num_prefill
         rows = []
-        for start, end, every in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:], prompt_logits):
-            rows.extend(range(start, end) if every else [end - 1])
+        for start, end, every, last in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:], prompt_logits, samples):
+            rows.extend(range(start, end) if every else [end - 1] if last else [])
         return rows + list(range(self.cu_seqlens[-1], len(self.input_ids)))
 
     def pack(self) -> torch.Tensor:
         """One int64 CPU tensor, a header of sizes then every field: what rank 0 broadcasts to the other ranks,
         and one host-to-device copy instead of one per field."""
         prefill_lens = [end - start for start, end in zip(self.cu_seqlens[:-1], self.cu_seqlens[1:])]
-        num_prefill_tokens = self.cu_seqlens[-1]
         logits_rows = self.logits_rows()
         width = len(self.block_tables[0]) if self.block_tables else 0
+        prefill_width = len(self.prefill_block_tables[0]) if self.prefill_block_tables else 0
         header = [len(self.input_ids), len(prefill_lens), len(self.context_lens), width, max(prefill_lens, default=0),
-                  self.previous_rows, int(self.greedy), len(logits_rows)]
+                  self.previous_rows, int(self.greedy), len(logits_rows), prefill_width,
+                  max(self.prefill_context_lens, default=0), sum(self.prefill_context_lens), 0]
         # array('q') converts in C; torch.tensor(list) takes several ms for the block tables of a large batch.
         packed = array.array("q", header)
-        for field in (self.input_ids, self.positions, self.slot_mapping, self.cu_seqlens, logits_rows,
-                      self.context_lens, itertools.chain(*self.block_tables)):
-            packed.extend(field)
+        for field_ in (self.input_ids, self.positions, self.slot_mapping, self.cu_seqlens, logits_rows,
+                       self.context_lens, itertools.chain(*self.block_tables), self.prefill_context_lens,
+                       itertools.chain(*self.prefill_block_tables)):
+            packed.extend(field_)
             if len(packed) % 2:  # every field starts 16-byte aligned (see unpack)
                 packed.append(0)
         return torch.frombuffer(packed, dtype=torch.int64)
+
+
+def _padded(tables: list[list[int]]) -> list[list[int]]:
+    """Block tables padded with -1 to the longest."""
+    width = max(map(len, tables), default=0)
+    return [table + [-1] * (width - len(table)) for table in tables]
 
 
 def unpack(data: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
@@ -110,7 +130,7 @@ def unpack(data: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return [part[:size] for part, size in zip(data.split([size + size % 2 for size in sizes]), sizes)]
 
 
-PACK_HEADER = 8  # even, so the fields after the header stay 16-byte aligned (Batch.pack, unpack)
+PACK_HEADER = 12  # even, so the fields after the header stay 16-byte aligned (Batch.pack, unpack)
 # Control messages from rank 0: a 2-int header (kind, payload length), then the payload.
 EXECUTE, CALL = 0, 1
 
@@ -278,16 +298,13 @@ class ModelRunner:
         return int(num_blocks.item())
 
     def _max_model_len(self, max_positions: int) -> int:
+        """Not bounded by max_num_batched_tokens: a longer prompt is prefilled in chunks."""
         capacity = self.num_kv_blocks * self.config.block_size
-        limits = {
-            "the KV cache capacity (num_kv_blocks * block_size)": capacity,
-            "max_num_batched_tokens": self.config.max_num_batched_tokens,  # a prefill must fit one step
-        }
         if self.config.max_model_len is None:
-            return min(max_positions, *limits.values())
-        for what, limit in limits.items():
-            if self.config.max_model_len > limit:
-                raise ValueError(f"max_model_len={self.config.max_model_len} exceeds {what} = {limit}")
+            return min(max_positions, capacity)
+        if self.config.max_model_len > capacity:
+            raise ValueError(f"max_model_len={self.config.max_model_len} exceeds the KV cache capacity "
+                             f"(num_kv_blocks * block_size) = {capacity}")
         return self.config.max_model_len
 
     def _allocate_kv_cache(self) -> None:
@@ -368,10 +385,14 @@ class ModelRunner:
         """Run one step (a Batch.pack()). A greedy batch returns its tokens (on every rank: they stay on the device
         for the next step); any other returns to rank 0 the logits of Batch.logits_rows (None elsewhere)."""
         header = packed[:PACK_HEADER].tolist()
-        num_tokens, num_prefill, num_decode, width, max_prefill_len, previous_rows, greedy, num_logits_rows = header
-        sizes = [num_tokens] * 3 + [num_prefill + 1, num_logits_rows, num_decode, num_decode * width]
+        (num_tokens, num_prefill, num_decode, width, max_prefill_len, previous_rows, greedy, num_logits_rows,
+         prefill_width, max_context_len, num_context_tokens, _) = header
+        num_context_seqs = num_prefill if prefill_width else 0
+        sizes = [num_tokens] * 3 + [num_prefill + 1, num_logits_rows, num_decode, num_decode * width,
+                                    num_context_seqs, num_context_seqs * prefill_width]
         data = self._to_device(packed[PACK_HEADER:])
-        input_ids, positions, slots, cu_seqlens, logits_rows, context_lens, tables = unpack(data, sizes)
+        (input_ids, positions, slots, cu_seqlens, logits_rows, context_lens, tables, prefill_context_lens,
+         prefill_tables) = unpack(data, sizes)
         if previous_rows and self.world_size > 1 and not self.previous_tokens_on_every_rank:
             if self.rank > 0:  # rank 0 sampled them
                 self.previous_tokens = torch.empty(previous_rows, dtype=torch.long, device=self.device)
@@ -388,15 +409,38 @@ class ModelRunner:
             if num_prefill:
                 meta.num_prefill_tokens = num_tokens - num_decode
                 meta.cu_seqlens, meta.max_prefill_len = cu_seqlens.to(torch.int32), max_prefill_len
+            if prefill_width:
+                meta.context_slots, meta.cu_context_lens = self._context_slots(
+                    prefill_context_lens, prefill_tables.view(num_prefill, prefill_width), num_context_tokens)
+                meta.max_context_len = max_context_len
             if num_decode:
                 meta.block_tables, meta.context_lens = tables.view(num_decode, width), context_lens
-            logits = self.model.lm_head(self.model(input_ids, positions, meta)[logits_rows])
+            hidden = self.model(input_ids, positions, meta)
+            if not num_logits_rows:  # only chunks before their prompt's last: the step computes KV, no logits
+                tokens = torch.empty(0, dtype=torch.long, device=self.device)
+                self.previous_tokens_on_every_rank, self.previous_tokens = True, tokens
+                return tokens if greedy else hidden.new_empty(0, self.hf_config.vocab_size)
+            logits = self.model.lm_head(hidden[logits_rows])
             tokens = self.model.lm_head.argmax(logits) if greedy else None
         self.previous_tokens_on_every_rank = bool(greedy)
         if greedy:
             self.previous_tokens = tokens
             return tokens
         return self.model.lm_head.gather(logits)
+
+    def _context_slots(self, context_lens: torch.Tensor, block_tables: torch.Tensor, num_context_tokens: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cache slots of every prefilled sequence's context, back to back, and their int32 offsets [0, c0,
+        c0+c1, ...]: where attention reads the K/V of a prefill that does not start at position 0. Computed on the
+        device, once per step (a context can be tens of thousands of tokens)."""
+        cu_context_lens = torch.zeros(len(context_lens) + 1, dtype=torch.long, device=context_lens.device)
+        torch.cumsum(context_lens, 0, out=cu_context_lens[1:])
+        rows = torch.arange(len(context_lens), device=context_lens.device)
+        owner = torch.repeat_interleave(rows, context_lens, output_size=num_context_tokens)
+        position = torch.arange(num_context_tokens, device=context_lens.device) - cu_context_lens[owner]
+        block_size = self.config.block_size
+        slots = block_tables[owner, position // block_size] * block_size + position % block_size
+        return slots, cu_context_lens.to(torch.int32)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """KV blocks copied (source, destination) in every layer: a forked sequence's own copy of a shared prompt's

@@ -7,7 +7,8 @@
   cached K/V in place (no gather into a [batch, max_len] copy), with an online softmax. The query heads of
   a GQA group share each K/V load. Small batches split each context over several programs (flash decoding)
   and combine their partial softmaxes in a second launch.
-- varlen_prefill_attention: the prefill of a whole batch in one flash-attention call (not one per sequence).
+- varlen_prefill_attention: the prefill of a whole batch in one flash-attention call (not one per sequence); a
+  prefill that does not start at position 0 attends to its context gathered from the cache (attention.py).
 """
 from __future__ import annotations
 
@@ -222,10 +223,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
-def varlen_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                             max_len: int, scale: float) -> torch.Tensor:
+def varlen_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                             cu_seqlens_k: torch.Tensor, max_len_q: int, max_len_k: int, scale: float) -> torch.Tensor:
     """Causal attention of every prefilled sequence in one flash-attention launch (GQA native; bf16/fp16).
 
-    q: [tokens, heads, dim], k/v: [tokens, kv_heads, dim], sequences packed back to back at cu_seqlens (int32)."""
+    q: [tokens, heads, dim] packed back to back at cu_seqlens_q; k/v: [context tokens, kv_heads, dim] at
+    cu_seqlens_k (int32). A sequence with more keys than queries (a chunk after the first, or the tokens after a
+    cached prefix: its queries are the last positions of its context) gets flash attention's causal mask aligned
+    to the bottom right: query i attends to keys <= i + (keys - queries)."""
     return torch.ops.aten._flash_attention_forward(
-        q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False, scale=scale)[0]
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_len_q, max_len_k, 0.0, True, False, scale=scale)[0]

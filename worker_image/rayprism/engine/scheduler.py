@@ -1,8 +1,11 @@
-"""Continuous batching: every running sequence decodes one token per step, and waiting ones are prefilled in
-the same step when they fit.
+"""Continuous batching with chunked prefill: every step, each running sequence that has been prefilled decodes
+one token, and the token budget left (max_num_batched_tokens less one per decode) goes to prefills, oldest first:
+those under way, then waiting ones. A prompt longer than the budget is prefilled over several steps, in chunks,
+each step mixed with the running decodes, so a long prompt does not stall every stream. A waiting sequence whose
+prefix is in the prefix cache (block_manager.py) starts its prefill after it.
 
-When the KV pool runs out during decode, the newest running sequences are preempted: their blocks are
-freed and they go back to the front of the queue, to be recomputed (prompt + tokens so far) later.
+When the KV pool runs out, the newest running sequences are preempted: their blocks are freed and they go back
+to the front of the queue, to be recomputed (prompt + tokens so far) later.
 """
 from __future__ import annotations
 
@@ -30,43 +33,65 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> tuple[list[Sequence], int]:
-        """Return (sequences to run, how many of them, at the front, are prefilled).
+        """Return (sequences to run, how many of them, at the front, are prefilled); each one's
+        num_scheduled_tokens says how many tokens the step computes for it, from its num_computed_tokens on.
 
-        Every running sequence decodes one token; waiting ones are prefilled in the same step when the token
-        budget, max_num_seqs and the KV pool allow. Mixing them keeps the decode batch moving while requests
-        arrive one by one (a prefill alone reads all the weights, as a decode step does)."""
-        decode = []
+        Decodes are never left out for a prefill (a sequence whose token is pending on the device must run in the
+        next step: LLMEngine.step), so the budget bounds the prefill tokens only. Mixing them keeps the decode
+        batch moving while requests arrive (a prefill alone reads all the weights, as a decode step does)."""
+        blocks = self.block_manager
+        budget = self.max_num_batched_tokens - sum(1 for seq in self.running if not seq.prefilling)
+        decode, prefill = [], []
         preemptions = self.num_preemptions
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted below to make room for an older sequence
-            if seq.reaches_length_limit(len(seq), self.max_model_len):
+            if seq.prefilling:
+                num_tokens = min(seq.num_prefill_tokens - seq.num_computed_tokens, budget)
+                if num_tokens <= 0:
+                    continue  # the budget is spent: its next chunk waits a step
+            elif seq.reaches_length_limit(len(seq), self.max_model_len):
                 continue  # its last token is still in flight (LLMEngine.step): nothing more to compute
-            while not self.block_manager.can_allocate(seq) and self.running[-1] is not seq:
+            else:
+                num_tokens = 1
+            end = seq.num_computed_tokens + num_tokens
+            # Siblings to fork (n, best_of) take their blocks right after the prefill's last chunk (LLMEngine).
+            extra = blocks.fork_blocks_needed(seq) if end == len(seq) else 0
+            while not blocks.can_allocate(seq, end, extra=extra) and self.running[-1] is not seq:
                 self._preempt(self.running[-1])
                 self.num_preemptions += 1
-            if not self.block_manager.can_allocate(seq):
+            if not blocks.can_allocate(seq, end, extra=extra):
                 self._preempt(seq)  # the newest left: wait until older sequences finish
                 self.num_preemptions += 1
                 continue
-            self.block_manager.allocate(seq)
-            decode.append(seq)
-        prefill, num_tokens = [], len(decode)
+            blocks.allocate(seq, end)
+            seq.num_scheduled_tokens = num_tokens
+            if seq.prefilling:
+                prefill.append(seq)
+                budget -= num_tokens
+            else:
+                decode.append(seq)
         # After a preemption the pool is full: admitting anyone now would only preempt again.
-        # A sequence with siblings to fork (n, best_of) needs their seats and their blocks now (LLMEngine forks them
-        # right after this step's prefill).
-        while self.waiting and self.num_preemptions == preemptions:
+        # A sequence with siblings to fork (n, best_of) reserves their seats now.
+        seats = sum(1 + seq.unforked for seq in self.running)
+        while self.waiting and self.num_preemptions == preemptions and budget > 0:
             seq = self.waiting[0]
-            if (len(self.running) + 1 + seq.unforked > self.max_num_seqs
-                    or num_tokens + len(seq) > self.max_num_batched_tokens
-                    or not self.block_manager.can_allocate(seq, self.block_manager.fork_blocks_needed(seq))):
+            if seats + 1 + seq.unforked > self.max_num_seqs:
+                break
+            cached = blocks.cached_prefix(seq)
+            start = len(cached or ()) * blocks.block_size
+            num_tokens = min(len(seq) - start, budget)
+            extra = blocks.fork_blocks_needed(seq) if start + num_tokens == len(seq) else 0
+            if not blocks.can_allocate(seq, start + num_tokens, cached, extra):
                 break
             self.waiting.popleft()
-            self.block_manager.allocate(seq)
+            blocks.allocate(seq, start + num_tokens, cached)
+            seq.num_computed_tokens, seq.num_prefill_tokens, seq.num_scheduled_tokens = start, len(seq), num_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             prefill.append(seq)
-            num_tokens += len(seq)
+            budget -= num_tokens
+            seats += 1 + seq.unforked
         return prefill + decode, len(prefill)
 
     def add_running(self, seq: Sequence) -> None:
@@ -78,6 +103,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
+        seq.num_computed_tokens = 0
         self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -37,6 +37,16 @@ class Sequence:
         self.cumulative_logprob = 0.0  # of the sampled tokens, kept when params.ranks_sequences
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        # Tokens whose KV is in the cache (or written by a step already launched): taken from the prefix cache or
+        # computed. A (re)admitted sequence is prefilled up to num_prefill_tokens (its length then), over one or
+        # more steps; each step computes num_scheduled_tokens more (the scheduler sets it).
+        self.num_computed_tokens = 0
+        self.num_prefill_tokens = 0
+        self.num_scheduled_tokens = 0
+        # Prefix caching (BlockManager): the chained hash of each full block of known tokens, and how many of this
+        # sequence's blocks have been offered to the cache.
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0
         self.generator: torch.Generator | None = None  # per-request RNG when params.seed is set
         # Structured output: the grammar's state, past every token read back (kept across preemption).
         self.matcher: Matcher | None = None
@@ -54,6 +64,7 @@ class Sequence:
         the block manager), no output yet."""
         child = Sequence(self.request_id, self.token_ids[: self.num_prompt_tokens], self.params, self.arrival)
         child.index, child.group, child.unforked, child.wants_prompt_logprobs = index, self.group, 0, False
+        child.num_computed_tokens = child.num_prefill_tokens = self.num_prompt_tokens
         child.prefix_offset, child.read_offset = self.prefix_offset, self.read_offset
         child.matcher = self.matcher.fork() if self.matcher is not None else None  # at the grammar's start too
         self.group.append(child)
@@ -66,6 +77,17 @@ class Sequence:
     def __len__(self) -> int:
         """Tokens in the KV cache once the steps in flight are done (pending ones included)."""
         return len(self.token_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        """Tokens before its newest one are still to be computed since its admission: it is prefilled this step,
+        not decoded (a prompt's chunk, or a prompt, or after preemption prompt + outputs so far)."""
+        return self.num_computed_tokens < self.num_prefill_tokens
+
+    @property
+    def samples(self) -> bool:
+        """This step's tokens reach its end, so the step samples its next token (a decode, a prefill's last chunk)."""
+        return self.num_computed_tokens + self.num_scheduled_tokens >= len(self)
 
     @property
     def num_known_tokens(self) -> int:
