@@ -144,6 +144,18 @@ CROSS_FIELD_RULES: dict[str, list[CrossFieldRule]] = {
             check=lambda s: s.queue is None or s.batch_scheduler != "scheduler-plugins",
         ),
     ],
+    "autoscaling": [
+        CrossFieldRule(
+            cel="self.minReplicas <= self.maxReplicas",
+            message="autoscaling.minReplicas must not exceed autoscaling.maxReplicas",
+            check=lambda a: a.min_replicas <= a.max_replicas,
+        ),
+        CrossFieldRule(
+            cel="self.metric != 'kvCacheUsage' || self.target <= 1.0",
+            message="autoscaling.target of metric kvCacheUsage is a fraction of the KV cache: at most 1 (0.8 is 80%)",
+            check=lambda a: a.metric != "kvCacheUsage" or a.target <= 1,
+        ),
+    ],
     "endpointPickerRef": [
         CrossFieldRule(
             cel="(has(self.kind) && self.kind != 'Service') || has(self.port)",
@@ -492,6 +504,33 @@ class Router(_Model):
         "The InferencePool CRD must be installed; while it is not, Degraded says so.")
 
 
+class Autoscaling(_Model):
+    model_config = ConfigDict(json_schema_extra=rules_schema("autoscaling"))
+
+    min_replicas: int = Field(default=1, ge=1, le=1000, description="Fewest replicas the autoscaler keeps.")
+    max_replicas: int = Field(ge=1, le=1000, description="Most replicas the autoscaler makes.")
+    metric: Literal["requestsWaiting", "runningRequestsPerReplica", "kvCacheUsage"] = Field(
+        description="What says a replica is saturated, read from each ready replica's /metrics: requestsWaiting "
+        "(vllm:num_requests_waiting, requests queued for a batch slot), runningRequestsPerReplica "
+        "(vllm:num_requests_running, requests in the running batch), kvCacheUsage (vllm:kv_cache_usage_perc, the "
+        "used share of the KV cache, 0 to 1).")
+    target: float = Field(
+        gt=0, description="The metric's value per replica to hold: replicas = ceil(sum over the ready replicas / "
+        "target), as the HorizontalPodAutoscaler's AverageValue target, left alone within 10%. kvCacheUsage: a "
+        "fraction (0.8).")
+    scale_up_stabilization_seconds: int = Field(
+        default=0, ge=0, le=3600, description="Scale up only to the lowest recommendation of this many past seconds "
+        "(the HPA's behavior.scaleUp.stabilizationWindowSeconds): a burst shorter than this adds nothing.")
+    scale_down_stabilization_seconds: int = Field(
+        default=300, ge=0, le=3600, description="Scale down only to the highest recommendation of this many past "
+        "seconds (the HPA's behavior.scaleDown.stabilizationWindowSeconds): a lull shorter than this removes "
+        "nothing. Removed replicas drain first (rollout.drainSeconds).")
+
+    @model_validator(mode="after")
+    def _rules(self) -> "Autoscaling":
+        return _check_rules("autoscaling", self)
+
+
 # KubeRay's batch-scheduler plugins (ray-operator/controllers/ray/batchscheduler, the values of its
 # --batch-scheduler flag): the scheduler is chosen for the whole KubeRay operator, not per RayCluster.
 BATCH_SCHEDULERS = ("volcano", "yunikorn", "kai-scheduler", "scheduler-plugins")
@@ -526,7 +565,9 @@ class InferenceDeploymentSpec(_Model):
     model_config = ConfigDict(json_schema_extra=rules_schema("spec"))
 
     model: ModelSpec = Field(description="The model to serve.")
-    replicas: int = Field(default=1, ge=0, le=1000, description="Number of model replicas (one RayCluster each).")
+    replicas: int = Field(
+        default=1, ge=0, le=1000, description="Number of model replicas (one RayCluster each); the /scale "
+        "subresource's (kubectl scale, an HPA, KEDA). With autoscaling, the operator sets it.")
     parallelism: Parallelism = Field(default_factory=Parallelism, description="How one replica is split over GPUs.")
     resources: Resources = Field(default_factory=Resources, description="Node shape and pod resources.")
     engine: Engine = Field(default_factory=Engine, description="Inference engine settings.")
@@ -539,6 +580,10 @@ class InferenceDeploymentSpec(_Model):
         default_factory=PodOptions, description="Scheduling and metadata of every model pod (head and workers).")
     router: Router = Field(
         default_factory=Router, description="What routes requests to the replicas besides the Service.")
+    autoscaling: Autoscaling | None = Field(
+        default=None, description="Replicas that follow the load: at most every few seconds the operator reads the "
+        "metric from every ready replica's /metrics and sets spec.replicas through the /scale subresource. Without "
+        "it, spec.replicas is yours (or an HPA's or KEDA's, through /scale).")
     scheduling: Scheduling = Field(
         default_factory=Scheduling, description="Gang scheduling and queueing of the replicas by a batch scheduler "
         "or Kueue. A change replaces the replicas (a PodGroup's queue is set when it is created).")

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import kopf
 
-from . import api, metrics, planner, render
+from . import api, autoscaler, metrics, planner, render
 from .observe import (ANNOTATION_ENGINE_RESTARTS, ANNOTATION_WEIGHTS_FAILED, ANNOTATION_WEIGHTS_SINCE,
                       ANNOTATION_WEIGHTS_TARGET, is_ready, observe, provisioned)
 from .kube import (INFERENCE_DEPLOYMENTS, INFERENCE_POOLS, NETWORK_POLICIES, PODS, RAYCLUSTERS, SECRETS, SERVICES,
                    ApiError, Conflict, KubeClient, NotFound)
-from .weights import WeightsClient, admin_url, head_pod_ip
+from .weights import WeightsClient, admin_url, head_pod_ip, metrics_url
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class Settings:
     # Look again at least this often: what no watch event announces, such as a replica's server that
     # restarted on the revision in its args after the replica was loaded in place.
     resync_seconds: float = 30.0
+    # How often an autoscaled deployment's replicas are read (KServe's KPA: 2 s; the HPA: 15 s).
+    autoscale_seconds: float = 5.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -68,6 +70,7 @@ class Settings:
             weights_poll_seconds=float(os.environ.get("RAYPRISM_WEIGHTS_POLL_SECONDS",
                                                       planner.DEFAULT_WEIGHTS_POLL_SECONDS)),
             resync_seconds=float(os.environ.get("RAYPRISM_RESYNC_SECONDS", 30.0)),
+            autoscale_seconds=float(os.environ.get("RAYPRISM_AUTOSCALE_SECONDS", 5.0)),
         )
 
 
@@ -92,12 +95,16 @@ INFERENCE_POOL_CRD_MISSING = "InferencePoolCRDMissing"
 class Reconciler:
     def __init__(self, kube: KubeClient, weights: WeightsClient, settings: Settings):
         self.kube, self.weights, self.settings = kube, weights, settings
+        # The autoscaler's past recommendations per deployment, in memory as the HPA keeps them: after a restart
+        # the windows start again (autoscaler.decide), which only delays a change.
+        self.autoscaling_history: dict[tuple[str, str], tuple[autoscaler.Recommendation, ...]] = {}
 
     async def reconcile(self, namespace: str, name: str) -> float | None:
         """Bring one InferenceDeployment closer to its spec; returns when to look again (seconds)."""
         try:
             body = await self.kube.get(INFERENCE_DEPLOYMENTS, namespace, name)
         except NotFound:
+            self.autoscaling_history.pop((namespace, name), None)
             raise Gone() from None
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
@@ -127,6 +134,10 @@ class Reconciler:
             return self.settings.resync_seconds
         revision = render.revision_hash(infd.spec, self.settings.options)
         replicas = await self._observe(children, revision, infd.spec.model.revision, token, now)
+        if infd.spec.autoscaling:
+            infd = await self._autoscale(infd, body, children, replicas, now)
+        else:
+            self.autoscaling_history.pop((namespace, name), None)
         plan = planner.plan(planner.Observed(
             spec=infd.spec, update_revision=revision, generation=infd.metadata.generation,
             replicas=replicas, conditions=(body.get("status") or {}).get("conditions") or [],
@@ -147,7 +158,30 @@ class Reconciler:
         changes = {k: v for k, v in plan.status.items() if current.get(k) != v}
         if changes:
             await self.kube.patch(INFERENCE_DEPLOYMENTS, namespace, name, {"status": changes}, subresource="status")
-        return min(plan.requeue_after or self.settings.resync_seconds, self.settings.resync_seconds)
+        resync = self.settings.autoscale_seconds if infd.spec.autoscaling else self.settings.resync_seconds
+        return min(plan.requeue_after or resync, resync)
+
+    async def _autoscale(self, infd: api.InferenceDeployment, body: dict, children: list[dict],
+                         replicas: list[planner.Replica], now: datetime) -> api.InferenceDeployment:
+        """spec.replicas for the load the ready replicas report (autoscaler.decide), written through the /scale
+        subresource as an HPA writes it; returns the deployment as the planner is to see it in this pass."""
+        autoscaling, key = infd.spec.autoscaling, (infd.metadata.namespace, infd.metadata.name)
+        urls = [url for c, r in zip(children, replicas) if r.ready and not r.terminating and (url := metrics_url(c))]
+        pages = await asyncio.gather(*(self.weights.metrics(url) for url in urls))
+        samples = [v for page in pages if page and (v := autoscaler.metric_value(page, autoscaling.metric)) is not None]
+        current = infd.spec.replicas
+        decision = autoscaler.decide(autoscaling, current, samples, self.autoscaling_history.get(key, ()), now)
+        self.autoscaling_history[key] = decision.history
+        if decision.replicas == current:
+            return infd
+        await self.kube.patch(INFERENCE_DEPLOYMENTS, *key, {"spec": {"replicas": decision.replicas}},
+                              subresource="scale")
+        why = (f"{autoscaling.metric} {decision.average:.2f} per ready replica ({len(samples)} reporting), target "
+               f"{autoscaling.target:g}" if decision.average is not None else
+               f"the bounds {autoscaling.min_replicas}..{autoscaling.max_replicas}")
+        kopf.event(body, type="Normal", reason="Autoscaled", message=f"Scaled from {current} to {decision.replicas} "
+                   f"replicas: {why}")
+        return infd.model_copy(update={"spec": infd.spec.model_copy(update={"replicas": decision.replicas})})
 
     async def _replicas(self, infd: api.InferenceDeployment) -> list[dict]:
         """The RayClusters of this InferenceDeployment (by label, and owner uid where known)."""

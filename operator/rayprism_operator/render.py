@@ -105,14 +105,14 @@ def image(spec: InferenceDeploymentSpec, options: RenderOptions) -> str:
 def revision_hash(spec: InferenceDeploymentSpec, options: RenderOptions) -> str:
     """Stable hash of everything that needs new pods.
 
-    Left out: replicas, rollout settings, the Service, the router, and model.revision: each replica records the weights
+    Left out: replicas, autoscaling, rollout settings, the Service, the router, and model.revision: each replica records the weights
     it serves (ANNOTATION_WEIGHTS_REVISION), and the planner loads or replaces by that, so that switching
     rollout.weightUpdate rolls nothing. Fields equal to their defaults are left out too, so a new optional
     field does not roll every replica.
     """
     fields = spec.model_dump(mode="json", by_alias=True, exclude_defaults=True,
-                             exclude={"replicas": True, "rollout": True, "service": True, "image": True,
-                                      "router": True, "model": {"revision"}})
+                             exclude={"replicas": True, "autoscaling": True, "rollout": True, "service": True,
+                                      "image": True, "router": True, "model": {"revision"}})
     fields["image"] = image(spec, options)
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return digest[:10]
@@ -593,15 +593,18 @@ def render_replica_network_policy(infd: InferenceDeployment, replica: str) -> di
 
 
 def render_serving_network_policy(infd: InferenceDeployment, operator_namespace: str | None) -> dict:
-    """The head pods' server: the OpenAI port from spec.service.allowFrom (everyone when empty), the admin port
-    from the operator's namespace. Policies add up: with the replica's own, that is all a head admits."""
+    """The head pods' server: the OpenAI port from spec.service.allowFrom (everyone when empty; and the operator's
+    namespace with autoscaling), the admin port from the operator's namespace. Policies add up: with the
+    replica's own, that is all a head admits."""
     allow_from = [peer.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True)
                   for peer in infd.spec.service.allow_from]
+    operator = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": operator_namespace}}}]
+    if allow_from and infd.spec.autoscaling and operator_namespace:
+        allow_from += operator  # the autoscaler reads /metrics, which is on the OpenAI port
     openai = {"ports": [{"protocol": "TCP", "port": SERVER_PORT}], **({"from": allow_from} if allow_from else {})}
     admin: dict = {"ports": [{"protocol": "TCP", "port": ADMIN_PORT}]}
     if operator_namespace:
-        admin["from"] = [{"namespaceSelector": {"matchLabels": {
-            "kubernetes.io/metadata.name": operator_namespace}}}]
+        admin["from"] = operator
     heads = serving_pod_labels(infd.metadata.name)
     return _network_policy(infd, serving_network_policy_name(infd.metadata.name), heads, [openai, admin])
 

@@ -1,4 +1,5 @@
-"""Client of a replica's admin weights API (contract: GET/POST /admin/v1/weights, bearer token)."""
+"""Client of a replica's server: its admin weights API (contract: GET/POST /admin/v1/weights, bearer token) and
+the /metrics of its OpenAI port (what the autoscaler reads)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,17 @@ from .planner import WeightsReport
 logger = logging.getLogger(__name__)
 
 TIMEOUT = aiohttp.ClientTimeout(total=10)
+METRICS_TIMEOUT = aiohttp.ClientTimeout(total=3)  # a scrape that takes longer is stale for a decision
 
 
 def head_pod_ip(raycluster: dict) -> str | None:
     return ((raycluster.get("status") or {}).get("head") or {}).get("podIP")
+
+
+def metrics_url(raycluster: dict) -> str | None:
+    """The head pod's /metrics, on the OpenAI port (None until KubeRay reports the head pod's IP)."""
+    pod_ip = head_pod_ip(raycluster)
+    return f"http://{pod_ip}:{render.SERVER_PORT}/metrics" if pod_ip else None
 
 
 def admin_url(raycluster: dict) -> str:
@@ -74,3 +82,15 @@ class WeightsClient:
         restarts = body.get("restarts")  # absent from servers older than their engine restarts
         return WeightsReport(revision=body.get("revision"), state=body.get("state", ""), error=body.get("error"),
                              restarts=restarts if isinstance(restarts, int) else None)
+
+    async def metrics(self, url: str) -> str | None:
+        """The server's Prometheus exposition (None when it does not answer: that replica is left out)."""
+        try:
+            async with self._session.get(url, timeout=METRICS_TIMEOUT) as response:
+                if response.status != 200:
+                    logger.warning("GET %s: HTTP %s", url, response.status)
+                    return None
+                return await response.text()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            logger.warning("GET %s: %r", url, e)
+            return None

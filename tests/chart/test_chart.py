@@ -44,6 +44,7 @@ VARIANTS = {
 OPERATOR_GRANTS = {
     ("rayprism.dev", "inferencedeployments"): {"get", "list", "watch"},
     ("rayprism.dev", "inferencedeployments/status"): {"patch"},
+    ("rayprism.dev", "inferencedeployments/scale"): {"patch"},
     ("rayprism.dev", "inferencedeployments/finalizers"): {"update"},  # blockOwnerDeletion (OpenShift)
     ("ray.io", "rayclusters"): {"list", "watch", "create", "patch", "delete"},
     # Neither listed, watched nor deleted: the garbage collector removes them through their ownerReferences.

@@ -72,12 +72,13 @@ cluster-wide install, each namespace's Role's rules otherwise.
 {{- define "rayprism.operatorRules" -}}
 # Only what the operator calls, as the API server's audit log of the e2e suite shows it (e2e/test_security.py
 # checks that log against these rules). The API it serves: read and watched by kopf and the reconciler,
-# which writes nothing but the status (not the scale subresource: that is for `kubectl scale` users).
+# which writes nothing but the status, and, for spec.autoscaling, spec.replicas through the scale subresource
+# (as an HPA does; never the rest of the spec).
 - apiGroups: [rayprism.dev]
   resources: [inferencedeployments]
   verbs: [get, list, watch]
 - apiGroups: [rayprism.dev]
-  resources: [inferencedeployments/status]
+  resources: [inferencedeployments/status, inferencedeployments/scale]
   verbs: [patch]
 # Every child's ownerReference sets blockOwnerDeletion; where the OwnerReferencesPermissionEnforcement
 # admission plugin is on (OpenShift, and the e2e control plane), that needs update on the owner's
