@@ -11,8 +11,10 @@ The OpenAI port: /v1/models (and /v1/models/{id}), /v1/completions, /v1/chat/com
                last, a few seconds instead of a restart of every Ray process. /live answers 503 only once those
                restarts are used up (--engine-restarts within --engine-restart-window-seconds), so that the
                kubelet restarts the container.
-The admin port (--admin-port) serves only the weights API, /admin/v1/weights (GET, POST), behind a bearer
-token; the OpenAI port answers it 404 like any unknown route.
+The admin port (--admin-port) serves the weights API, /admin/v1/weights (GET, POST), and the remote-rollout
+controls a trainer drives around its weight updates (ROLLOUT_CONTROLS: POST /admin/v1/pause, resume, sleep,
+wake_up, weight_update_group, weights/update_from_group), behind a bearer token; the OpenAI port answers them
+404 like any unknown route.
 
 Every error is answered in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, unknown routes
 and methods included; every response carries an X-Request-Id, and an unexpected exception is logged under
@@ -31,6 +33,7 @@ import os
 import re
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
@@ -61,6 +64,31 @@ _LEAVING_NODE_TIMEOUT_S = 120.0
 # A lone surrogate can only enter a string through a JSON escape in this range; only then is the body checked.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 REQUEST_ID = web.RequestKey("request_id", str)
+
+
+@dataclass(frozen=True)
+class RolloutControl:
+    """An admin route that runs one LLM method with the JSON body's fields as its keyword arguments."""
+    method: str
+    required: dict[str, type] = field(default_factory=dict)
+    optional: dict[str, type] = field(default_factory=dict)
+
+
+# Remote rollout (issue #19; the shape of NeMo-RL's HTTP backend and verl's STANDALONE mode): a trainer pauses
+# generation, joins the workers in a weight-update group, broadcasts new weights, resumes; or frees the GPU
+# between rollouts with sleep/wake_up.
+ROLLOUT_CONTROLS = {
+    "pause": RolloutControl("pause"),
+    "resume": RolloutControl("resume"),
+    "sleep": RolloutControl("sleep", optional={"level": int}),
+    "wake_up": RolloutControl("wake_up", optional={"tags": list}),
+    "weight_update_group": RolloutControl(
+        "init_weight_update_group",
+        {"master_address": str, "master_port": int, "rank_offset": int, "world_size": int},
+        {"backend": str, "group_name": str}),
+    "weights/update_from_group": RolloutControl("update_weights_from_distributed",
+                                                {"names": list, "dtypes": list, "shapes": list}),
+}
 
 
 class Server:
@@ -121,7 +149,9 @@ class Server:
     def admin_app(self) -> web.Application:
         """The admin port: kept off the OpenAI port so that only what reaches this port can try the token."""
         return _application([web.get("/admin/v1/weights", self.get_weights),
-                             web.post("/admin/v1/weights", self.post_weights)])
+                             web.post("/admin/v1/weights", self.post_weights),
+                             *(web.post(f"/admin/v1/{path}", functools.partial(self.rollout_control, control))
+                               for path, control in ROLLOUT_CONTROLS.items())])
 
     # ---- OpenAI API --------------------------------------------------------------------------------
     def _card(self) -> dict:
@@ -486,6 +516,29 @@ class Server:
         self.weights.update(state="loading", error=None)
         self._weight_task = asyncio.create_task(self._load_weights(uri, revision))
         return web.json_response({"revision": revision, "state": "loading"}, status=202)
+
+    async def rollout_control(self, control: RolloutControl, request: web.Request) -> web.Response:
+        self._authorize(request)
+        body = await _json_body(request) if request.can_read_body else {}
+        if not isinstance(body, dict):
+            raise bad_request("the request body must be a JSON object")
+        fields = {**control.required, **control.optional}
+        unknown = sorted(body.keys() - fields.keys())
+        if unknown:
+            raise bad_request(f"unknown field '{unknown[0]}'; this route takes {sorted(fields) or 'none'}", unknown[0])
+        for name, kind in fields.items():
+            if name not in body:
+                if name in control.required:
+                    raise bad_request(f"'{name}' is required ({kind.__name__})", name)
+            elif not isinstance(body[name], kind) or isinstance(body[name], bool):
+                raise bad_request(f"'{name}' must be {kind.__name__}, got {type(body[name]).__name__}", name)
+        llm = self._ready_llm()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(getattr(llm, control.method), **body))
+        except (ValueError, TypeError) as err:   # the engine's refusal of these arguments (a RayTaskError is one)
+            raise bad_request(first_line(err)) from None
+        return web.json_response({"status": "ok"})
 
     async def drain(self, reason: str) -> float:
         """Leaves the endpoints and lets requests in flight finish (see the class); returns the seconds it took."""
