@@ -11,6 +11,7 @@ workload through `rayprism serve` and 64 concurrent HTTP streams. One JSON per r
     python bench/engine_bench.py                     # on a GPU host
     python bench/engine_bench.py --model qwen3-30b-a3b --skip-1k
     python bench/engine_bench.py --tp 2 --serve      # on a 2-GPU host
+    python bench/engine_bench.py --quantization fp8  # also the fp8_* figures: FP8 weights quantized at load
     python bench/engine_bench.py --cpu-smoke [--model NAME]   # a tiny model of that family on the CPU (CI)
 
 The batch-1 roofline is the copy bandwidth over the bytes a decoded token must read: every weight but the input
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
 import json
 import os
@@ -329,6 +331,19 @@ def measured(results: dict, key: str, fn, *args):
     return value
 
 
+def fp8_figures(config: EngineConfig, work: Workload, vocab: int, decode_only: bool, skip_1k: bool) -> dict:
+    """Batch-1 decode and offline throughput again with FP8 weights (quantized at load: quant.py)."""
+    engine = LLMEngine(dataclasses.replace(config, quantization="fp8"))
+    try:
+        figures = {"decode": decode_bs1(engine, work, vocab)}
+        for name, prompt_len, output_len, num_prompts in work.throughput:
+            if not (decode_only or (name == "1k_1k" and skip_1k)):
+                figures[f"throughput_{name}"] = throughput(engine, prompt_len, output_len, num_prompts, vocab)
+    finally:
+        engine.shutdown()
+    return figures
+
+
 # --- tensor parallel 2 -----------------------------------------------------------------------------
 def tp_worker(rank: int, port: int, config: EngineConfig, work: Workload, vocab: int, skip_1k: bool,
               decode_only: bool, out_file: str) -> None:
@@ -483,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-only", action="store_true",
                         help="batch-1 decode only (and with --tp 2 its speed-up): a quick A/B of a change")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--quantization", choices=["fp8"], default=None,
+                        help="fp8: also batch-1 decode and offline throughput with FP8 weights (fp8_* figures)")
     parser.add_argument("--model-dir", default=None, help="where the random checkpoint goes (default: a temp dir)")
     parser.add_argument("--output-dir", default=os.path.join(REPO, "bench", "results"))
     parser.add_argument("--label", default="", help="added to the JSON file name and record")
@@ -544,6 +561,17 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
+    if args.quantization:
+        fp8 = measured(results, "fp8", fp8_figures, config, work, vocab, args.decode_only, args.skip_1k)
+        if fp8:
+            results["fp8_decode_bs1_tok_s"] = fp8["decode"]["decode_bs1_tok_s"]
+            for name in ("128_128", "1k_1k"):
+                if f"throughput_{name}" in fp8:
+                    results[f"fp8_throughput_{name}_tok_s"] = fp8[f"throughput_{name}"]["tok_s"]
+            if decode:
+                results["fp8_bs1_speedup"] = results["fp8_decode_bs1_tok_s"] / decode["decode_bs1_tok_s"]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if args.tp == 2:
         tp2 = measured(results, "tp2", tensor_parallel_2, config, work, vocab, args.skip_1k, args.decode_only)
         if tp2:
@@ -577,6 +605,9 @@ def print_table(results: dict) -> None:
             ("tp2 offline 1k/1k", results.get("tp2_throughput_1k_1k_tok_s")),
             ("offline 128/128 (256 in flight)", results.get("throughput_128_128_tok_s")),
             ("offline 1k/1k (256 in flight)", results.get("throughput_1k_1k_tok_s")),
+            ("fp8 decode bs1", results.get("fp8_decode_bs1_tok_s")),
+            ("fp8 offline 128/128", results.get("fp8_throughput_128_128_tok_s")),
+            ("fp8 offline 1k/1k", results.get("fp8_throughput_1k_1k_tok_s")),
             ("serve 128/128 over HTTP", results.get("serve_128_128_tok_s"))]
     print(f"\n{results['gpu']}  torch {results['torch']}  commit {results['commit']}  {results['date']}")
     print(f"{'figure':42} {'tok/s':>10} {'x roofline':>11} {'x HF bs1':>9}")
@@ -587,7 +618,7 @@ def print_table(results: dict) -> None:
         print(f"{label:42} {value:10.1f} {value / roofline:11.2f} {vs_baseline}")
     for length, ms in (results.get("ttft_ms") or {}).items():
         print(f"{'TTFT ' + length + ' prompt tokens (ms)':42} {ms:10.1f}")
-    for key in ("decode", "tp2_bs1_speedup", "serve_fraction", "peak_gpu_memory_gib", "errors"):
+    for key in ("decode", "tp2_bs1_speedup", "fp8_bs1_speedup", "serve_fraction", "peak_gpu_memory_gib", "errors"):
         if key in results:
             print(f"{key}: {results[key]}")
 
