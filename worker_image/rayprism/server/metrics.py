@@ -6,14 +6,15 @@ Gateway API Inference Extension's model-server protocol (docs/proposals/003-mode
 endpoint picker read, we serve TotalQueuedRequests (vllm:num_requests_waiting), TotalRunningRequests
 (vllm:num_requests_running), KVCacheUtilization (vllm:kv_cache_usage_perc, 0..1) and the optional BlockSize
 and NumGPUBlocks (vllm:cache_config_info's block_size and num_gpu_blocks labels); not the LoRA metrics
-(vllm:lora_requests_info: we serve no LoRA adapters) nor prefix-cache reuse (the engine has no prefix cache).
+(vllm:lora_requests_info: we serve no LoRA adapters). The prefix cache's queries and hits (prompt tokens looked up,
+and found cached) are counters: vllm:prefix_cache_queries and vllm:prefix_cache_hits, whose ratio routers read.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -28,6 +29,13 @@ _ENGINE_GAUGES = (
     ("num_prefill_steps", "rayprism_engine_prefill_steps", None,
      "Engine steps that prefilled new requests (alone or with decodes)"),
     ("num_aborted", "rayprism_aborted_requests", None, "Requests aborted so far"),
+)
+# engine stats key (a running total), rayprism name, vLLM name, help; exported as counters (<name>_total)
+_ENGINE_COUNTERS = (
+    ("prefix_cache_queries", "rayprism_prefix_cache_queries", "vllm:prefix_cache_queries",
+     "Prompt tokens of admitted requests looked up in the prefix cache"),
+    ("prefix_cache_hits", "rayprism_prefix_cache_hits", "vllm:prefix_cache_hits",
+     "Prompt tokens found in the prefix cache (not computed)"),
 )
 
 
@@ -68,7 +76,8 @@ class Metrics:
 
 
 class _EngineGauges:
-    """The engine's latest stats, read once per scrape, under both names."""
+    """The engine's latest stats, read once per scrape, under both names (gauges, and the running totals as
+    counters)."""
 
     def __init__(self, model_name: str, engine_stats: Callable[[], dict]):
         self.model_name, self.engine_stats = model_name, engine_stats
@@ -80,6 +89,12 @@ class _EngineGauges:
             yield GaugeMetricFamily(name, doc, value=value)
             if vllm_name:
                 yield _gauge(vllm_name, doc, {"model_name": self.model_name}, value)
+        for key, name, vllm_name, doc in _ENGINE_COUNTERS:
+            value = float(stats.get(key, 0))
+            yield CounterMetricFamily(name, doc, value=value)
+            family = CounterMetricFamily(vllm_name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
         if "block_size" in stats:   # known once the engine has reported
             yield _gauge("vllm:cache_config_info", "KV cache configuration (the labels; the value is 1)",
                          {"model_name": self.model_name, "block_size": str(stats["block_size"]),
