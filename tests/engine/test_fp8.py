@@ -315,13 +315,19 @@ def test_fp8_weight_without_scale_refused(smollm2_dir, tmp_path):
         runner_for(folder)
 
 
-def test_dummy_weights_quantized(smollm2_dir):
-    """load_format dummy (the benchmarks'): random model-dtype weights quantized per channel."""
+def test_dummy_weights_and_weight_updates_quantized(smollm2_dir):
+    """load_format dummy (the benchmarks'): random model-dtype weights quantized per channel; a weight update of
+    full float tensors (RLHF: load_named_tensors) is quantized as it lands."""
     runner = runner_for(smollm2_dir, quantization="fp8", load_format="dummy")
     layer = runner.model.model.layers[0].self_attn.qkv_proj
     assert layer.weight.dtype == torch.float8_e4m3fn and (layer.weight_scale > 0).all()
     assert layer.weight.float().abs().amax(dim=1).eq(quant.FP8_MAX).all()  # each row's largest maps to 448
     assert torch.isfinite(all_logits(runner, [1, 2, 3])).all()
+    q = torch.randn(576, 576, generator=torch.Generator().manual_seed(5))  # 9 heads of 64
+    runner.load_named_tensors([("model.layers.0.self_attn.q_proj.weight", q)])
+    q_fp8, q_scale = quant.quantize_rows(q)
+    assert torch.equal(layer.weight[:576].view(torch.uint8), q_fp8.view(torch.uint8))
+    assert torch.equal(layer.weight_scale[:576], q_scale)
 
 
 # --- the Triton kernels under the interpreter -----------------------------------------------------------------------
