@@ -138,3 +138,18 @@ def test_load_raises_the_replicas_and_idle_lowers_them(namespace):
     assert served["requests"] > 0 and served["failed"] == 0, traffic.failures[:5]
     # The replicas went 1 -> 2 -> 1 and never beyond maxReplicas.
     assert max(row[1] for row in timeline.rows) == 2 and max(row[3] for row in timeline.rows) == 2
+
+
+@pytest.mark.parametrize("autoscaling, message", [
+    ({"minReplicas": 3, "maxReplicas": 2, "metric": "requestsWaiting", "target": 4},
+     "spec.autoscaling: Invalid value: autoscaling.minReplicas must not exceed autoscaling.maxReplicas"),
+    ({"maxReplicas": 2, "metric": "kvCacheUsage", "target": 80},
+     "spec.autoscaling: Invalid value: autoscaling.target of metric kvCacheUsage is a fraction"),
+    ({"maxReplicas": 2, "metric": "cpu", "target": 4}, "spec.autoscaling.metric: Unsupported value: \"cpu\""),
+])
+def test_the_api_server_refuses_invalid_autoscaling_naming_the_field(namespace, autoscaling, message):
+    manifest = {"apiVersion": "rayprism.dev/v1alpha1", "kind": "InferenceDeployment",
+                "metadata": {"name": "invalid", "namespace": NAMESPACE},
+                "spec": {"model": {"name": "m", "uri": "hf://org/m"}, "autoscaling": autoscaling}}
+    out = kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(manifest), check=False)
+    assert out.returncode != 0 and message in out.stderr, out.stderr

@@ -124,3 +124,16 @@ def test_kuberay_makes_a_podgroup_of_every_pod_of_each_replica(volcano_kuberay):
             assert pod["spec"]["priority"] == 100000
             assert pod["status"]["phase"] == "Pending" and not pod["spec"].get("nodeName")  # Volcano's to bind
     print(f"gang scheduling shown in {time.monotonic() - started:.0f}s")
+
+
+@pytest.mark.parametrize("scheduling, message", [
+    ({"queue": "q"}, "spec.scheduling: Invalid value: scheduling.queue needs scheduling.batchScheduler"),
+    ({"batchScheduler": "kai-scheduler"}, "scheduling.queue is required with batchScheduler kai-scheduler"),
+    ({"batchScheduler": "slurm"}, "spec.scheduling.batchScheduler: Unsupported value: \"slurm\""),
+])
+def test_the_api_server_refuses_invalid_scheduling_naming_the_field(scheduling, message):
+    manifest = {"apiVersion": "rayprism.dev/v1alpha1", "kind": "InferenceDeployment",
+                "metadata": {"name": "invalid", "namespace": "default"},
+                "spec": {"model": {"name": "m", "uri": "hf://org/m"}, "scheduling": scheduling}}
+    out = kubectl("apply", "--dry-run=server", "-f", "-", input=json.dumps(manifest), check=False)
+    assert out.returncode != 0 and message in out.stderr, out.stderr

@@ -80,7 +80,7 @@ def decide(autoscaling: Autoscaling, current: int, samples: list[float], history
            now: datetime) -> Decision:
     """spec.replicas for `current` replicas whose ready ones reported `samples`, given the recommendations of past
     decisions. With no history (a new deployment, or the operator restarted), the current count stands for the
-    past: nothing changes until a window has passed, as after a manual scale."""
+    past: nothing changes until a window has passed."""
     def bounded(n: int) -> int:
         return max(autoscaling.min_replicas, min(autoscaling.max_replicas, n))
 
