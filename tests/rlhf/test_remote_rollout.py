@@ -22,7 +22,7 @@ from tests.serving.helpers import free_port, reference_outputs
 pytestmark = pytest.mark.slow
 
 TOKEN = "rollout-token"
-PROMPT_IDS = [1, 504, 3458, 282, 4649, 314]
+PROMPT_IDS = [1, 504, 3458, 282, 4649, 314] * 6   # two full KV blocks: cached, and dropped by weight updates
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
 
@@ -86,6 +86,20 @@ async def test_pause_holds_completions_until_resume(ports, checkpoints):
     assert not completion.done()
     await admin(admin_port, "resume")
     assert await asyncio.wait_for(completion, 30) == reference_text(checkpoints["a"])
+
+
+async def test_reset_prefix_cache_forgets_cached_prompts(ports, llm):
+    client, admin_port = ports
+
+    async def hits_of_a_repeat() -> int:
+        before = llm.stats()["prefix_cache_hits"]
+        await greedy_text(client)
+        return llm.stats()["prefix_cache_hits"] - before
+
+    await greedy_text(client)
+    assert await hits_of_a_repeat() >= 32
+    await admin(admin_port, "reset_prefix_cache")
+    assert await hits_of_a_repeat() == 0
 
 
 async def test_a_trainer_pushes_weights_over_a_group_around_sleep(ports, llm, checkpoints):

@@ -15,10 +15,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rayprism import LLM, SamplingParams
+from tests.serving.helpers import reference_outputs
 
 pytestmark = pytest.mark.slow
 
-PROMPT_IDS = [[1, 504, 3458, 282, 4649, 314], [1, 33, 28, 216, 34, 28]]
+# Longer than two KV blocks (16 tokens): their prefixes are cached, so a weight update must drop them.
+PROMPT_IDS = [[1, 504, 3458, 282, 4649, 314] * 6, [1, 33, 28, 216, 34, 28] * 6]
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
 
@@ -103,10 +105,11 @@ async def test_pause_holds_requests_until_resume(llm):
     assert (await asyncio.wait_for(task, 30)).token_ids == expected[0]
 
 
-def test_sleep_level_2_then_verl_order_weights_update_kv(llm, tensors):
+def test_sleep_level_2_then_verl_order_weights_update_kv(llm, tensors, checkpoints):
     expected_a = greedy_tokens(llm)
     llm.update_weights(tensors["b"].items())
-    expected_b = greedy_tokens(llm)
+    expected_b = greedy_tokens(llm)   # the prompts' cached KV blocks were computed with a's weights: not reused
+    assert expected_b == [tokens for tokens, _ in reference_outputs(checkpoints["b"], PROMPT_IDS, GREEDY)]
     assert expected_b != expected_a
     llm.sleep(level=2)
     with pytest.raises(ValueError, match="weights awake first"):

@@ -176,7 +176,9 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[CompletionOutput]:
         """Blocks until every prompt is finished; results come in the order of the prompts, each prompt's n
-        sequences together (see RequestResult.best)."""
+        sequences together (see RequestResult.best). A prompt is text or token ids; each result has the generated
+        token_ids, their logprobs where params.logprobs is set (sampling_logprobs, model_logprobs) and the
+        finish_reason ("stop", "length", or "abort" after abort_all(), with the tokens generated until then)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = _params_per_prompt(params, len(prompts))
@@ -275,6 +277,10 @@ class LLM:
         if revision is not None:
             raise ValueError("revision: names a checkpoint on disk; it does not apply to tensors")
         self._executor.update_weights_from_buckets(weight_sync.weight_buckets(weights, bucket_bytes, cuda_ipc))
+
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix (each weight update does this itself); running requests are recomputed."""
+        self._executor.reset_prefix_cache()
 
     def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
                                  backend: str | None = None, group_name: str = "rayprism-weights") -> None:

@@ -330,9 +330,13 @@ class RayExecutor:
         self.pause()
         try:
             yield
-            ray.get(self.workers[0].weights_loaded.remote())
+            self.reset_prefix_cache()
         finally:
             self.resume()
+
+    def reset_prefix_cache(self) -> None:
+        self._raise_if_unusable()
+        ray.get(self.workers[0].reset_prefix_cache.remote())
 
     def pause(self) -> None:
         self._raise_if_unusable()

@@ -77,7 +77,8 @@ class CudaIpcTensor:
             raise ValueError(f"a CUDA IPC weight is on GPU {self.gpu_uuid}, which this worker ({device}) does not "
                              "use: pass cuda_ipc=False to send weights through host memory")
         args = list(self.args)
-        args[6] = device.index   # rebuild_cuda_tensor's storage_device: this process's index of that GPU
+        # rebuild_cuda_tensor's storage_device: this process's index of that GPU
+        args[6] = device.index if device.index is not None else torch.cuda.current_device()
         return self.rebuild(*args)
 
 

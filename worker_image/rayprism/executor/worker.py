@@ -220,11 +220,12 @@ class RayGPUWorker:
     def load_weight_bucket(self, bucket: list[tuple[str, object]]) -> None:
         """One bucket of full HF-named tensors (weight_sync.weight_buckets: host tensors or CUDA IPC handles);
         this rank keeps its slices. Paused by the driver first, as receive_weights."""
-        self._runner.load_named_tensors(weight_sync.open_bucket(bucket, self._device))
+        self._runner.load_named_tensors(weight_sync.open_bucket(bucket, self._runner.device))
 
-    def weights_loaded(self) -> None:
-        """Rank 0, after every rank has loaded new weights: requests running on the old ones are recomputed."""
-        self._in_loop(self._engine.recompute_running)
+    def reset_prefix_cache(self) -> None:
+        """Rank 0: no KV computed so far is read again (running requests are recomputed); after every weight
+        update, through the engine's one place for it."""
+        self._in_loop(self._engine.reset_prefix_cache)
 
     # ---- teardown ----------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -12,9 +12,9 @@ The OpenAI port: /v1/models (and /v1/models/{id}), /v1/completions, /v1/chat/com
                restarts are used up (--engine-restarts within --engine-restart-window-seconds), so that the
                kubelet restarts the container.
 The admin port (--admin-port) serves the weights API, /admin/v1/weights (GET, POST), and the remote-rollout
-controls a trainer drives around its weight updates (ROLLOUT_CONTROLS: POST /admin/v1/pause, resume, sleep,
-wake_up, weight_update_group, weights/update_from_group), behind a bearer token; the OpenAI port answers them
-404 like any unknown route.
+controls a trainer drives around its weight updates (ROLLOUT_CONTROLS: POST /admin/v1/pause, resume,
+reset_prefix_cache, sleep, wake_up, weight_update_group, weights/update_from_group), behind a bearer token; the
+OpenAI port answers them 404 like any unknown route.
 
 Every error is answered in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, unknown routes
 and methods included; every response carries an X-Request-Id, and an unexpected exception is logged under
@@ -80,6 +80,7 @@ class RolloutControl:
 ROLLOUT_CONTROLS = {
     "pause": RolloutControl("pause"),
     "resume": RolloutControl("resume"),
+    "reset_prefix_cache": RolloutControl("reset_prefix_cache"),
     "sleep": RolloutControl("sleep", optional={"level": int}),
     "wake_up": RolloutControl("wake_up", optional={"tags": list}),
     "weight_update_group": RolloutControl(
