@@ -1,7 +1,8 @@
 """Remote rollout over HTTP (issue #19; NeMo-RL's HTTP backend, verl's STANDALONE mode): a trainer drives the
 server's admin port (token-guarded) to pause and resume generation, sleep and wake the engine, join a gloo
-weight-update group and broadcast new weights into it, and samples through /v1/completions with token-id prompts
-and logprobs, with the real openai client; the server runs in process over a real LLM (Ray, TP 2, CPU)."""
+weight-update group and broadcast new weights into it, and samples through /v1/completions with token ids in and
+out (return_tokens_as_token_ids) and logprobs, with the real openai client; the server runs in process over a real
+LLM (Ray, TP 2, CPU)."""
 from __future__ import annotations
 
 import asyncio
@@ -54,16 +55,18 @@ async def admin(admin_port, path: str, **body) -> dict:
     return await response.json()
 
 
-async def greedy_text(client) -> str:
-    completion = await client.completions.create(model="tiny", prompt=PROMPT_IDS, max_tokens=10, temperature=0,
-                                                 logprobs=0, extra_body={"ignore_eos": True})
+async def greedy_tokens(client) -> list[int]:
+    """Token ids in; token ids (vLLM's return_tokens_as_token_ids) and their logprobs out."""
+    completion = await client.completions.create(
+        model="tiny", prompt=PROMPT_IDS, max_tokens=10, temperature=0, logprobs=0,
+        extra_body={"ignore_eos": True, "return_tokens_as_token_ids": True})
     logprobs = completion.choices[0].logprobs
     assert len(logprobs.token_logprobs) == 10 and all(lp <= 0 for lp in logprobs.token_logprobs)
-    return completion.choices[0].text
+    return [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
 
 
-def reference_text(folder) -> str:
-    return reference_outputs(folder, [PROMPT_IDS], GREEDY)[0][1]
+def reference_tokens(folder) -> list[int]:
+    return reference_outputs(folder, [PROMPT_IDS], GREEDY)[0][0]
 
 
 async def test_admin_controls_need_the_token_and_name_bad_fields(ports):
@@ -81,11 +84,11 @@ async def test_admin_controls_need_the_token_and_name_bad_fields(ports):
 async def test_pause_holds_completions_until_resume(ports, checkpoints):
     client, admin_port = ports
     await admin(admin_port, "pause")
-    completion = asyncio.create_task(greedy_text(client))
+    completion = asyncio.create_task(greedy_tokens(client))
     await asyncio.sleep(1)
     assert not completion.done()
     await admin(admin_port, "resume")
-    assert await asyncio.wait_for(completion, 30) == reference_text(checkpoints["a"])
+    assert await asyncio.wait_for(completion, 30) == reference_tokens(checkpoints["a"])
 
 
 async def test_reset_prefix_cache_forgets_cached_prompts(ports, llm):
@@ -93,10 +96,10 @@ async def test_reset_prefix_cache_forgets_cached_prompts(ports, llm):
 
     async def hits_of_a_repeat() -> int:
         before = llm.stats()["prefix_cache_hits"]
-        await greedy_text(client)
+        await greedy_tokens(client)
         return llm.stats()["prefix_cache_hits"] - before
 
-    await greedy_text(client)
+    await greedy_tokens(client)
     assert await hits_of_a_repeat() >= 32
     await admin(admin_port, "reset_prefix_cache")
     assert await hits_of_a_repeat() == 0
@@ -123,4 +126,4 @@ async def test_a_trainer_pushes_weights_over_a_group_around_sleep(ports, llm, ch
                     dtypes=[str(t.dtype) for t in tensors.values()], shapes=[list(t.shape) for t in tensors.values()])
         sender.join()
         await admin(admin_port, "wake_up", tags=["kv_cache"])
-        assert await greedy_text(client) == reference_text(checkpoints[revision])
+        assert await greedy_tokens(client) == reference_tokens(checkpoints[revision])

@@ -347,7 +347,8 @@ class Server:
     def _logprobs(self, llm, req: ParsedRequest, entries) -> dict | None:
         if req.logprobs is None or entries is None:
             return None
-        return (protocol.chat_logprobs if req.chat else protocol.completion_logprobs)(entries, _decoder(llm))
+        decode = _token_id_name if req.tokens_as_ids else _decoder(llm)
+        return (protocol.chat_logprobs if req.chat else protocol.completion_logprobs)(entries, decode)
 
     @staticmethod
     def _echo(llm, req: ParsedRequest, prompt_ids: list[int], prompt_entries: list[dict | None] | None
@@ -730,6 +731,11 @@ def _internal_error(request: web.Request) -> APIError:
 def _decoder(llm):
     """A token id's own text, as logprobs name tokens."""
     return lambda token_id: llm.tokenizer.decode([token_id])
+
+
+def _token_id_name(token_id: int) -> str:
+    """vLLM's name of a token under return_tokens_as_token_ids: an RL trainer reads back the exact ids."""
+    return f"token_id:{token_id}"
 
 
 def first_line(err: BaseException) -> str:

@@ -180,6 +180,7 @@ class SamplingRequest(_Request):
     n: int | None = None
     best_of: int | None = None
     prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool | None = None    # logprobs name tokens "token_id:<id>": exact ids for RL
     response_format: ResponseFormat | None = None
     guided_json: dict[str, Any] | str | None = None    # a JSON schema, or its JSON text
     guided_regex: str | None = None
@@ -403,6 +404,7 @@ class ParsedRequest:
     best_of: int | None = None
     echo: bool = False                  # completions only
     prompt_logprobs: int | None = None
+    tokens_as_ids: bool = False         # logprobs name each token "token_id:<id>", not by its text
     response_format: ResponseFormat | None = None
     guided_json: dict | None = None     # a JSON schema (sent as an object or as its JSON text)
     guided_regex: str | None = None
@@ -464,7 +466,7 @@ def parse_request(body, *, chat: bool) -> ParsedRequest:
         id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", created=int(time.time()),
         n=request.n if request.n is not None else 1, best_of=request.best_of,
         echo=not chat and request.echo is True, prompt_logprobs=request.prompt_logprobs,
-        response_format=request.response_format, guided_json=request.guided_json,
+        tokens_as_ids=request.return_tokens_as_token_ids is True, response_format=request.response_format, guided_json=request.guided_json,
         guided_regex=request.guided_regex, guided_choice=request.guided_choice, guided_grammar=request.guided_grammar,
         tools=request.tools if chat else None, tool_choice=request.tool_choice if chat else None,
         parallel_tool_calls=request.parallel_tool_calls if chat else None)
