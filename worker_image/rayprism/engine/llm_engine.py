@@ -434,8 +434,6 @@ class LLMEngine:
         self.scheduler.preempt_all()
         self.scheduler.block_manager.reset_prefix_cache()
 
-    recompute_running = reset_prefix_cache  # the worker's name for it, after new weights from a trainer
-
     def sleep(self, level: int = 1) -> None:
         """Free the KV cache and offload the weights (level 1) or drop them (level 2; ModelRunner.sleep); running
         requests resume (recomputed) once wake_up has restored both."""
