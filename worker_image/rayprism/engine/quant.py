@@ -2,7 +2,8 @@
 
 Weights carry one float32 scale per output channel (w ~ w_fp8 * scale[n]); activations are quantized per token
 (row), dynamically, at each call: per-channel weight scales put _scaled_mm in its row-wise mode, which takes
-row-wise activation scales too, and a token's scale costs the same one pass over the row as a tensor's would. A per-tensor scale from a checkpoint is stored as that scale repeated over the
+row-wise activation scales too, and a token's scale needs one pass over its row where a tensor's needs a
+reduction over all rows first. A per-tensor scale from a checkpoint is stored as that scale repeated over the
 tensor's rows, which dequantizes to the same values, so q, k and v (or gate and up) with their own per-tensor
 scales share one fused per-channel layout. Under tensor parallelism a column-parallel layer's scales are split
 with its rows; a row-parallel layer's are whole on every rank (its output dim is not split), computed over the
