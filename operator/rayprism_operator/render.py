@@ -105,10 +105,10 @@ def image(spec: InferenceDeploymentSpec, options: RenderOptions) -> str:
 def revision_hash(spec: InferenceDeploymentSpec, options: RenderOptions) -> str:
     """Stable hash of everything that needs new pods.
 
-    Left out: replicas, autoscaling, rollout settings, the Service, the router, and model.revision: each replica records the weights
-    it serves (ANNOTATION_WEIGHTS_REVISION), and the planner loads or replaces by that, so that switching
-    rollout.weightUpdate rolls nothing. Fields equal to their defaults are left out too, so a new optional
-    field does not roll every replica.
+    Left out: replicas, autoscaling, rollout settings, the Service, the router, and model.revision: each replica
+    records the weights it serves (ANNOTATION_WEIGHTS_REVISION), and the planner loads or replaces by that, so
+    that switching rollout.weightUpdate rolls nothing. Fields equal to their defaults are left out too, so a new
+    optional field does not roll every replica.
     """
     fields = spec.model_dump(mode="json", by_alias=True, exclude_defaults=True,
                              exclude={"replicas": True, "autoscaling": True, "rollout": True, "service": True,

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from rayprism_operator import render
 
-from .harness import IDEP_PATH, NS, OperatorThread, deployment, wait_for
+from .harness import IDEP_PATH, OperatorThread, deployment, wait_for
 
 ADDRESSES = [f"127.0.9.{i}" for i in range(1, 6)]
 
