@@ -11,10 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from rayprism.engine import EngineConfig, layers, quant
 from rayprism.engine.model_runner import Batch, ModelRunner
+
+from .helpers import exit_without_finalizing
+from .test_tensor_parallel import PROBE_IDS, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 LINEAR_WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -33,6 +38,8 @@ PROMPTS = [
 # unquantized: 0.909, 0.221, 0.031). A small model (from a Q4_1 GGUF) is sensitive; a wrong scale or shard gives
 # KLs of several nats. The bounds leave a margin over the measurement.
 MIN_TOP1_AGREEMENT, MAX_KL, MAX_MEAN_KL = 0.85, 0.8, 0.1
+# FP8 at tensor parallel 2 against 1 on the tiny random models: max KL 0.0030 (Llama), 0.0033 (Qwen2) measured
+TP_MAX_KL = 0.02
 
 
 # --- the scale math -------------------------------------------------------------------------------------------------
@@ -218,11 +225,13 @@ def test_moe_and_unknown_quantization_refused():
 
 
 # --- SmolLM2: accuracy and a compressed-tensors round trip ----------------------------------------------------------
-def all_logits(runner: ModelRunner, token_ids: list[int]) -> torch.Tensor:
-    """One prefill of token_ids (KV slots 0..n-1 of an otherwise unused pool): the logits of every position."""
+def all_logits(runner: ModelRunner, token_ids: list[int]) -> torch.Tensor | None:
+    """One prefill of token_ids (KV slots 0..n-1 of an otherwise unused pool): the logits of every position (None
+    on tensor-parallel ranks > 0)."""
     n = len(token_ids)
     batch = Batch(token_ids, list(range(n)), list(range(n)), [0, n], [], [], prompt_logits=[True])
-    return runner.execute_model(batch.pack()).float()
+    logits = runner.execute_model(batch.pack())
+    return None if logits is None else logits.float()
 
 
 def runner_for(model: str, **config) -> ModelRunner:
@@ -251,13 +260,18 @@ def test_fp8_logits_close_to_unquantized(smollm2_dir, prompt_ids, fp8_logits):
     for ids, quantized in zip(prompt_ids, fp8_logits):
         reference = all_logits(runner, ids)
         agree += (reference.argmax(-1) == quantized.argmax(-1)).tolist()
-        kls += torch.nn.functional.kl_div(quantized.log_softmax(-1), reference.log_softmax(-1), log_target=True,
-                                          reduction="none").sum(-1).tolist()
+        kls += kl(reference, quantized).tolist()
     top1, max_kl, mean_kl = sum(agree) / len(agree), max(kls), sum(kls) / len(kls)
     print(f"FP8 vs float32 over {len(agree)} positions: top-1 agreement {top1:.3f}, max KL {max_kl:.4f}, "
           f"mean KL {mean_kl:.5f}")
     assert top1 >= MIN_TOP1_AGREEMENT and max_kl <= MAX_KL and mean_kl <= MAX_MEAN_KL, (top1, max_kl, mean_kl)
     assert mean_kl > 0  # the FP8 model really is another model
+
+
+def kl(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """KL(reference || other) of each row's softmax, in nats."""
+    return torch.nn.functional.kl_div(other.log_softmax(-1), reference.log_softmax(-1), log_target=True,
+                                      reduction="none").sum(-1)
 
 
 def write_compressed_tensors(source: str, folder: Path, per_tensor: bool = False, drop: str | None = None) -> str:
@@ -328,6 +342,35 @@ def test_dummy_weights_and_weight_updates_quantized(smollm2_dir):
     q_fp8, q_scale = quant.quantize_rows(q)
     assert torch.equal(layer.weight[:576].view(torch.uint8), q_fp8.view(torch.uint8))
     assert torch.equal(layer.weight_scale[:576], q_scale)
+
+
+# --- tensor parallel 2 over gloo ------------------------------------------------------------------------------------
+def fp8_tp_worker(rank: int, port: int, folders: dict, out_dir: str) -> None:
+    torch.set_num_threads(1)  # two processes share the two cores
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        for name, folder in folders.items():
+            config = EngineConfig(model=folder, tensor_parallel_size=2, num_kv_blocks=8, dtype="float32",
+                                  quantization="fp8")
+            logits = all_logits(ModelRunner(config, rank=rank, world_size=2), PROBE_IDS)  # every rank runs it
+            if rank == 0:
+                torch.save(logits, os.path.join(out_dir, f"{name}.pt"))
+    finally:
+        dist.destroy_process_group()
+    exit_without_finalizing()
+
+
+def test_tp2_fp8_close_to_tp1(tiny_llama_dir, tiny_qwen2_dir, tmp_path):
+    """FP8 at tensor parallel 2 (Qwen2: q/k/v biases, its one KV head replicated) against tensor parallel 1: the
+    weights and scales are the same (test_column_and_row_parallel_shards); a row-parallel layer's input is
+    quantized per token over each rank's slice of the row, so the logits differ a little (the random models'
+    near-ties may flip an argmax)."""
+    folders = {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir}
+    mp.spawn(fp8_tp_worker, args=(free_port(), folders, str(tmp_path)), nprocs=2, join=True)
+    for name, folder in folders.items():
+        tp1 = all_logits(runner_for(folder, quantization="fp8"), PROBE_IDS)
+        tp2 = torch.load(os.path.join(tmp_path, f"{name}.pt"))
+        assert kl(tp1, tp2).max() < TP_MAX_KL, name
 
 
 # --- the Triton kernels under the interpreter -----------------------------------------------------------------------
