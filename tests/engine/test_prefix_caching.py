@@ -36,7 +36,7 @@ def test_hashes_chain_over_the_whole_prefix():
     blocks = BlockManager(8, SIZE, enable_prefix_caching=True)
     a, b, c = seq_of([1, 2, 3, 4, 5, 6, 7, 8, 9]), seq_of([1, 2, 3, 4, 5, 6, 7, 8]), seq_of([9, 9, 9, 9, 5, 6, 7, 8])
     for seq in (a, b, c):
-        blocks._hashes(seq, len(seq))
+        blocks._hash_blocks(seq, len(seq) // SIZE)
     assert a.block_hashes == b.block_hashes and len(a.block_hashes) == 2  # full blocks only
     assert a.block_hashes[0] == chain_hash(b"", [1, 2, 3, 4])
     assert a.block_hashes[1] == chain_hash(a.block_hashes[0], [5, 6, 7, 8])
@@ -136,6 +136,21 @@ def test_blocks_are_cached_once_their_pending_token_is_known():
     blocks.allocate(seq, 9)
     assert len(blocks.cached) == 2
     assert blocks.cached_prefix(seq_of([1, 2, 3, 4, 5, 6, 7, 8, 0])) == seq.block_table[:2]
+
+
+def test_only_blocks_computed_by_the_step_are_cached():
+    """A prompt prefilled in chunks offers the cache the full blocks its chunks have reached, not those of its lookup;
+    and a sequence that a decode left ending on a block boundary still recomputes its last token."""
+    blocks = BlockManager(8, SIZE, enable_prefix_caching=True)
+    seq = seq_of(list(range(14)))
+    assert blocks.cached_prefix(seq) == [] and len(seq.block_hashes) == 3
+    blocks.allocate(seq, 6, [])                      # a first chunk of 6 tokens: one full block
+    assert list(blocks.cached.values()) == seq.block_table[:1]
+    blocks.allocate(seq, 12)                         # the next chunk reaches 12: three
+    assert list(blocks.cached.values()) == seq.block_table[:3]
+    seq.token_ids += [14, 15]                        # 16 tokens, 15 of them computed by a decode
+    blocks.allocate(seq, 16)
+    assert blocks.cached_prefix(seq_of(list(range(16)))) == seq.block_table[:3]
 
 
 def test_caching_off_and_prompt_logprobs_look_nothing_up():

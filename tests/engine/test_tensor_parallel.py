@@ -33,6 +33,10 @@ def run_model(engine: LLMEngine, folder: str) -> dict:
               "mixed_step_tokens": generate(engine, PROMPTS, GREEDY, staggered=True),
               "sampled_between": generate(engine, PROMPTS, SAMPLED_BETWEEN, staggered=True),
               "forked": generate(engine, PROMPTS[2:], FORKED)}
+    engine.scheduler.max_num_batched_tokens = 8   # chunked prefill, after prefixes cached by the runs above
+    result["chunked_tokens"] = generate(engine, PROMPTS, GREEDY, staggered=True)
+    engine.scheduler.max_num_batched_tokens = engine.config.max_num_batched_tokens
+    result["prefix_cache_hits"] = engine.stats()["prefix_cache_hits"]
     engine.update_weights_from_tensors(scaled_norms(folder))
     result["updated_logits"] = prefill_logits(engine, PROBE_IDS)
     return result
@@ -101,6 +105,8 @@ def test_tp2_matches_tp1(name, tp2_results, tiny_dirs):
     tp2 = tp2_results[name]
     torch.testing.assert_close(tp2["logits"], tp1["logits"], rtol=1e-4, atol=1e-4)
     assert tp2["tokens"] == tp1["tokens"] == tp2["mixed_step_tokens"] == tp1["mixed_step_tokens"]
+    assert tp2["chunked_tokens"] == tp1["chunked_tokens"] == tp1["tokens"]
+    assert tp2["prefix_cache_hits"] == tp1["prefix_cache_hits"] > 0
     assert_greedy_rows_unchanged(tp2["sampled_between"], tp1["tokens"])
     assert [r["token_ids"] for r in tp2["forked"].values()] == [r["token_ids"] for r in tp1["forked"].values()]
     prompt_logprobs = [[entry and entry["logprob"] for entry in tp["forked"]["0"]["prompt_logprobs"]] for tp in (tp1, tp2)]

@@ -53,8 +53,10 @@ class BlockManager:
         the sequence wants the logits of every prompt token (prompt_logprobs)."""
         if not self.enable_prefix_caching or seq.wants_prompt_logprobs:
             return None
+        num_blocks = min(seq.num_known_tokens, len(seq) - 1) // self.block_size
+        self._hash_blocks(seq, num_blocks)
         blocks = []
-        for block_hash in self._hashes(seq, min(seq.num_known_tokens, len(seq) - 1)):
+        for block_hash in seq.block_hashes[:num_blocks]:
             if (block := self.cached.get(block_hash)) is None:
                 break
             blocks.append(block)
@@ -116,24 +118,25 @@ class BlockManager:
             self.block_hashes[block] = None
         self.cached.clear()
 
-    def _hashes(self, seq: Sequence, num_tokens: int) -> list[bytes]:
-        """seq.block_hashes, extended to the full blocks among its first num_tokens tokens (known ones only)."""
+    def _hash_blocks(self, seq: Sequence, num_blocks: int) -> None:
+        """Extends seq.block_hashes to (at least) its first num_blocks blocks, all of whose tokens are known."""
         size = self.block_size
-        for i in range(len(seq.block_hashes), num_tokens // size):
+        for i in range(len(seq.block_hashes), num_blocks):
             parent = seq.block_hashes[-1] if seq.block_hashes else b""
             seq.block_hashes.append(chain_hash(parent, seq.token_ids[i * size: (i + 1) * size]))
-        return seq.block_hashes
 
     def _register(self, seq: Sequence, num_tokens: int) -> None:
-        """Offers the cache seq's full blocks among its first num_tokens tokens whose tokens are known (a token still
-        pending on the device is offered by a later step). A prefix cached already in another block stays there."""
-        hashes = self._hashes(seq, min(num_tokens, seq.num_known_tokens))
-        for i in range(seq.num_registered_blocks, len(hashes)):
-            block = seq.block_table[i]
-            if hashes[i] not in self.cached and self.block_hashes[block] is None:
-                self.cached[hashes[i]] = block
-                self.block_hashes[block] = hashes[i]
-        seq.num_registered_blocks = max(seq.num_registered_blocks, len(hashes))
+        """Offers the cache seq's full blocks among its first num_tokens tokens (those computed once this step has run)
+        whose tokens are known (a token still pending on the device is offered by a later step). A prefix cached
+        already in another block stays there."""
+        num_blocks = min(num_tokens, seq.num_known_tokens) // self.block_size
+        self._hash_blocks(seq, num_blocks)
+        for i in range(seq.num_registered_blocks, num_blocks):
+            block, block_hash = seq.block_table[i], seq.block_hashes[i]
+            if block_hash not in self.cached and self.block_hashes[block] is None:
+                self.cached[block_hash] = block
+                self.block_hashes[block] = block_hash
+        seq.num_registered_blocks = max(seq.num_registered_blocks, num_blocks)
 
     def _take(self) -> int:
         block, _ = self.free_blocks.popitem(last=False)
