@@ -11,6 +11,7 @@ workload through `rayprism serve` and 64 concurrent HTTP streams. One JSON per r
     python bench/engine_bench.py                     # on a GPU host
     python bench/engine_bench.py --model qwen3-30b-a3b --skip-1k
     python bench/engine_bench.py --tp 2 --serve      # on a 2-GPU host
+    python bench/engine_bench.py --prefix-shared --chunked --skip-hf   # prefix caching and chunked prefill figures
     python bench/engine_bench.py --quantization fp8  # also the fp8_* figures: FP8 weights quantized at load
     python bench/engine_bench.py --cpu-smoke [--model NAME]   # a tiny model of that family on the CPU (CI)
 
@@ -99,6 +100,10 @@ class Workload:
             ("128_128", 128, 128, 1024), ("1k_1k", 1024, 1024, 512)]
         self.max_num_seqs = 4 if smoke else 256
         self.serve_prompts, self.serve_concurrency = (8, 4) if smoke else (512, 64)
+        # --prefix-shared: (requests, shared prefix tokens, unique tokens after it, output tokens)
+        self.prefix = (6, 40, 8, 4) if smoke else (256, 2000, 100, 128)
+        # --chunked: (decoding streams, tokens of each arriving prompt, arrivals, prefill tokens per step chunked)
+        self.chunked = (3, 200, 2, 32) if smoke else (64, 8000, 4, 512)
 
 
 # --- environment and model -------------------------------------------------------------------------
@@ -344,6 +349,84 @@ def fp8_figures(config: EngineConfig, work: Workload, vocab: int, decode_only: b
     return figures
 
 
+def prefix_shared(engine: LLMEngine, work: Workload, vocab: int) -> dict:
+    """Requests sharing a long prefix (then a few tokens of their own), all added at once, with prefix caching off
+    then on (the block manager's switch flipped on this engine, its cache emptied first); and the 128/128 workload
+    with caching off, against the run's caching-on figure."""
+    num_prompts, prefix_len, unique_len, output_len = work.prefix
+    generator = torch.Generator().manual_seed(7)
+    prefix = random_prompt(prefix_len, vocab, generator)
+    prompts = [prefix + random_prompt(unique_len, vocab, generator) for _ in range(num_prompts)]
+    blocks, figures = engine.scheduler.block_manager, {}
+    try:
+        for caching in (False, True):
+            engine.reset_prefix_cache()
+            blocks.enable_prefix_caching = caching
+            hits = engine.stats()["prefix_cache_hits"]
+            run = run_to_completion(engine, {f"p{i}": (p, greedy(output_len)) for i, p in enumerate(prompts)})
+            figures["on" if caching else "off"] = {"tok_s": run["output_tokens"] / run["seconds"],
+                                                   "seconds": run["seconds"],
+                                                   "hit_tokens": engine.stats()["prefix_cache_hits"] - hits}
+            if not caching:
+                _, prompt_len, output_len_128, num_128 = work.throughput[0]
+                figures["throughput_128_128_off"] = throughput(engine, prompt_len, output_len_128, num_128, vocab)
+    finally:
+        blocks.enable_prefix_caching = engine.config.enable_prefix_caching
+    return figures
+
+
+def chunked_itl(engine: LLMEngine, work: Workload, vocab: int) -> dict:
+    """Inter-token latency p99 of decoding streams: with no arrivals, then while long prompts arrive one after
+    another, prefilled in chunks (a token budget of the decodes plus the chunk), then whole (a budget that holds
+    a prompt: no chunking)."""
+    num_streams, prompt_len, num_arrivals, chunk = work.chunked
+    generator = torch.Generator().manual_seed(6)
+    scheduler, last_token = engine.scheduler, {}
+    budget = scheduler.max_num_batched_tokens
+    streams = [f"stream{i}" for i in range(num_streams)]
+    for request_id in streams:
+        engine.add_request(request_id, random_prompt(16, vocab, generator), greedy(work.max_model_len - 17))
+
+    def step() -> list[float]:
+        """One engine step; the gaps between the streams' tokens it returned and their previous ones."""
+        outputs, now, gaps = engine.step(), time.perf_counter(), []
+        for out in outputs:
+            if out.request_id in streams and out.new_token_ids:
+                if out.request_id in last_token:
+                    gaps.append(now - last_token[out.request_id])
+                last_token[out.request_id] = now
+        return gaps
+
+    def p99_ms(gaps: list[float]) -> float:
+        return 1e3 * sorted(gaps)[int(0.99 * (len(gaps) - 1))]
+
+    def arrivals(step_budget: int) -> float:
+        scheduler.max_num_batched_tokens, gaps = step_budget, []
+        for i in range(num_arrivals):
+            request_id = f"long{i}-{step_budget}"
+            engine.add_request(request_id, random_prompt(prompt_len, vocab, generator), greedy(1))
+            while request_id in engine.requests:
+                gaps += step()
+        return p99_ms(gaps)
+
+    try:
+        while len(last_token) < num_streams:
+            step()
+        for _ in range(8):  # warm-up
+            step()
+        quiet = p99_ms([gap for _ in range(num_arrivals * -(-prompt_len // chunk)) for gap in step()])
+        figures = {"no_arrivals_itl_p99_ms": quiet, "chunked_itl_p99_ms": arrivals(num_streams + chunk),
+                   "unchunked_itl_p99_ms": arrivals(max(budget, num_streams + prompt_len)), "chunk_tokens": chunk}
+    finally:
+        scheduler.max_num_batched_tokens = budget
+        for request_id in streams:
+            engine.abort(request_id)
+        while engine.has_unfinished_requests():
+            engine.step()
+    figures["chunked_itl_ratio"] = figures["chunked_itl_p99_ms"] / quiet
+    return figures
+
+
 # --- tensor parallel 2 -----------------------------------------------------------------------------
 def tp_worker(rank: int, port: int, config: EngineConfig, work: Workload, vocab: int, skip_1k: bool,
               decode_only: bool, out_file: str) -> None:
@@ -497,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-1k", action="store_true", help="skip the 1k/1k throughput workload")
     parser.add_argument("--decode-only", action="store_true",
                         help="batch-1 decode only (and with --tp 2 its speed-up): a quick A/B of a change")
+    parser.add_argument("--prefix-shared", action="store_true",
+                        help="also requests sharing a long prefix with prefix caching on and off (prefix_speedup)")
+    parser.add_argument("--chunked", action="store_true",
+                        help="also inter-token latency while long prompts arrive, chunked or not (chunked_itl_p99_ms)")
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--quantization", choices=["fp8"], default=None,
                         help="fp8: also batch-1 decode and offline throughput with FP8 weights (fp8_* figures)")
@@ -549,6 +636,16 @@ def main(argv: list[str] | None = None) -> int:
                           vocab)
         if detail:
             results[f"throughput_{name}_tok_s"] = detail["tok_s"]
+    if args.prefix_shared and not args.decode_only:
+        shared = measured(results, "prefix_shared", prefix_shared, engine, work, vocab)
+        if shared:
+            results["prefix_shared_tok_s"] = shared["on"]["tok_s"]
+            results["prefix_speedup"] = shared["on"]["tok_s"] / shared["off"]["tok_s"]
+            results["throughput_128_128_prefix_caching_off_tok_s"] = shared["throughput_128_128_off"]["tok_s"]
+    if args.chunked and not args.decode_only:
+        chunked = measured(results, "chunked_itl", chunked_itl, engine, work, vocab)
+        if chunked:
+            results["chunked_itl_p99_ms"] = chunked["chunked_itl_p99_ms"]
     if device.type == "cuda":
         results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if args.serve:  # the same 128/128 workload offline at the HTTP clients' concurrency, for a like-for-like ratio
@@ -618,7 +715,8 @@ def print_table(results: dict) -> None:
         print(f"{label:42} {value:10.1f} {value / roofline:11.2f} {vs_baseline}")
     for length, ms in (results.get("ttft_ms") or {}).items():
         print(f"{'TTFT ' + length + ' prompt tokens (ms)':42} {ms:10.1f}")
-    for key in ("decode", "tp2_bs1_speedup", "fp8_bs1_speedup", "serve_fraction", "peak_gpu_memory_gib", "errors"):
+    for key in ("decode", "tp2_bs1_speedup", "fp8_bs1_speedup", "prefix_speedup", "chunked_itl", "serve_fraction",
+                "peak_gpu_memory_gib", "errors"):
         if key in results:
             print(f"{key}: {results[key]}")
 

@@ -18,7 +18,7 @@ def load_bench():
 
 def test_cpu_smoke_writes_every_figure(tmp_path, capsys):
     bench = load_bench()
-    assert bench.main(["--cpu-smoke", "--tp", "2", "--output-dir", str(tmp_path),
+    assert bench.main(["--cpu-smoke", "--tp", "2", "--prefix-shared", "--chunked", "--output-dir", str(tmp_path),
                        "--model-dir", str(tmp_path / "model")]) == 0
     (path,) = tmp_path.glob("engine_cpu-smoke_*.json")
     results = json.loads(path.read_text())
@@ -27,8 +27,10 @@ def test_cpu_smoke_writes_every_figure(tmp_path, capsys):
         assert results[key]
     for key in ("roofline_tok_s", "hf_bs1_tok_s", "decode_bs1_tok_s", "throughput_128_128_tok_s",
                 "throughput_1k_1k_tok_s", "tp2_bs1_tok_s", "tp2_bs1_speedup", "tp2_throughput_128_128_tok_s",
-                "tp2_throughput_1k_1k_tok_s"):
+                "tp2_throughput_1k_1k_tok_s", "prefix_shared_tok_s", "prefix_speedup",
+                "throughput_128_128_prefix_caching_off_tok_s", "chunked_itl_p99_ms"):
         assert results[key] > 0, key
+    assert results["prefix_shared"]["on"]["hit_tokens"] > 0 == results["prefix_shared"]["off"]["hit_tokens"]
     assert set(results["ttft_ms"]) == {"16", "64"} and all(ms > 0 for ms in results["ttft_ms"].values())
     # 6 prompts x 8 tokens each: the output-token count is exact, so the throughput divides the right total
     assert results["throughput_128_128"]["output_tokens"] == results["tp2"]["throughput_128_128"]["output_tokens"] == 48
