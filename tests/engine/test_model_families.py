@@ -40,7 +40,7 @@ def test_experts_load_from_transformers_stacked_names(tiny_qwen3_moe_dir, tiny_m
     for folder, architecture, fields in (
             (tiny_qwen3_moe_dir, "qwen3_moe", dict(head_dim=16, num_experts=8, num_experts_per_tok=3,
                                                    moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[1])),
-            (tiny_mixtral_dir, "mixtral", dict(num_local_experts=4, num_experts_per_tok=2))):
+            (tiny_mixtral_dir, "mixtral", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2))):
         other = save_random_model(str(tmp_path / architecture), smollm2_dir, architecture, initializer_range=0.2,
                                   **fields)
         reference = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32)
