@@ -47,6 +47,23 @@ def helm_binary() -> str:
     return _binary("helm")
 
 
+def kubectl(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """kubectl ARGS; with check, a failure is an assertion naming the command and its stderr."""
+    out = subprocess.run([kubectl_binary(), *args], capture_output=True, text=True, input=input, timeout=120)
+    assert not check or out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
+    return out
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+    """predicate()'s first truthy value, polled every `interval` seconds for at most `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
 def kubectl_json(namespace: str, *args: str) -> dict:
     out = subprocess.run([kubectl_binary(), "-n", namespace, *args, "-o", "json"],
                          capture_output=True, text=True, timeout=60)

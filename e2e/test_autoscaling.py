@@ -8,7 +8,6 @@ records spec.replicas, the ready replicas and the RayClusters; it is printed and
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e.endpoints import kubectl_binary, openai_base_urls
+from e2e.endpoints import kubectl, openai_base_urls, wait_until
 from e2e.marks import ON_A_CLUSTER
 from e2e.test_e2e import stream_chat
 from e2e.traffic import Traffic
@@ -28,12 +27,6 @@ NAMESPACE = "rayprism-e2e-autoscale"
 NAME = "autoscaled"
 CLIENTS = 4
 RESULTS: dict = {}
-
-
-def kubectl(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([kubectl_binary(), *args], capture_output=True, text=True, input=input, timeout=120)
-    assert not check or out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
-    return out
 
 
 def get(*args: str) -> dict:
@@ -51,7 +44,7 @@ class Timeline:
         self._thread = threading.Thread(target=self._record, daemon=True)
 
     def _record(self) -> None:
-        while not self._stop.wait(1):
+        while not self._stop.wait_until(1):
             infd = get("infd", NAME)
             clusters = len(get("rayclusters", "-l", f"rayprism.dev/deployment={NAME}")["items"])
             now = (infd["spec"]["replicas"], infd.get("status", {}).get("readyReplicas", 0), clusters)
@@ -71,15 +64,6 @@ class Timeline:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -103,14 +87,14 @@ def test_load_raises_the_replicas_and_idle_lowers_them(namespace):
     kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
 
     with Timeline() as timeline:
-        wait(lambda: timeline.latest()[2] == 1, 300, "the first replica ready")
+        wait_until(lambda: timeline.latest()[2] == 1, 300, "the first replica ready")
         timeline.mark("load: 4 streams")
         with openai_base_urls(NAMESPACE, NAME) as next_base_url, \
                 Traffic(next_base_url, lambda url: stream_chat(url, max_tokens=32), clients=CLIENTS) as traffic:
             # 4 running requests on 1 replica, target 2: ceil(4 / 2) = 2 replicas.
-            wait(lambda: timeline.latest()[1] == 2, 60, "spec.replicas 2 under load")
+            wait_until(lambda: timeline.latest()[1] == 2, 60, "spec.replicas 2 under load")
             timeline.mark("scaled up")
-            wait(lambda: timeline.latest()[2] == 2, 300, "the second replica ready")
+            wait_until(lambda: timeline.latest()[2] == 2, 300, "the second replica ready")
             timeline.mark("second replica ready")
             # Under the same load, now spread over both: 2 per replica, the target, so 2 stays.
             time.sleep(6)
@@ -119,9 +103,9 @@ def test_load_raises_the_replicas_and_idle_lowers_them(namespace):
         timeline.mark("idle")
         served = traffic.report()
         # Idle: 0 running, after the 10 s down-window: 1 replica; the other drains and goes.
-        wait(lambda: timeline.latest()[1] == 1, 60, "spec.replicas 1 when idle")
+        wait_until(lambda: timeline.latest()[1] == 1, 60, "spec.replicas 1 when idle")
         timeline.mark("scaled down")
-        wait(lambda: timeline.latest()[1:] == (1, 1, 1), 120, "one RayCluster left")
+        wait_until(lambda: timeline.latest()[1:] == (1, 1, 1), 120, "one RayCluster left")
         timeline.mark("one replica left")
 
     events = get("events", "--field-selector", f"involvedObject.name={NAME},reason=Autoscaled")["items"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e.endpoints import kubectl_binary
+from e2e.endpoints import kubectl, wait_until
 from e2e.marks import ON_THE_LOCAL_CONTROL_PLANE
 
 pytestmark = ON_THE_LOCAL_CONTROL_PLANE
@@ -34,12 +34,6 @@ QUEUE = "inference"
 WORKERS = 3  # pipeline 3 on 1-GPU nodes: 3 worker pods per replica (never bound, so no GPU is needed)
 
 
-def kubectl(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([kubectl_binary(), *args], capture_output=True, text=True, input=input, timeout=120)
-    assert not check or out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
-    return out
-
-
 def get(*args: str) -> dict:
     return json.loads(kubectl("-n", NAMESPACE, "get", *args, "-o", "json").stdout)
 
@@ -47,15 +41,6 @@ def get(*args: str) -> dict:
 def restart_kuberay(*flags: str) -> None:
     subprocess.run([sys.executable, "-m", "e2e.controlplane.cluster", "restart-kuberay", *flags], cwd=REPO,
                    check=True, timeout=180)
-
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +85,7 @@ def test_kuberay_makes_a_podgroup_of_every_pod_of_each_replica(volcano_kuberay):
             return clusters, pods, groups
         return None
 
-    clusters, pods, groups = wait(replicas_and_pods, 180, f"2 RayClusters, {2 * (1 + WORKERS)} pods, 2 PodGroups")
+    clusters, pods, groups = wait_until(replicas_and_pods, 180, f"2 RayClusters, {2 * (1 + WORKERS)} pods, 2 PodGroups")
     by_owner = {g["metadata"]["ownerReferences"][0]["name"]: g for g in groups}
     assert set(by_owner) == {c["metadata"]["name"] for c in clusters}
     for cluster in clusters:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e.endpoints import kubectl_binary
+from e2e.endpoints import kubectl
 from e2e.marks import ON_THE_LOCAL_CONTROL_PLANE
 
 pytestmark = ON_THE_LOCAL_CONTROL_PLANE
@@ -27,14 +27,6 @@ NODE, TAINT = "rayprism-e2e-gpu", "rayprism.dev/e2e-gpu"
 NAMESPACE = "rayprism-e2e-gpu"
 NAME = "gpus"
 RESULTS: dict = {}
-
-
-def kubectl(*args: str, input: str | None = None, check: bool = True):
-    import subprocess
-
-    out = subprocess.run([kubectl_binary(), *args], capture_output=True, text=True, input=input, timeout=120)
-    assert not check or out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
-    return out
 
 
 @pytest.fixture(scope="module")

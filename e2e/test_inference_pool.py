@@ -10,14 +10,12 @@ The pods need only exist (selection is by labels), so no replica has to become r
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from e2e.endpoints import kubectl_binary
+from e2e.endpoints import kubectl, wait_until
 from e2e.marks import ON_A_CLUSTER
 
 pytestmark = ON_A_CLUSTER
@@ -29,23 +27,8 @@ NAMESPACE = "rayprism-e2e-pool"
 NAME = "pooled"
 
 
-def kubectl(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([kubectl_binary(), *args], capture_output=True, text=True, input=input, timeout=120)
-    assert not check or out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
-    return out
-
-
 def get(*args: str) -> dict:
     return json.loads(kubectl("-n", NAMESPACE, "get", *args, "-o", "json").stdout)
-
-
-def wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def degraded() -> dict:
@@ -78,19 +61,19 @@ def test_the_inference_pool_is_accepted_and_selects_exactly_the_serving_pods(nam
     kubectl("apply", "-f", "-", input=yaml.safe_dump(manifest))
 
     # Without the CRD: Degraded names it, and the replicas are built all the same.
-    reported = wait(lambda: degraded().get("reason") == "InferencePoolCRDMissing" and degraded(), 120,
+    reported = wait_until(lambda: degraded().get("reason") == "InferencePoolCRDMissing" and degraded(), 120,
                     "Degraded InferencePoolCRDMissing")
     assert reported["status"] == "True" and "inference.networking.k8s.io_inferencepools.yaml" in reported["message"]
     events = get("events", "--field-selector", f"involvedObject.name={NAME},reason=InferencePoolCRDMissing")
     assert [e["type"] for e in events["items"]] == ["Warning"]
     heads = {"rayprism.dev/deployment": NAME, "ray.io/node-type": "head"}
     workers = {"rayprism.dev/deployment": NAME, "ray.io/node-type": "worker"}
-    wait(lambda: len(pod_names(heads)) == 2 and len(pod_names(workers)) == 2, 240, "2 head and 2 worker pods")
+    wait_until(lambda: len(pod_names(heads)) == 2 and len(pod_names(workers)) == 2, 240, "2 head and 2 worker pods")
 
     # With the CRD: the operator's pool, as the API server stored it.
     kubectl("apply", "--server-side", "-f", str(CRD))
     kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
-    pool = wait(lambda: kubectl("-n", NAMESPACE, "get", "inferencepool", NAME, "-o", "json", check=False).stdout,
+    pool = wait_until(lambda: kubectl("-n", NAMESPACE, "get", "inferencepool", NAME, "-o", "json", check=False).stdout,
                 120, "the InferencePool")
     pool = json.loads(pool)
     infd = get("infd", NAME)
@@ -111,8 +94,8 @@ def test_the_inference_pool_is_accepted_and_selects_exactly_the_serving_pods(nam
     clusters = {p["metadata"]["labels"]["ray.io/cluster"] for p in get("pods", "-l", ",".join(
         f"{k}={v}" for k, v in heads.items()))["items"]}
     assert clusters == {c["metadata"]["name"] for c in get("rayclusters", "-l", f"rayprism.dev/deployment={NAME}")["items"]}
-    wait(lambda: degraded().get("reason") != "InferencePoolCRDMissing", 60, "Degraded no longer about the CRD")
+    wait_until(lambda: degraded().get("reason") != "InferencePoolCRDMissing", 60, "Degraded no longer about the CRD")
 
     # The garbage collector removes it with its owner.
     kubectl("-n", NAMESPACE, "delete", "infd", NAME, "--wait=true", "--timeout=180s")
-    wait(lambda: not get("inferencepools")["items"], 120, "the InferencePool gone with its owner")
+    wait_until(lambda: not get("inferencepools")["items"], 120, "the InferencePool gone with its owner")

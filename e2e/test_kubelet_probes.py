@@ -10,12 +10,11 @@ carries the exit code and (terminationMessagePolicy FallbackToLogsOnError) the e
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import pytest
 
-from e2e.endpoints import kubectl_binary
+from e2e.endpoints import kubectl
 from e2e.marks import ON_THE_LOCAL_CONTROL_PLANE
 
 pytestmark = ON_THE_LOCAL_CONTROL_PLANE
@@ -25,12 +24,6 @@ PORT = 8080
 # Listens only after 12 s: a liveness probe without the startup probe's wait kills it within 4 s.
 SLOW_SERVER = f"sleep 12; exec python -m http.server {PORT} --bind 0.0.0.0 --directory /tmp"
 PROBE = {"httpGet": {"path": "/", "port": PORT}, "periodSeconds": 2, "timeoutSeconds": 1}
-
-
-def kubectl(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([kubectl_binary(), *args], capture_output=True, text=True, input=input, timeout=120)
-    assert not check or out.returncode == 0, f"kubectl {' '.join(args)}: {out.stderr}"
-    return out
 
 
 def pod(name: str, startup_failure_threshold: int) -> dict:
