@@ -44,7 +44,7 @@ class Timeline:
         self._thread = threading.Thread(target=self._record, daemon=True)
 
     def _record(self) -> None:
-        while not self._stop.wait_until(1):
+        while not self._stop.wait(1):
             infd = get("infd", NAME)
             clusters = len(get("rayclusters", "-l", f"rayprism.dev/deployment={NAME}")["items"])
             now = (infd["spec"]["replicas"], infd.get("status", {}).get("readyReplicas", 0), clusters)
