@@ -14,6 +14,7 @@ from rayprism.engine.scheduler import Scheduler
 from rayprism.engine.sequence import Sequence, SequenceStatus
 
 from .helpers import generate
+from .test_scheduler import run_step
 
 SIZE = 4  # tokens per block in the tables below
 
@@ -180,13 +181,8 @@ def test_a_preempted_sequence_is_recomputed_from_its_cached_blocks():
         scheduler.add(seq)
 
     def step():
-        seqs, _ = scheduler.schedule()
-        for seq in seqs:
-            samples = seq.samples
-            seq.num_computed_tokens += seq.num_scheduled_tokens
-            if samples:
-                seq.token_ids.append(0)
-        return [seq.request_id for seq in seqs]
+        prefilled, decoded = run_step(scheduler)
+        return prefilled + decoded
 
     for _ in range(3):
         assert step() == ["old", "new"]
