@@ -322,6 +322,17 @@ def throughput(engine: LLMEngine, prompt_len: int, output_len: int, num_prompts:
             **{f"{key}_s": seconds for key, seconds in timer.seconds.items()}, "host_other_s": host}
 
 
+def record_variant(results: dict, prefix: str, bs1_key: str, variant: dict, decode: dict | None) -> None:
+    """The top-level keys of a variant's run (FP8, tensor parallel 2): its batch-1 decode under bs1_key, its
+    throughputs as PREFIX_throughput_*_tok_s, and its batch-1 speed-up over the bf16 run's decode."""
+    results[bs1_key] = variant["decode"]["decode_bs1_tok_s"]
+    for name in ("128_128", "1k_1k"):
+        if f"throughput_{name}" in variant:
+            results[f"{prefix}_throughput_{name}_tok_s"] = variant[f"throughput_{name}"]["tok_s"]
+    if decode:
+        results[f"{prefix}_bs1_speedup"] = results[bs1_key] / decode["decode_bs1_tok_s"]
+
+
 def measured(results: dict, key: str, fn, *args):
     """Run one measurement; a failure is recorded under errors[key] and the run goes on."""
     try:
@@ -661,23 +672,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.quantization:
         fp8 = measured(results, "fp8", fp8_figures, config, work, vocab, args.decode_only, args.skip_1k)
         if fp8:
-            results["fp8_decode_bs1_tok_s"] = fp8["decode"]["decode_bs1_tok_s"]
-            for name in ("128_128", "1k_1k"):
-                if f"throughput_{name}" in fp8:
-                    results[f"fp8_throughput_{name}_tok_s"] = fp8[f"throughput_{name}"]["tok_s"]
-            if decode:
-                results["fp8_bs1_speedup"] = results["fp8_decode_bs1_tok_s"] / decode["decode_bs1_tok_s"]
+            record_variant(results, "fp8", "fp8_decode_bs1_tok_s", fp8, decode)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.tp == 2:
         tp2 = measured(results, "tp2", tensor_parallel_2, config, work, vocab, args.skip_1k, args.decode_only)
         if tp2:
-            results["tp2_bs1_tok_s"] = tp2["decode"]["decode_bs1_tok_s"]
-            for name in ("128_128", "1k_1k"):
-                if f"throughput_{name}" in tp2:
-                    results[f"tp2_throughput_{name}_tok_s"] = tp2[f"throughput_{name}"]["tok_s"]
-            if decode:
-                results["tp2_bs1_speedup"] = results["tp2_bs1_tok_s"] / decode["decode_bs1_tok_s"]
+            record_variant(results, "tp2", "tp2_bs1_tok_s", tp2, decode)
     if args.serve:
         _, prompt_len, output_len, _ = work.throughput[0]
         served = measured(results, "serve_128_128", serve_throughput, model_dir, work, vocab, prompt_len,
